@@ -1,0 +1,175 @@
+"""Fault injection: the failures the simulator can play, and how each one answers.
+
+A fault is written as ``KIND`` or ``KIND:ARG``:
+
+``ok``
+    no fault.
+``429`` / ``429:SECONDS``
+    HTTP 429 ``rate_limit_error`` with ``retry-after`` (default ``SimConfig.retry_after_s``)
+    and ``anthropic-ratelimit-*`` headers.
+``529``
+    HTTP 529 ``overloaded_error``.
+``500``
+    HTTP 500 ``api_error``.
+``400``
+    HTTP 400 ``invalid_request_error``.
+``401``
+    HTTP 401 ``authentication_error``.
+``midstream`` / ``midstream:N``
+    HTTP 200, the stream starts, sends N text deltas (default 2; 0 means before the first one),
+    then an SSE ``error`` event with ``overloaded_error`` and ends. A non-streaming request
+    gets a 529 instead.
+``stall`` / ``stall:SECONDS``
+    HTTP 200, the stream sends ``message_start``, ``content_block_start`` and ``ping``, then
+    nothing for SECONDS (default ``SimConfig.stall_s``, not scaled by ``time_scale``), then
+    goes on normally. A non-streaming request waits as long before its answer.
+
+Where a request's fault comes from (first match wins): the ``x-sim-fault`` header, the FIFO
+script of its job id (header ``x-tierq-job-id``), the global FIFO script, the probability table.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final, Literal, get_args
+
+from starlette.responses import JSONResponse
+
+from simulator.errors import error_response
+
+__all__ = [
+    "FAULT_HEADER",
+    "FAULT_KINDS",
+    "HTTP_FAULTS",
+    "JOB_HEADER",
+    "OK",
+    "Fault",
+    "FaultKind",
+    "draw_fault",
+    "fault_response",
+    "rate_limit_headers",
+    "validate_rates",
+]
+
+FaultKind = Literal["ok", "429", "529", "500", "400", "401", "midstream", "stall"]
+
+#: Every fault kind, in the order the module docstring lists them.
+FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
+
+#: Request header naming the fault for this one request.
+FAULT_HEADER: Final = "x-sim-fault"
+#: Request header carrying the job id that per-job scripts and request counts are keyed by.
+JOB_HEADER: Final = "x-tierq-job-id"
+
+#: Kinds answered by an HTTP error before any body: kind -> (status, error type, message).
+HTTP_FAULTS: Final[Mapping[str, tuple[int, str, str]]] = {
+    "429": (429, "rate_limit_error", "Number of requests has exceeded your rate limit (simulated)."),
+    "529": (529, "overloaded_error", "Overloaded"),
+    "500": (500, "api_error", "Internal server error"),
+    "400": (400, "invalid_request_error", "Invalid request (simulated)."),
+    "401": (401, "authentication_error", "invalid x-api-key"),
+}
+
+_ARG_KINDS: Final = frozenset({"429", "midstream", "stall"})
+
+#: Simulated account limits reported in the ``anthropic-ratelimit-*`` headers of a 429.
+RATE_LIMIT_REQUESTS: Final = 50
+RATE_LIMIT_TOKENS: Final = 50_000
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault to play: its kind and an optional argument (seconds or a delta count)."""
+
+    kind: FaultKind
+    arg: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Fault:
+        """Parse ``KIND`` or ``KIND:ARG``; raise ``ValueError`` when it is not a fault."""
+        kind, sep, raw_arg = spec.strip().lower().partition(":")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {spec!r}; expected one of {', '.join(FAULT_KINDS)}")
+        if not sep:
+            return cls(kind)
+        if kind not in _ARG_KINDS:
+            raise ValueError(f"fault {kind!r} takes no argument")
+        try:
+            arg = float(raw_arg)
+        except ValueError:
+            raise ValueError(f"fault argument must be a number: {spec!r}") from None
+        if not math.isfinite(arg) or arg < 0:
+            raise ValueError(f"fault argument must be finite and >= 0: {spec!r}")
+        return cls(kind, arg)
+
+    def __str__(self) -> str:
+        return self.kind if self.arg is None else f"{self.kind}:{self.arg:g}"
+
+
+#: No fault.
+OK: Final = Fault("ok")
+
+
+def validate_rates(rates: Mapping[str, float]) -> dict[Fault, float]:
+    """Check a probability table (fault spec -> probability, summing to at most 1) and parse it."""
+    table: dict[Fault, float] = {}
+    for spec, probability in rates.items():
+        if isinstance(probability, bool) or not isinstance(probability, int | float):
+            raise ValueError(f"probability of {spec!r} must be a number")
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"probability of {spec!r} must be within [0, 1]")
+        table[Fault.parse(spec)] = float(probability)
+    if sum(table.values()) > 1.0 + 1e-9:
+        raise ValueError("probabilities must sum to at most 1")
+    return table
+
+
+def draw_fault(rates: Mapping[Fault, float], rng: random.Random) -> Fault:
+    """Draw one fault from a validated probability table; ``OK`` for the remaining mass."""
+    if not rates:
+        return OK
+    u = rng.random()
+    for fault, probability in rates.items():
+        if u < probability:
+            return fault
+        u -= probability
+    return OK
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rate_limit_headers(retry_after_s: float, now: datetime | None = None) -> dict[str, str]:
+    """Headers of a simulated 429: ``retry-after`` plus the ``anthropic-ratelimit-*`` family."""
+    moment = now or datetime.now(UTC)
+    reset = _rfc3339(moment + timedelta(seconds=retry_after_s))
+    return {
+        "retry-after": f"{retry_after_s:g}",
+        "anthropic-ratelimit-requests-limit": str(RATE_LIMIT_REQUESTS),
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": reset,
+        "anthropic-ratelimit-tokens-limit": str(RATE_LIMIT_TOKENS),
+        "anthropic-ratelimit-tokens-remaining": "0",
+        "anthropic-ratelimit-tokens-reset": reset,
+    }
+
+
+def fault_response(
+    fault: Fault,
+    *,
+    retry_after_s: float,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse | None:
+    """Return the HTTP error response of ``fault``, or ``None`` when it is not an HTTP-error fault."""
+    if fault.kind not in HTTP_FAULTS:
+        return None
+    status, error_type, message = HTTP_FAULTS[fault.kind]
+    all_headers = dict(headers or {})
+    if fault.kind == "429":
+        all_headers.update(rate_limit_headers(fault.arg if fault.arg is not None else retry_after_s))
+    return error_response(error_type, message, status=status, headers=all_headers)

@@ -1,0 +1,129 @@
+"""The API other services call: ``submit()`` a text with an urgency, get a :class:`Job` back.
+
+    from tasks.producer import submit
+    job = submit(document, urgency="high")
+    result = job.result(timeout=30)       # {job_id, tier, model, summary, stop_reason, usage, timings, ...}
+
+Input is validated before anything is enqueued: a bad field raises
+:class:`~worker.errors.InvalidJobError` naming it, and nothing reaches the broker.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+
+from worker.celeryconfig import SUMMARIZE_TASK
+from worker.errors import BrokerUnavailableError, JobFailedError, JobTimeoutError
+from worker.jobs import DEADLINE_HEADER, ENQUEUED_AT_HEADER, build_job
+from worker.tiers import TierTable, get_tier_table
+
+__all__ = ["Job", "get_job", "submit"]
+
+#: Celery state → the status a producer sees
+_STATUS = {
+    "PENDING": "pending",  # queued, or unknown: Celery cannot tell the two apart
+    "RECEIVED": "queued",
+    "STARTED": "running",
+    "RETRY": "retrying",
+    "SUCCESS": "succeeded",
+    "FAILURE": "failed",
+    "REVOKED": "revoked",
+}
+
+
+def _default_app() -> Celery:
+    from worker.app import app
+
+    return app
+
+
+class Job:
+    """A submitted job: its id, its status and, when it is done, its result."""
+
+    def __init__(self, job_id: str, app: Celery | None = None) -> None:
+        self.id = job_id
+        self._app = app or _default_app()
+        self._async = AsyncResult(job_id, app=self._app)
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r})"
+
+    def status(self) -> str:
+        """One of pending, queued, running, retrying, succeeded, failed, revoked."""
+        state = str(self._async.state)
+        return _STATUS.get(state, state.lower())
+
+    def ready(self) -> bool:
+        """Whether the job has ended, in success or failure."""
+        return bool(self._async.ready())
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait up to ``timeout`` seconds for the result.
+
+        Raises:
+            JobTimeoutError: the job did not end in time (it may still end later).
+            JobFailedError: the job ended in failure; ``error_type`` names why.
+        """
+        try:
+            value = self._async.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
+        except CeleryTimeoutError:
+            raise JobTimeoutError(f"job {self.id} did not finish within {timeout} s") from None
+        if self._async.state == "SUCCESS":
+            return dict(value)
+        error_type = type(value).__name__ if isinstance(value, BaseException) else str(self._async.state)
+        raise JobFailedError(f"job {self.id} failed: {error_type}: {value}", error_type=error_type)
+
+    def forget(self) -> None:
+        """Drop the stored result."""
+        self._async.forget()
+
+
+def submit(
+    text: str,
+    urgency: str = "normal",
+    instructions: str | None = None,
+    max_tokens: int | None = None,
+    job_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    *,
+    app: Celery | None = None,
+    tiers: TierTable | None = None,
+) -> Job:
+    """Validate and enqueue one summarization job on its urgency's tier.
+
+    Raises:
+        InvalidJobError: a field is invalid (``.field`` names it); nothing was enqueued.
+        BrokerUnavailableError: the broker did not take the job within a few seconds.
+    """
+    tiers = tiers or get_tier_table()
+    app = app or _default_app()
+    spec, tier = build_job(
+        tiers, text, urgency, instructions, max_tokens, job_id or uuid.uuid4().hex, metadata
+    )
+    now = time.time()
+    body = spec.model_dump(exclude_none=True)
+    try:
+        app.send_task(
+            SUMMARIZE_TASK,
+            kwargs={"job": body},
+            task_id=spec.job_id,
+            headers={ENQUEUED_AT_HEADER: now, DEADLINE_HEADER: now + tier.deadline_s},
+            # what Flower and task events show instead of the document
+            argsrepr="()",
+            kwargsrepr=f"{{'job': <{spec.tier} job, {len(spec.text)} chars redacted>}}",
+        )
+    except OperationalError as exc:
+        raise BrokerUnavailableError(f"broker unavailable, job not enqueued: {exc}") from exc
+    return Job(spec.job_id, app)
+
+
+def get_job(job_id: str, app: Celery | None = None) -> Job:
+    """A handle on a job submitted earlier, by id."""
+    return Job(job_id, app)

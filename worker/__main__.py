@@ -1,0 +1,5 @@
+"""``python -m worker``: the ``tierq`` command."""
+
+from worker.cli import main
+
+main()

@@ -1,0 +1,92 @@
+"""The Celery configuration, built in one place from :class:`Settings` and the tier table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Exchange, Queue  # type: ignore[attr-defined]
+
+from worker.settings import Settings
+from worker.tiers import TierTable
+
+__all__ = ["SUMMARIZE_TASK", "TierRouter", "celery_config"]
+
+#: the one task name producers send and workers run
+SUMMARIZE_TASK = "tierq.summarize"
+
+#: seconds added to the slowest deadline before Redis redelivers an unacknowledged job
+VISIBILITY_MARGIN_S = 600
+
+
+class TierRouter:
+    """Celery router: a summarize job goes to its tier's queue; nothing else is routed here."""
+
+    def __init__(self, tiers: TierTable) -> None:
+        self._queues = {name: tier.queue for name, tier in tiers.tiers.items()}
+
+    def __call__(
+        self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any
+    ) -> dict[str, str] | None:
+        if name != SUMMARIZE_TASK or not isinstance(kwargs, dict):
+            return None
+        job = kwargs.get("job")
+        tier = job.get("tier") if isinstance(job, dict) else None
+        if tier is None:
+            return None
+        # an unknown tier maps to a queue name Celery does not know, which fails loudly
+        return {"queue": self._queues.get(tier, f"unknown-tier:{tier}")}
+
+
+def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
+    """Celery settings: JSON only, explicit queues, late acks, events on for Flower."""
+    visibility_timeout = int(tiers.slowest_deadline_s) + VISIBILITY_MARGIN_S
+    exchange = Exchange("tierq", type="direct")
+    queues = [Queue(t.queue, exchange, routing_key=t.queue) for t in tiers.tiers.values()]
+    default_queue = tiers.for_urgency("normal").queue if "normal" in tiers.urgencies else queues[0].name
+    transport_options: dict[str, Any] = {
+        "visibility_timeout": visibility_timeout,
+        "max_connections": settings.redis_max_connections,
+        # consume a multi-tier worker's queues in the order given (fast first), not round-robin
+        "queue_order_strategy": "priority",
+        "socket_connect_timeout": 5,
+    }
+    backend_options: dict[str, Any] = {"visibility_timeout": visibility_timeout}
+    if settings.key_prefix:
+        transport_options["global_keyprefix"] = settings.key_prefix
+        backend_options["global_keyprefix"] = settings.key_prefix
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.backend_url,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": backend_options,
+        "redis_max_connections": settings.redis_max_connections,
+        "broker_connection_retry_on_startup": True,
+        # JSON only: pickle is refused both ways
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_queues": queues,
+        "task_default_queue": default_queue,
+        "task_default_exchange": exchange.name,
+        "task_default_routing_key": default_queue,
+        "task_create_missing_queues": False,
+        "task_routes": (TierRouter(tiers),),
+        # a job is acknowledged when it ends, and goes back to the queue if its worker dies
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_track_started": True,
+        # events for Flower
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "result_extended": True,
+        "result_expires": settings.result_expires_s,
+        # a producer facing a dead broker gives up after a few seconds instead of hanging
+        "task_publish_retry_policy": {
+            "max_retries": 3,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1.0,
+        },
+    }

@@ -1,0 +1,244 @@
+"""The ``tierq`` command: run a tier's worker pool, submit jobs, fetch results, run the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from worker.errors import TierqError
+
+__all__ = ["cli", "main"]
+
+cli = typer.Typer(
+    name="tierq",
+    help="Latency-tiered Celery workers for LLM summarization.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    """Print a one-line error to stderr and return the exit to raise."""
+    _err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+@cli.command()
+def worker(
+    tier: Annotated[
+        list[str], typer.Option("--tier", "-t", help="Tier to serve; repeat to serve several, first first.")
+    ],
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", min=1, help="Threads; default: the tiers' sum.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Celery node name; default: TIERS@HOSTNAME.")] = None,
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="Log level.")] = "INFO",
+    pool: Annotated[str, typer.Option(help="Celery pool; threads suits IO-bound LLM calls.")] = "threads",
+) -> None:
+    """Run a Celery worker pool that consumes only the given tiers' queues."""
+    from worker.settings import get_settings
+    from worker.tiers import get_tier_table
+
+    try:
+        tiers = get_tier_table()
+    except TierqError as exc:
+        raise _fail(str(exc)) from None
+    unknown = [t for t in tier if t not in tiers.tiers]
+    if unknown:
+        raise _fail(f"unknown tier {unknown[0]!r}; tiers are: {', '.join(tiers.tiers)}")
+    settings = get_settings()
+    if settings.anthropic_api_key is None and not settings.anthropic_base_url:
+        raise _fail("set ANTHROPIC_API_KEY, or ANTHROPIC_BASE_URL to a simulator (see `tierq sim`)")
+    chosen = list(dict.fromkeys(tier))
+    queues = ",".join(tiers.tiers[t].queue for t in chosen)
+    threads = concurrency or sum(tiers.tiers[t].concurrency for t in chosen)
+    from worker.app import app
+
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={queues}",
+            f"--pool={pool}",
+            f"--concurrency={threads}",
+            f"--hostname={name or '+'.join(chosen) + '@%h'}",
+            f"--loglevel={loglevel}",
+            "--task-events",
+        ]
+    )
+
+
+def _read_text(text: str | None, file: Path | None) -> str:
+    if file is not None and text is not None:
+        raise _fail("give the text as an argument or with --file, not both")
+    if file is None:
+        if text is None:
+            raise _fail("give the text to summarize as an argument, or --file PATH (- for stdin)")
+        return text
+    if str(file) == "-":
+        return sys.stdin.read()
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(f"cannot read --file {file}: {exc}") from None
+
+
+@cli.command()
+def submit(
+    text: Annotated[str | None, typer.Argument(help="Text to summarize (or use --file).")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Read the text from a file; - is stdin.")
+    ] = None,
+    urgency: Annotated[
+        str, typer.Option("--urgency", "-u", help="critical, high, normal or low.")
+    ] = "normal",
+    instructions: Annotated[str | None, typer.Option(help="What kind of summary to write.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Output cap, at most the tier's.")] = None,
+    job_id: Annotated[str | None, typer.Option(help="Your own job id (idempotency key).")] = None,
+    metadata: Annotated[str | None, typer.Option(help="A JSON object stored with the result.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds to wait; default: the tier's deadline.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Submit one summarization job; print its id, or with --wait its result."""
+    from tasks.producer import submit as submit_job
+    from worker.tiers import get_tier_table
+
+    body = _read_text(text, file)
+    meta: Any = None
+    if metadata is not None:
+        try:
+            meta = json.loads(metadata)
+        except json.JSONDecodeError as exc:
+            raise _fail(f"metadata: not valid JSON: {exc}") from None
+    try:
+        job = submit_job(body, urgency, instructions, max_tokens, job_id, meta)
+    except TierqError as exc:
+        raise _fail(str(exc)) from None
+    if not wait:
+        if as_json:
+            _print_json({"job_id": job.id})
+        else:
+            sys.stdout.write(job.id + "\n")
+        return
+    tier = get_tier_table().for_urgency(urgency)
+    _wait_and_print(job.id, timeout if timeout is not None else tier.deadline_s + 5, as_json)
+
+
+@cli.command()
+def result(
+    job_id: Annotated[str, typer.Argument(help="The job id printed by submit.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the job ends.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 60.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print a job's result, or its status if it has not ended."""
+    from tasks.producer import get_job
+
+    job = get_job(job_id)
+    if not wait and not job.ready():
+        status = job.status()
+        if as_json:
+            _print_json({"job_id": job_id, "status": status})
+        else:
+            sys.stdout.write(f"{job_id} {status}\n")
+        return
+    _wait_and_print(job_id, timeout, as_json)
+
+
+def _wait_and_print(job_id: str, timeout: float, as_json: bool) -> None:
+    from tasks.producer import get_job
+
+    try:
+        value = get_job(job_id).result(timeout=timeout)
+    except TierqError as exc:
+        raise _fail(str(exc), code=1) from None
+    if as_json:
+        _print_json(value)
+        return
+    out = Console()
+    timings, usage = value["timings"], value["usage"]
+    out.print(
+        f"[bold]{value['job_id']}[/] {value['tier']} · {value['model']} · stop {value['stop_reason']} · "
+        f"{usage['input_tokens']}→{usage['output_tokens']} tokens · queue {timings['queue_wait_ms']} ms · "
+        f"TTFT {timings['ttft_ms']} ms · total {timings['total_ms']} ms · ${value['cost_usd']}",
+        highlight=False,
+    )
+    out.print(value["summary"], highlight=False, markup=False)
+
+
+@cli.command()
+def tiers() -> None:
+    """Show the tier table and which urgencies each tier serves."""
+    from worker.tiers import get_tier_table
+
+    try:
+        table_data = get_tier_table()
+    except TierqError as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title="tierq tiers")
+    for column in ("tier", "urgencies", "queue", "model", "max_tokens", "temp", "deadline", "threads"):
+        table.add_column(column)
+    for tier in table_data.tiers.values():
+        urgencies = ", ".join(u for u, t in table_data.urgencies.items() if t == tier.name) or "-"
+        table.add_row(
+            tier.name, urgencies, tier.queue, tier.model, str(tier.max_tokens),
+            "-" if tier.temperature is None else str(tier.temperature),
+            f"{tier.deadline_s:g} s", str(tier.concurrency),
+        )  # fmt: skip
+    Console().print(table)
+
+
+@cli.command()
+def sim(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    time_scale: Annotated[
+        float, typer.Option(min=0.0, help="Multiplies every delay: 1 real speed, 0.1 ten times faster.")
+    ] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for the latency jitter.")] = None,
+) -> None:
+    """Run the Anthropic-compatible simulator (point ANTHROPIC_BASE_URL at it)."""
+    from simulator import SimConfig, serve
+
+    _err.print(
+        f"simulator on http://{host}:{port} (time scale {time_scale}); ANTHROPIC_BASE_URL=http://{host}:{port}"
+    )
+    serve(host, port, SimConfig(time_scale=time_scale, seed=seed))
+
+
+@cli.command()
+def demo(
+    jobs: Annotated[int, typer.Option(min=1, max=1000, help="How many jobs to submit.")] = 12,
+    time_scale: Annotated[
+        float, typer.Option(min=0.0, help="Simulator speed (1 = published speeds).")
+    ] = 0.25,
+) -> None:
+    """Start Redis, the simulator and one pool per tier; run a mixed workload; print a table."""
+    from worker.demo import run_demo
+
+    try:
+        code = run_demo(jobs=jobs, time_scale=time_scale)
+    except TierqError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    cli()

@@ -1,0 +1,144 @@
+"""Every error tierq raises, in one tree.
+
+::
+
+    TierqError
+    ├── ConfigError                  bad settings or tiers file
+    ├── InvalidJobError              bad producer input; nothing was enqueued
+    ├── BrokerUnavailableError       the broker did not answer in time
+    ├── JobError                     a job ended without a summary (producer side)
+    │   ├── JobFailedError
+    │   └── JobTimeoutError
+    └── LLMError                     a call to the model failed
+        ├── RetryableLLMError        worth another attempt
+        │   ├── RateLimitedError         429
+        │   ├── OverloadedError          529, or an ``overloaded_error`` event mid-stream
+        │   ├── UpstreamServerError      other 5xx
+        │   └── UpstreamUnavailableError connection refused, reset or timed out
+        └── PermanentLLMError        retrying cannot help
+            ├── RequestRejectedError     400/401/403/404/413/422 and other 4xx
+            ├── StreamInterruptedError   the stream broke after text was produced
+            └── DeadlineExceededError    the job's deadline passed
+
+The SDK's typed errors are mapped into this tree in one place, :func:`worker.llm.map_sdk_error`.
+Every class can be rebuilt from its message alone, because Celery stores a failed task's
+exception as ``(type, args)`` in JSON and the producer rebuilds it from that.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerUnavailableError",
+    "ConfigError",
+    "DeadlineExceededError",
+    "InvalidJobError",
+    "JobError",
+    "JobFailedError",
+    "JobTimeoutError",
+    "LLMError",
+    "OverloadedError",
+    "PermanentLLMError",
+    "RateLimitedError",
+    "RequestRejectedError",
+    "RetryableLLMError",
+    "StreamInterruptedError",
+    "TierqError",
+    "UpstreamServerError",
+    "UpstreamUnavailableError",
+]
+
+
+class TierqError(Exception):
+    """Raised for anything tierq itself reports; the root of the tree."""
+
+
+class ConfigError(TierqError):
+    """Raised when settings or the tiers file are invalid."""
+
+
+class InvalidJobError(TierqError, ValueError):
+    """Raised when a job's input is invalid; ``field`` names the offending input."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class BrokerUnavailableError(TierqError):
+    """Raised when the broker cannot be reached to enqueue a job."""
+
+
+class JobError(TierqError):
+    """Raised on the producer side when a job did not produce a summary."""
+
+
+class JobFailedError(JobError):
+    """Raised when a job ended in failure; ``error_type`` names the worker-side error."""
+
+    def __init__(self, message: str, error_type: str = "") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class JobTimeoutError(JobError, TimeoutError):
+    """Raised when waiting for a job's result took longer than the caller allowed."""
+
+
+class LLMError(TierqError):
+    """Raised when a call to the model failed."""
+
+    #: whether another attempt may succeed
+    retryable = False
+
+    def __init__(self, message: str, status_code: int | None = None, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.request_id = request_id
+
+
+class RetryableLLMError(LLMError):
+    """Raised for failures that another attempt may fix; ``retry_after`` is the server's hint."""
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status_code, request_id)
+        self.retry_after = retry_after
+
+
+class RateLimitedError(RetryableLLMError):
+    """Raised on HTTP 429; honour ``retry_after``."""
+
+
+class OverloadedError(RetryableLLMError):
+    """Raised on HTTP 529, or an ``overloaded_error`` event before any text was streamed."""
+
+
+class UpstreamServerError(RetryableLLMError):
+    """Raised on HTTP 5xx other than 529."""
+
+
+class UpstreamUnavailableError(RetryableLLMError):
+    """Raised when the API could not be reached or did not answer in time."""
+
+
+class PermanentLLMError(LLMError):
+    """Raised for failures that another attempt would repeat."""
+
+
+class RequestRejectedError(PermanentLLMError):
+    """Raised when the API rejected the request (400, 401, 403, 404, 413, 422 and other 4xx)."""
+
+
+class StreamInterruptedError(PermanentLLMError):
+    """Raised when a stream failed after text was produced; retrying would bill the output twice."""
+
+
+class DeadlineExceededError(PermanentLLMError):
+    """Raised when a job's deadline passed, or no retry could finish before it."""

@@ -1,0 +1,325 @@
+"""A summarization job as plain functions: validate it, run one attempt, time it, decide on retries.
+
+The Celery task in ``tasks/summarize.py`` is a thin shell over :func:`run_attempt` and
+:func:`plan_retry`; the producer validates with :func:`build_job` before anything is enqueued.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from worker.errors import DeadlineExceededError, InvalidJobError, LLMError, RetryableLLMError, TierqError
+from worker.llm import LLMReply, LLMRequest, get_client, stream_reply
+from worker.logging import get_logger
+from worker.pricing import cost_usd
+from worker.settings import Settings, get_settings
+from worker.tiers import Tier, TierTable
+
+__all__ = [
+    "DEADLINE_HEADER",
+    "ENQUEUED_AT_HEADER",
+    "FIRST_STARTED_AT_HEADER",
+    "Attempt",
+    "JobSpec",
+    "build_job",
+    "build_prompt",
+    "log_failure",
+    "plan_retry",
+    "run_attempt",
+]
+
+#: message headers set by the producer (wall-clock ``time.time()`` seconds)
+ENQUEUED_AT_HEADER = "tierq_enqueued_at"
+DEADLINE_HEADER = "tierq_deadline"
+#: set on a retried message, so queue wait stays the first attempt's
+FIRST_STARTED_AT_HEADER = "tierq_first_started_at"
+
+#: event names of the canonical log lines
+COMPLETED = "summarize.completed"
+FAILED = "summarize.failed"
+RETRYING = "summarize.retrying"
+
+#: limits on producer input that do not depend on the tier
+MAX_INSTRUCTIONS_CHARS = 4_000
+MAX_METADATA_BYTES = 16_384
+#: a retry is planned only if at least this many seconds of the deadline would remain for it
+MIN_ATTEMPT_S = 1.0
+
+_log = get_logger("tierq.jobs")
+
+
+class JobSpec(BaseModel):
+    """The job as it travels in the message body (``kwargs["job"]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    tier: str
+    text: str = Field(min_length=1)
+    instructions: str | None = Field(default=None, max_length=MAX_INSTRUCTIONS_CHARS)
+    max_tokens: int | None = Field(default=None, ge=1)
+    metadata: dict[str, JsonValue] | None = None
+
+
+def _invalid(field: str, message: str) -> InvalidJobError:
+    return InvalidJobError(f"{field}: {message}", field=field)
+
+
+def build_job(
+    tiers: TierTable,
+    text: object,
+    urgency: object,
+    instructions: object,
+    max_tokens: object,
+    job_id: str,
+    metadata: object,
+) -> tuple[JobSpec, Tier]:
+    """Check producer input against the tier table; raise InvalidJobError naming the field."""
+    if not isinstance(urgency, str) or urgency not in tiers.urgencies:
+        raise _invalid("urgency", f"{urgency!r} is not one of {', '.join(tiers.urgencies)}")
+    tier = tiers.for_urgency(urgency)
+    if not isinstance(text, str) or not text.strip():
+        raise _invalid("text", "is empty; give the document to summarize")
+    if len(text) > tier.max_input_chars:
+        raise _invalid(
+            "text", f"is {len(text)} characters; the {tier.name} tier takes at most {tier.max_input_chars}"
+        )
+    if instructions is not None and not isinstance(instructions, str):
+        raise _invalid("instructions", "must be a string")
+    if isinstance(instructions, str) and len(instructions) > MAX_INSTRUCTIONS_CHARS:
+        raise _invalid("instructions", f"is longer than {MAX_INSTRUCTIONS_CHARS} characters")
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise _invalid("max_tokens", f"must be a positive integer, not {max_tokens!r}")
+        if max_tokens > tier.max_tokens:
+            raise _invalid(
+                "max_tokens", f"{max_tokens} is above the {tier.name} tier's cap of {tier.max_tokens}"
+            )
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+            raise _invalid("metadata", "must be a JSON object with string keys")
+        try:
+            encoded = json.dumps(metadata, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise _invalid("metadata", f"is not JSON-serializable: {exc}") from None
+        if len(encoded.encode()) > MAX_METADATA_BYTES:
+            raise _invalid("metadata", f"is larger than {MAX_METADATA_BYTES} bytes as JSON")
+    try:
+        spec = JobSpec(
+            job_id=job_id,
+            tier=tier.name,
+            text=text,
+            instructions=instructions,
+            max_tokens=max_tokens,
+            metadata=metadata,
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "job"
+        raise _invalid(field, error["msg"]) from None
+    return spec, tier
+
+
+def build_prompt(spec: JobSpec) -> str:
+    """The user turn: the caller's instructions (or a default) and the document."""
+    ask = spec.instructions or "Summarize the document below."
+    return f"{ask}\n\n<document>\n{spec.text}\n</document>"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What the worker knows about this attempt, from the message and the clock."""
+
+    task_id: str
+    retries: int
+    started_at: float
+    enqueued_at: float | None
+    deadline_hint: float | None
+    first_started_at: float
+
+    @classmethod
+    def from_headers(cls, task_id: str, retries: int, headers: dict[str, Any]) -> Attempt:
+        """Read the producer's timestamps from message headers (absent when sent by plain Celery)."""
+        now = time.time()
+        return cls(
+            task_id=task_id,
+            retries=retries,
+            started_at=now,
+            enqueued_at=_float_or_none(headers.get(ENQUEUED_AT_HEADER)),
+            deadline_hint=_float_or_none(headers.get(DEADLINE_HEADER)),
+            first_started_at=_float_or_none(headers.get(FIRST_STARTED_AT_HEADER)) or now,
+        )
+
+    def deadline(self, tier: Tier) -> float:
+        """The job's absolute deadline: the producer's, never later than the tier allows."""
+        limit = (self.enqueued_at or self.first_started_at) + tier.deadline_s
+        return min(limit, self.deadline_hint) if self.deadline_hint else limit
+
+    @property
+    def queue_wait_ms(self) -> float | None:
+        """Enqueue → first attempt started, in milliseconds."""
+        if self.enqueued_at is None:
+            return None
+        return round(max(0.0, self.first_started_at - self.enqueued_at) * 1000, 2)
+
+    def total_ms(self, now: float) -> float:
+        """Enqueue (or first start) → now, in milliseconds."""
+        return round((now - (self.enqueued_at or self.first_started_at)) * 1000, 2)
+
+    def retry_headers(self, headers: dict[str, Any]) -> dict[str, Any]:
+        """Headers for the retried message: the producer's, plus when the first attempt started."""
+        return {**headers, FIRST_STARTED_AT_HEADER: self.first_started_at}
+
+
+def _float_or_none(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def parse_job(job: object) -> JobSpec:
+    """Validate a message body on the worker side; a malformed one is a permanent InvalidJobError."""
+    try:
+        return JobSpec.model_validate(job)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"]) or "job"
+        raise _invalid(field, f"malformed job message: {error['msg']}") from None
+
+
+def resolve_tier(spec: JobSpec, tiers: TierTable) -> Tier:
+    """The tier a job names; a permanent InvalidJobError for an unknown one."""
+    try:
+        return tiers.tiers[spec.tier]
+    except KeyError:
+        raise _invalid("tier", f"unknown tier {spec.tier!r}") from None
+
+
+def run_attempt(
+    job: object, attempt: Attempt, tiers: TierTable, settings: Settings | None = None
+) -> dict[str, Any]:
+    """Run one attempt of a job: call the model, build the result, log ``summarize.completed``."""
+    settings = settings or get_settings()
+    spec = parse_job(job)
+    tier = resolve_tier(spec, tiers)
+    deadline = attempt.deadline(tier)
+    if time.time() >= deadline:
+        raise DeadlineExceededError(f"deadline passed before the job started (tier {tier.name})")
+    request = LLMRequest(
+        job_id=spec.job_id,
+        model=tier.model,
+        system=tier.system_prompt,
+        prompt=build_prompt(spec),
+        max_tokens=spec.max_tokens or tier.max_tokens,
+        temperature=tier.temperature,
+    )
+    reply = stream_reply(
+        get_client(settings), request, deadline, connect_timeout_s=settings.connect_timeout_s
+    )
+    result = build_result(spec, tier, attempt, reply, time.time())
+    _log.info(COMPLETED, **_log_figures(result), **_content(settings, spec, result))
+    return result
+
+
+def build_result(spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, now: float) -> dict[str, Any]:
+    """The job's result: ``{job_id, tier, model, summary, stop_reason, usage, timings, ...}``."""
+    ttft_s = reply.first_token_at - reply.sent_at if reply.first_token_at is not None else None
+    llm_s = reply.done_at - reply.sent_at
+    gen_s = reply.done_at - reply.first_token_at if reply.first_token_at is not None else None
+    tokens_per_s = round(reply.output_tokens / gen_s, 1) if gen_s and gen_s > 0 else None
+    return {
+        "job_id": spec.job_id,
+        "tier": tier.name,
+        "model": reply.model,
+        "summary": reply.text,
+        "stop_reason": reply.stop_reason,
+        "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
+        "timings": {
+            "queue_wait_ms": attempt.queue_wait_ms,
+            "ttft_ms": round(ttft_s * 1000, 2) if ttft_s is not None else None,
+            "llm_ms": round(llm_s * 1000, 2),
+            "total_ms": attempt.total_ms(now),
+            "output_tokens_per_s": tokens_per_s,
+        },
+        "cost_usd": cost_usd(reply.model, reply.input_tokens, reply.output_tokens),
+        "retries": attempt.retries,
+        "request_id": reply.request_id,
+        "metadata": spec.metadata,
+    }
+
+
+def _log_figures(result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": result["model"],
+        "stop_reason": result["stop_reason"],
+        **result["usage"],
+        **result["timings"],
+        "cost_usd": result["cost_usd"],
+        "retries": result["retries"],
+        "request_id": result["request_id"],
+        "summary_chars": len(result["summary"]),
+    }
+
+
+def _content(settings: Settings, spec: JobSpec, result: dict[str, Any]) -> dict[str, Any]:
+    if not settings.log_content:
+        return {}
+    return {"text": spec.text, "summary": result["summary"]}
+
+
+def plan_retry(
+    exc: BaseException, attempt: Attempt, tiers: TierTable, job: object, rng: random.Random | None = None
+) -> tuple[float | None, str]:
+    """Seconds to wait before the next attempt, or None to give up, and why.
+
+    429 waits what ``retry-after`` says; 529, 5xx and connection errors back off exponentially
+    with jitter. No retry is planned past the tier's ``max_retries`` or one that could not start
+    at least :data:`MIN_ATTEMPT_S` before the deadline.
+    """
+    if not isinstance(exc, RetryableLLMError):
+        return None, "not retryable"
+    tier = tiers.tiers.get(job.get("tier", "")) if isinstance(job, dict) else None
+    if tier is None:
+        return None, "unknown tier"
+    if attempt.retries >= tier.max_retries:
+        return None, f"retries exhausted ({tier.max_retries})"
+    if exc.retry_after is not None:
+        delay = exc.retry_after
+    else:
+        ceiling = min(tier.retry_backoff_max_s, tier.retry_backoff_s * 2**attempt.retries)
+        delay = (rng or random).uniform(ceiling / 2, ceiling)
+    if time.time() + delay + MIN_ATTEMPT_S >= attempt.deadline(tier):
+        return None, "deadline would pass before another attempt"
+    return round(delay, 3), "retryable"
+
+
+def log_failure(exc: BaseException, attempt: Attempt, job: object, delay: float | None, why: str) -> None:
+    """Log ``summarize.retrying`` when another attempt follows, else the one ``summarize.failed``."""
+    figures: dict[str, Any] = {
+        "error_type": type(exc).__name__,
+        "error": str(exc),
+        "status_code": getattr(exc, "status_code", None),
+        "request_id": getattr(exc, "request_id", None),
+        "retries": attempt.retries,
+        "queue_wait_ms": attempt.queue_wait_ms,
+        "total_ms": attempt.total_ms(time.time()),
+    }
+    if isinstance(job, dict):
+        figures.setdefault("job_id", job.get("job_id"))
+    if delay is not None:
+        _log.warning(RETRYING, delay_s=delay, **figures)
+    elif isinstance(exc, LLMError | TierqError):
+        _log.error(FAILED, reason=why, **figures)
+    else:
+        _log.error(FAILED, reason="unexpected error", exc_info=exc, **figures)

@@ -1,0 +1,67 @@
+"""Typed settings, read once from the environment (prefix ``TIERQ_``) and an optional ``.env``.
+
+The Anthropic key and base URL are read from ``ANTHROPIC_API_KEY`` and ``ANTHROPIC_BASE_URL``,
+the same variables the SDK reads. The key is held as a ``SecretStr`` and never logged.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_BROKER_URL", "Settings", "get_settings"]
+
+#: the Redis these machines run; ``make demo`` starts its own instead
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """Everything tierq reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="TIERQ_", env_file=".env", extra="ignore")
+
+    #: Celery broker; ``rediss://`` and passwords work as in redis-py URLs
+    broker_url: str = DEFAULT_BROKER_URL
+    #: result backend; defaults to the broker's Redis
+    result_backend: str | None = None
+    #: prepended to every Redis key tierq's broker and result backend use (share a database safely)
+    key_prefix: str = ""
+    #: a TOML file overriding the default tier table (see ``worker/tiers.py``)
+    tiers_file: Path | None = None
+    #: seconds a finished job's result is kept
+    result_expires_s: int = 24 * 3600
+    #: connections per process to Redis (redis-py 8 fails instead of waiting when the pool is full)
+    redis_max_connections: int = 512
+
+    #: the API key, read where the SDK reads it; unset means the simulator is expected
+    anthropic_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("ANTHROPIC_API_KEY", "TIERQ_ANTHROPIC_API_KEY")
+    )
+    #: the API's base URL, read where the SDK reads it (the simulator's URL in tests and the demo)
+    anthropic_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "TIERQ_ANTHROPIC_BASE_URL")
+    )
+    #: seconds allowed to open a connection to the API
+    connect_timeout_s: float = 5.0
+
+    #: log level for tierq, Celery and kombu
+    log_level: str = "INFO"
+    #: ``json`` off a terminal and ``console`` on one, unless set
+    log_format: Literal["auto", "json", "console"] = "auto"
+    #: put prompt and summary text in log lines (off: logs carry sizes and figures only)
+    log_content: bool = False
+
+    @property
+    def backend_url(self) -> str:
+        """The result backend URL, falling back to the broker."""
+        return self.result_backend or self.broker_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()
