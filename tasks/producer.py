@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
@@ -38,6 +41,20 @@ _STATUS = {
 }
 
 
+@contextmanager
+def _reachable(what: str) -> Iterator[None]:
+    """Turn the ways Redis, kombu and Celery say "cannot connect" into BrokerUnavailableError."""
+    try:
+        yield
+    except (OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise BrokerUnavailableError(f"{what}: {exc}") from exc
+    except RuntimeError as exc:
+        # Celery's result consumer gives up reconnecting with a RuntimeError from the redis error
+        if isinstance(exc.__cause__, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+            raise BrokerUnavailableError(f"{what}: {exc.__cause__}") from exc
+        raise
+
+
 def _default_app() -> Celery:
     from worker.app import app
 
@@ -57,12 +74,14 @@ class Job:
 
     def status(self) -> str:
         """One of pending, queued, running, retrying, succeeded, failed, revoked."""
-        state = str(self._async.state)
+        with _reachable("result backend unavailable"):
+            state = str(self._async.state)
         return _STATUS.get(state, state.lower())
 
     def ready(self) -> bool:
         """Whether the job has ended, in success or failure."""
-        return bool(self._async.ready())
+        with _reachable("result backend unavailable"):
+            return bool(self._async.ready())
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait up to ``timeout`` seconds for the result.
@@ -72,12 +91,14 @@ class Job:
             JobFailedError: the job ended in failure; ``error_type`` names why.
         """
         try:
-            value = self._async.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
+            with _reachable("result backend unavailable"):
+                value = self._async.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
+                state = self._async.state
         except CeleryTimeoutError:
             raise JobTimeoutError(f"job {self.id} did not finish within {timeout} s") from None
-        if self._async.state == "SUCCESS":
+        if state == "SUCCESS":
             return dict(value)
-        error_type = type(value).__name__ if isinstance(value, BaseException) else str(self._async.state)
+        error_type = type(value).__name__ if isinstance(value, BaseException) else str(state)
         raise JobFailedError(f"job {self.id} failed: {error_type}: {value}", error_type=error_type)
 
     def forget(self) -> None:
@@ -109,7 +130,7 @@ def submit(
     )
     now = time.time()
     body = spec.model_dump(exclude_none=True)
-    try:
+    with _reachable("broker unavailable, job not enqueued"):
         app.send_task(
             SUMMARIZE_TASK,
             kwargs={"job": body},
@@ -119,8 +140,6 @@ def submit(
             argsrepr="()",
             kwargsrepr=f"{{'job': <{spec.tier} job, {len(spec.text)} chars redacted>}}",
         )
-    except OperationalError as exc:
-        raise BrokerUnavailableError(f"broker unavailable, job not enqueued: {exc}") from exc
     return Job(spec.job_id, app)
 
 

@@ -216,3 +216,21 @@ def test_cli_bad_input_fails_fast_with_one_line(
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert time.monotonic() - started < 10
     assert [queue_length(redis_client, q) for q in queues] == before
+
+
+def test_submit_with_the_broker_down_fails_fast_with_one_line() -> None:
+    from worker.embedded import free_port
+
+    env = {**os.environ, "TIERQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "submit", "some text"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "broker unavailable, job not enqueued" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert time.monotonic() - started < 15

@@ -50,7 +50,11 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
         "queue_order_strategy": "priority",
         "socket_connect_timeout": 5,
     }
-    backend_options: dict[str, Any] = {"visibility_timeout": visibility_timeout}
+    backend_options: dict[str, Any] = {
+        "visibility_timeout": visibility_timeout,
+        # reconnect attempts of the result backend, a few seconds in all (Celery's default is ~20 s)
+        "retry_policy": {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+    }
     if settings.key_prefix:
         transport_options["global_keyprefix"] = settings.key_prefix
         backend_options["global_keyprefix"] = settings.key_prefix

@@ -239,6 +239,10 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: tierq's own errors end as one line on stderr, exit status 1."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    cli()
+    try:
+        cli()
+    except TierqError as exc:
+        _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
