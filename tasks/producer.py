@@ -24,7 +24,7 @@ from kombu.exceptions import OperationalError
 
 from worker.celeryconfig import SUMMARIZE_TASK
 from worker.errors import BrokerUnavailableError, JobFailedError, JobTimeoutError
-from worker.jobs import DEADLINE_HEADER, ENQUEUED_AT_HEADER, build_job
+from worker.spec import DEADLINE_HEADER, ENQUEUED_AT_HEADER, build_job
 from worker.tiers import TierTable, get_tier_table
 
 __all__ = ["Job", "get_job", "submit"]

@@ -24,9 +24,10 @@ from worker.errors import (
     StreamInterruptedError,
     UpstreamServerError,
 )
-from worker.jobs import Attempt, build_job, plan_retry, run_attempt
+from worker.jobs import Attempt, plan_retry, run_attempt
 from worker.llm import LLMRequest, get_client, stream_reply
 from worker.pricing import cost_usd
+from worker.spec import build_job
 from worker.tiers import load_tier_table
 
 DOC = " ".join(

@@ -1,136 +1,53 @@
-"""A summarization job as plain functions: validate it, run one attempt, time it, decide on retries.
+"""Running a summarization job as plain functions: one attempt, its timings, the retry decision.
 
 The Celery task in ``tasks/summarize.py`` is a thin shell over :func:`run_attempt` and
-:func:`plan_retry`; the producer validates with :func:`build_job` before anything is enqueued.
+:func:`plan_retry`; what a job is and how producer input is checked lives in ``worker.spec``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
-
-from worker.errors import DeadlineExceededError, InvalidJobError, LLMError, RetryableLLMError, TierqError
+from worker.errors import DeadlineExceededError, LLMError, RetryableLLMError, TierqError
 from worker.llm import LLMReply, LLMRequest, get_client, stream_reply
 from worker.logging import get_logger
 from worker.pricing import cost_usd
 from worker.settings import Settings, get_settings
+from worker.spec import (
+    DEADLINE_HEADER,
+    ENQUEUED_AT_HEADER,
+    FIRST_STARTED_AT_HEADER,
+    JobSpec,
+    build_prompt,
+    parse_job,
+    resolve_tier,
+)
 from worker.tiers import Tier, TierTable
 
 __all__ = [
-    "DEADLINE_HEADER",
-    "ENQUEUED_AT_HEADER",
-    "FIRST_STARTED_AT_HEADER",
+    "COMPLETED",
+    "FAILED",
+    "RETRYING",
     "Attempt",
-    "JobSpec",
-    "build_job",
-    "build_prompt",
+    "build_result",
     "log_failure",
     "plan_retry",
     "run_attempt",
 ]
-
-#: message headers set by the producer (wall-clock ``time.time()`` seconds)
-ENQUEUED_AT_HEADER = "tierq_enqueued_at"
-DEADLINE_HEADER = "tierq_deadline"
-#: set on a retried message, so queue wait stays the first attempt's
-FIRST_STARTED_AT_HEADER = "tierq_first_started_at"
 
 #: event names of the canonical log lines
 COMPLETED = "summarize.completed"
 FAILED = "summarize.failed"
 RETRYING = "summarize.retrying"
 
-#: limits on producer input that do not depend on the tier
-MAX_INSTRUCTIONS_CHARS = 4_000
-MAX_METADATA_BYTES = 16_384
 #: a retry is planned only if at least this many seconds of the deadline would remain for it
 MIN_ATTEMPT_S = 1.0
 
 _log = get_logger("tierq.jobs")
-
-
-class JobSpec(BaseModel):
-    """The job as it travels in the message body (``kwargs["job"]``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    job_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
-    tier: str
-    text: str = Field(min_length=1)
-    instructions: str | None = Field(default=None, max_length=MAX_INSTRUCTIONS_CHARS)
-    max_tokens: int | None = Field(default=None, ge=1)
-    metadata: dict[str, JsonValue] | None = None
-
-
-def _invalid(field: str, message: str) -> InvalidJobError:
-    return InvalidJobError(f"{field}: {message}", field=field)
-
-
-def build_job(
-    tiers: TierTable,
-    text: object,
-    urgency: object,
-    instructions: object,
-    max_tokens: object,
-    job_id: str,
-    metadata: object,
-) -> tuple[JobSpec, Tier]:
-    """Check producer input against the tier table; raise InvalidJobError naming the field."""
-    if not isinstance(urgency, str) or urgency not in tiers.urgencies:
-        raise _invalid("urgency", f"{urgency!r} is not one of {', '.join(tiers.urgencies)}")
-    tier = tiers.for_urgency(urgency)
-    if not isinstance(text, str) or not text.strip():
-        raise _invalid("text", "is empty; give the document to summarize")
-    if len(text) > tier.max_input_chars:
-        raise _invalid(
-            "text", f"is {len(text)} characters; the {tier.name} tier takes at most {tier.max_input_chars}"
-        )
-    if instructions is not None and not isinstance(instructions, str):
-        raise _invalid("instructions", "must be a string")
-    if isinstance(instructions, str) and len(instructions) > MAX_INSTRUCTIONS_CHARS:
-        raise _invalid("instructions", f"is longer than {MAX_INSTRUCTIONS_CHARS} characters")
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise _invalid("max_tokens", f"must be a positive integer, not {max_tokens!r}")
-        if max_tokens > tier.max_tokens:
-            raise _invalid(
-                "max_tokens", f"{max_tokens} is above the {tier.name} tier's cap of {tier.max_tokens}"
-            )
-    if metadata is not None:
-        if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
-            raise _invalid("metadata", "must be a JSON object with string keys")
-        try:
-            encoded = json.dumps(metadata, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise _invalid("metadata", f"is not JSON-serializable: {exc}") from None
-        if len(encoded.encode()) > MAX_METADATA_BYTES:
-            raise _invalid("metadata", f"is larger than {MAX_METADATA_BYTES} bytes as JSON")
-    try:
-        spec = JobSpec(
-            job_id=job_id,
-            tier=tier.name,
-            text=text,
-            instructions=instructions,
-            max_tokens=max_tokens,
-            metadata=metadata,
-        )
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = str(error["loc"][0]) if error["loc"] else "job"
-        raise _invalid(field, error["msg"]) from None
-    return spec, tier
-
-
-def build_prompt(spec: JobSpec) -> str:
-    """The user turn: the caller's instructions (or a default) and the document."""
-    ask = spec.instructions or "Summarize the document below."
-    return f"{ask}\n\n<document>\n{spec.text}\n</document>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,24 +103,6 @@ def _float_or_none(value: object) -> float | None:
     except ValueError:
         return None
     return number if math.isfinite(number) else None
-
-
-def parse_job(job: object) -> JobSpec:
-    """Validate a message body on the worker side; a malformed one is a permanent InvalidJobError."""
-    try:
-        return JobSpec.model_validate(job)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(p) for p in error["loc"]) or "job"
-        raise _invalid(field, f"malformed job message: {error['msg']}") from None
-
-
-def resolve_tier(spec: JobSpec, tiers: TierTable) -> Tier:
-    """The tier a job names; a permanent InvalidJobError for an unknown one."""
-    try:
-        return tiers.tiers[spec.tier]
-    except KeyError:
-        raise _invalid("tier", f"unknown tier {spec.tier!r}") from None
 
 
 def run_attempt(

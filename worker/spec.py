@@ -1,0 +1,132 @@
+"""What a job is before it runs: the message body's schema and the producer's input checks.
+
+Kept apart from ``worker.jobs`` so the producer imports neither the SDK nor Celery's worker side.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from worker.errors import InvalidJobError
+from worker.tiers import Tier, TierTable
+
+__all__ = [
+    "DEADLINE_HEADER",
+    "ENQUEUED_AT_HEADER",
+    "FIRST_STARTED_AT_HEADER",
+    "MAX_INSTRUCTIONS_CHARS",
+    "MAX_METADATA_BYTES",
+    "JobSpec",
+    "build_job",
+    "build_prompt",
+    "parse_job",
+    "resolve_tier",
+]
+
+#: message headers set by the producer (wall-clock ``time.time()`` seconds)
+ENQUEUED_AT_HEADER = "tierq_enqueued_at"
+DEADLINE_HEADER = "tierq_deadline"
+#: set on a retried message, so queue wait stays the first attempt's
+FIRST_STARTED_AT_HEADER = "tierq_first_started_at"
+
+#: limits on producer input that do not depend on the tier
+MAX_INSTRUCTIONS_CHARS = 4_000
+MAX_METADATA_BYTES = 16_384
+
+
+class JobSpec(BaseModel):
+    """The job as it travels in the message body (``kwargs["job"]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    tier: str
+    text: str = Field(min_length=1)
+    instructions: str | None = Field(default=None, max_length=MAX_INSTRUCTIONS_CHARS)
+    max_tokens: int | None = Field(default=None, ge=1)
+    metadata: dict[str, JsonValue] | None = None
+
+
+def _invalid(field: str, message: str) -> InvalidJobError:
+    return InvalidJobError(f"{field}: {message}", field=field)
+
+
+def build_job(
+    tiers: TierTable,
+    text: object,
+    urgency: object,
+    instructions: object,
+    max_tokens: object,
+    job_id: str,
+    metadata: object,
+) -> tuple[JobSpec, Tier]:
+    """Check producer input against the tier table; raise InvalidJobError naming the field."""
+    if not isinstance(urgency, str) or urgency not in tiers.urgencies:
+        raise _invalid("urgency", f"{urgency!r} is not one of {', '.join(tiers.urgencies)}")
+    tier = tiers.for_urgency(urgency)
+    if not isinstance(text, str) or not text.strip():
+        raise _invalid("text", "is empty; give the document to summarize")
+    if len(text) > tier.max_input_chars:
+        raise _invalid(
+            "text", f"is {len(text)} characters; the {tier.name} tier takes at most {tier.max_input_chars}"
+        )
+    if instructions is not None and not isinstance(instructions, str):
+        raise _invalid("instructions", "must be a string")
+    if isinstance(instructions, str) and len(instructions) > MAX_INSTRUCTIONS_CHARS:
+        raise _invalid("instructions", f"is longer than {MAX_INSTRUCTIONS_CHARS} characters")
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise _invalid("max_tokens", f"must be a positive integer, not {max_tokens!r}")
+        if max_tokens > tier.max_tokens:
+            raise _invalid(
+                "max_tokens", f"{max_tokens} is above the {tier.name} tier's cap of {tier.max_tokens}"
+            )
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+            raise _invalid("metadata", "must be a JSON object with string keys")
+        try:
+            encoded = json.dumps(metadata, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise _invalid("metadata", f"is not JSON-serializable: {exc}") from None
+        if len(encoded.encode()) > MAX_METADATA_BYTES:
+            raise _invalid("metadata", f"is larger than {MAX_METADATA_BYTES} bytes as JSON")
+    try:
+        spec = JobSpec(
+            job_id=job_id,
+            tier=tier.name,
+            text=text,
+            instructions=instructions,
+            max_tokens=max_tokens,
+            metadata=metadata,
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "job"
+        raise _invalid(field, error["msg"]) from None
+    return spec, tier
+
+
+def build_prompt(spec: JobSpec) -> str:
+    """The user turn: the caller's instructions (or a default) and the document."""
+    ask = spec.instructions or "Summarize the document below."
+    return f"{ask}\n\n<document>\n{spec.text}\n</document>"
+
+
+def parse_job(job: object) -> JobSpec:
+    """Validate a message body on the worker side; a malformed one is a permanent InvalidJobError."""
+    try:
+        return JobSpec.model_validate(job)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"]) or "job"
+        raise _invalid(field, f"malformed job message: {error['msg']}") from None
+
+
+def resolve_tier(spec: JobSpec, tiers: TierTable) -> Tier:
+    """The tier a job names; a permanent InvalidJobError for an unknown one."""
+    try:
+        return tiers.tiers[spec.tier]
+    except KeyError:
+        raise _invalid("tier", f"unknown tier {spec.tier!r}") from None
