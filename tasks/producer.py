@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
@@ -53,6 +53,20 @@ def _reachable(what: str) -> Iterator[None]:
         if isinstance(exc.__cause__, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
             raise BrokerUnavailableError(f"{what}: {exc.__cause__}") from exc
         raise
+
+
+def _stamp_enqueued_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Stamp the enqueue time as the message is published, after the producer's one-time setup.
+
+    ``submit`` leaves the header None; a retried message keeps its original stamp.
+    """
+    if headers is not None and ENQUEUED_AT_HEADER in headers and headers[ENQUEUED_AT_HEADER] is None:
+        headers[ENQUEUED_AT_HEADER] = time.time()
+
+
+signals.before_task_publish.connect(
+    _stamp_enqueued_at, sender=SUMMARIZE_TASK, weak=False, dispatch_uid="tierq.producer.stamp"
+)
 
 
 def _default_app() -> Celery:
@@ -135,7 +149,7 @@ def submit(
             SUMMARIZE_TASK,
             kwargs={"job": body},
             task_id=spec.job_id,
-            headers={ENQUEUED_AT_HEADER: now, DEADLINE_HEADER: now + tier.deadline_s},
+            headers={ENQUEUED_AT_HEADER: None, DEADLINE_HEADER: now + tier.deadline_s},
             # what Flower and task events show instead of the document
             argsrepr="()",
             kwargsrepr=f"{{'job': <{spec.tier} job, {len(spec.text)} chars redacted>}}",
