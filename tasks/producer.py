@@ -4,6 +4,9 @@
     job = submit(document, urgency="high")
     result = job.result(timeout=30)       # {job_id, tier, model, summary, stop_reason, usage, timings, ...}
 
+The caller's structlog context (``structlog.contextvars.bind_contextvars(request_id=...)``)
+travels with the job and is bound in the worker's log lines for it.
+
 Input is validated before anything is enqueued: a bad field raises
 :class:`~worker.errors.InvalidJobError` naming it, and nothing reaches the broker.
 """
@@ -17,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+import structlog
 from celery import Celery, signals
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
@@ -24,7 +28,14 @@ from kombu.exceptions import OperationalError
 
 from worker.celeryconfig import SUMMARIZE_TASK
 from worker.errors import BrokerUnavailableError, JobFailedError, JobTimeoutError
-from worker.spec import DEADLINE_HEADER, ENQUEUED_AT_HEADER, build_job
+from worker.spec import (
+    CONTEXT_HEADER,
+    DEADLINE_HEADER,
+    ENQUEUED_AT_HEADER,
+    build_job,
+    carried_context,
+    kwargs_repr,
+)
 from worker.tiers import TierTable, get_tier_table
 
 __all__ = ["Job", "get_job", "submit"]
@@ -144,15 +155,19 @@ def submit(
     )
     now = time.time()
     body = spec.model_dump(exclude_none=True)
+    headers: dict[str, Any] = {ENQUEUED_AT_HEADER: None, DEADLINE_HEADER: now + tier.deadline_s}
+    context = carried_context(structlog.contextvars.get_contextvars())
+    if context:
+        headers[CONTEXT_HEADER] = context
     with _reachable("broker unavailable, job not enqueued"):
         app.send_task(
             SUMMARIZE_TASK,
             kwargs={"job": body},
             task_id=spec.job_id,
-            headers={ENQUEUED_AT_HEADER: None, DEADLINE_HEADER: now + tier.deadline_s},
+            headers=headers,
             # what Flower and task events show instead of the document
             argsrepr="()",
-            kwargsrepr=f"{{'job': <{spec.tier} job, {len(spec.text)} chars redacted>}}",
+            kwargsrepr=kwargs_repr(spec.tier, spec.text),
         )
     return Job(spec.job_id, app)
 

@@ -8,24 +8,39 @@ from celery import Task
 
 from worker.app import app
 from worker.celeryconfig import SUMMARIZE_TASK
-from worker.jobs import Attempt, log_failure, plan_retry, run_attempt
+from worker.jobs import Attempt, plan_retry, report_failure, run_attempt
+from worker.spec import kwargs_repr
 from worker.tiers import get_tier_table
 
 __all__ = ["summarize"]
 
 
-@app.task(bind=True, name=SUMMARIZE_TASK, max_retries=None, acks_late=True)  # type: ignore[untyped-decorator]
+@app.task(
+    bind=True,
+    name=SUMMARIZE_TASK,
+    max_retries=None,
+    acks_late=True,
+    Request="worker.request:RedactedRequest",
+)  # type: ignore[untyped-decorator]
 def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     """Summarize ``job["text"]`` with its tier's model; retry what is worth retrying, in time."""
     request = self.request
     headers = dict(request.headers or {})
-    attempt = Attempt.from_headers(request.id, request.retries or 0, headers)
+    queue = (request.delivery_info or {}).get("routing_key")
+    attempt = Attempt.from_headers(request.id, request.retries or 0, headers, queue)
     tiers = get_tier_table()
     try:
         return run_attempt(job, attempt, tiers)
     except Exception as exc:
         delay, why = plan_retry(exc, attempt, tiers, job)
-        log_failure(exc, attempt, job, delay, why)
+        report_failure(exc, attempt, job, delay, why)
         if delay is None:
             raise
-        raise self.retry(exc=exc, countdown=delay, headers=attempt.retry_headers(headers)) from exc
+        raise self.retry(
+            exc=exc,
+            countdown=delay,
+            headers=attempt.retry_headers(headers),
+            # Celery would show the real arguments in the retry's events: keep them redacted
+            argsrepr="()",
+            kwargsrepr=kwargs_repr(job.get("tier"), job.get("text")) if isinstance(job, dict) else "{}",
+        ) from exc

@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from simulator import SimConfig, SimServer
-from worker.embedded import EmbeddedRedis
+from worker.embedded import EmbeddedRedis, free_port
 
 #: the simulator runs 20x faster than published model speeds
 SIM_TIME_SCALE = 0.05
@@ -120,8 +120,11 @@ class WorkerProcess:
         self.tiers = tiers
         self.log_path = log_path
         self.node = f"{'+'.join(tiers)}-{RUN_TAG}@test"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self._log = log_path.open("wb")
         argv = [sys.executable, "-m", "worker", "worker", "--name", self.node]
+        argv += ["--metrics-port", str(self.metrics_port)]
         for tier in tiers:
             argv += ["--tier", tier]
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))

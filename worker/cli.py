@@ -47,6 +47,10 @@ def worker(
     name: Annotated[str | None, typer.Option(help="Celery node name; default: TIERS@HOSTNAME.")] = None,
     loglevel: Annotated[str, typer.Option("--loglevel", "-l", help="Log level.")] = "INFO",
     pool: Annotated[str, typer.Option(help="Celery pool; threads suits IO-bound LLM calls.")] = "threads",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus /metrics here; default TIERQ_METRICS_PORT (unset: off)."),
+    ] = None,
 ) -> None:
     """Run a Celery worker pool that consumes only the given tiers' queues."""
     from worker.settings import get_settings
@@ -65,6 +69,9 @@ def worker(
     chosen = list(dict.fromkeys(tier))
     queues = ",".join(tiers.tiers[t].queue for t in chosen)
     threads = concurrency or sum(tiers.tiers[t].concurrency for t in chosen)
+    port = metrics_port if metrics_port is not None else settings.metrics_port
+    if port is not None:
+        _serve_worker_metrics(port, settings.metrics_addr)
     from worker.app import app
 
     app.worker_main(
@@ -78,6 +85,23 @@ def worker(
             "--task-events",
         ]
     )
+
+
+def _serve_worker_metrics(port: int, addr: str) -> None:
+    from worker.metrics import QueueDepthCollector, serve_metrics
+    from worker.settings import get_settings
+    from worker.tiers import get_tier_table
+
+    settings = get_settings()
+    extra = []
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        queues = {name: tier.queue for name, tier in get_tier_table().tiers.items()}
+        extra.append(QueueDepthCollector(settings.broker_url, queues, settings.key_prefix))
+    try:
+        bound = serve_metrics(port, addr, extra)
+    except OSError as exc:
+        raise _fail(f"cannot serve metrics on {addr}:{port}: {exc}") from None
+    _err.print(f"metrics on http://{addr}:{bound}/metrics", highlight=False)
 
 
 def _read_text(text: str | None, file: Path | None) -> str:
@@ -200,7 +224,86 @@ def tiers() -> None:
             "-" if tier.temperature is None else str(tier.temperature),
             f"{tier.deadline_s:g} s", str(tier.concurrency),
         )  # fmt: skip
-    Console().print(table)
+    _console().print(table)
+
+
+@cli.command()
+def flower(
+    port: Annotated[int, typer.Option(help="Port for Flower's UI and API.")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    unauthenticated: Annotated[
+        bool, typer.Option("--unauthenticated", help="Run without basic auth (local use only).")
+    ] = False,
+) -> None:
+    """Run Flower for tierq, behind basic auth from TIERQ_FLOWER_BASIC_AUTH (user:password)."""
+    from worker.settings import get_settings
+
+    auth = get_settings().flower_basic_auth
+    if auth is None and not unauthenticated:
+        raise _fail("set TIERQ_FLOWER_BASIC_AUTH=user:password, or pass --unauthenticated for local use")
+    if auth is not None:
+        value = auth.get_secret_value()
+        if ":" not in value:
+            raise _fail("TIERQ_FLOWER_BASIC_AUTH must be user:password")
+        # through the environment, not argv, so the password stays out of `ps`
+        os.environ["FLOWER_BASIC_AUTH"] = value
+    else:
+        os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
+    from worker.app import app
+
+    app.start(["flower", f"--port={port}", f"--address={address}"])
+
+
+@cli.command()
+def stats(
+    last: Annotated[int, typer.Option(min=1, help="How many recent jobs to read.")] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Per-tier percentiles of recent jobs, from the bounded stream the workers write."""
+    from worker.settings import get_settings
+    from worker.stats import StatsStream, summarize
+
+    stream = StatsStream.from_settings(get_settings())
+    if stream is None:
+        raise _fail("stats need a Redis result backend (TIERQ_RESULT_BACKEND or TIERQ_BROKER_URL)")
+    try:
+        summary = summarize(stream.recent(last))
+    except Exception as exc:
+        raise _fail(f"cannot read stats: {exc}", code=1) from None
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table(title=f"last {last} jobs per tier (ms)")
+    columns = (
+        "tier",
+        "jobs",
+        "failed",
+        "queue p50",
+        "queue p95",
+        "TTFT p50",
+        "TTFT p95",
+        "total p50",
+        "total p95",
+    )
+    for column in (*columns, "tok/s", "cost $"):
+        table.add_column(column, justify="left" if column == "tier" else "right")
+    for tier, row in summary.items():
+        table.add_row(
+            tier, str(row["jobs"]), str(row["failed"]),
+            *(_ms(row[k]) for k in ("queue_wait_p50_ms", "queue_wait_p95_ms", "ttft_p50_ms", "ttft_p95_ms",
+                                    "total_p50_ms", "total_p95_ms")),
+            _ms(row["output_tokens_per_s_p50"]), f"{row['cost_usd']:.4f}",
+        )  # fmt: skip
+    _console().print(table)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _console() -> Console:
+    """stdout, 120 columns wide off a terminal (rich would assume 80)."""
+    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 @cli.command()

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from worker import metrics
 from worker.errors import DeadlineExceededError, LLMError, RetryableLLMError, TierqError
 from worker.llm import LLMReply, LLMRequest, get_client, stream_reply
 from worker.logging import get_logger
@@ -26,6 +27,7 @@ from worker.spec import (
     parse_job,
     resolve_tier,
 )
+from worker.stats import get_stream
 from worker.tiers import Tier, TierTable
 
 __all__ = [
@@ -34,8 +36,8 @@ __all__ = [
     "RETRYING",
     "Attempt",
     "build_result",
-    "log_failure",
     "plan_retry",
+    "report_failure",
     "run_attempt",
 ]
 
@@ -60,9 +62,13 @@ class Attempt:
     enqueued_at: float | None
     deadline_hint: float | None
     first_started_at: float
+    #: the queue the message came from
+    queue: str | None = None
 
     @classmethod
-    def from_headers(cls, task_id: str, retries: int, headers: dict[str, Any]) -> Attempt:
+    def from_headers(
+        cls, task_id: str, retries: int, headers: dict[str, Any], queue: str | None = None
+    ) -> Attempt:
         """Read the producer's timestamps from message headers (absent when sent by plain Celery)."""
         now = time.time()
         return cls(
@@ -72,6 +78,7 @@ class Attempt:
             enqueued_at=_float_or_none(headers.get(ENQUEUED_AT_HEADER)),
             deadline_hint=_float_or_none(headers.get(DEADLINE_HEADER)),
             first_started_at=_float_or_none(headers.get(FIRST_STARTED_AT_HEADER)) or now,
+            queue=queue,
         )
 
     def deadline(self, tier: Tier) -> float:
@@ -128,6 +135,8 @@ def run_attempt(
     )
     result = build_result(spec, tier, attempt, reply, time.time())
     _log.info(COMPLETED, **_log_figures(result), **_content(settings, spec, result))
+    metrics.observe_completed(result, attempt.queue)
+    _record_stats(result["tier"], result["model"], "succeeded", result["timings"], result["cost_usd"])
     return result
 
 
@@ -141,7 +150,6 @@ def build_result(spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, n
         "job_id": spec.job_id,
         "tier": tier.name,
         "model": reply.model,
-        "summary": reply.text,
         "stop_reason": reply.stop_reason,
         "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
         "timings": {
@@ -155,6 +163,8 @@ def build_result(spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, n
         "retries": attempt.retries,
         "request_id": reply.request_id,
         "metadata": spec.metadata,
+        # last, so that Celery's truncated repr of the result can be cut here (see worker.events)
+        "summary": reply.text,
     }
 
 
@@ -203,8 +213,16 @@ def plan_retry(
     return round(delay, 3), "retryable"
 
 
-def log_failure(exc: BaseException, attempt: Attempt, job: object, delay: float | None, why: str) -> None:
-    """Log ``summarize.retrying`` when another attempt follows, else the one ``summarize.failed``."""
+def _record_stats(
+    tier: str, model: str | None, outcome: str, timings: dict[str, Any], cost: float | None
+) -> None:
+    stream = get_stream()
+    if stream is not None:
+        stream.record({"tier": tier, "model": model, "outcome": outcome, "cost_usd": cost, **timings})
+
+
+def report_failure(exc: BaseException, attempt: Attempt, job: object, delay: float | None, why: str) -> None:
+    """Log and count ``summarize.retrying`` if another attempt follows, else the one ``summarize.failed``."""
     figures: dict[str, Any] = {
         "error_type": type(exc).__name__,
         "error": str(exc),
@@ -214,11 +232,17 @@ def log_failure(exc: BaseException, attempt: Attempt, job: object, delay: float 
         "queue_wait_ms": attempt.queue_wait_ms,
         "total_ms": attempt.total_ms(time.time()),
     }
+    tier = str(job.get("tier")) if isinstance(job, dict) else "?"
     if isinstance(job, dict):
         figures.setdefault("job_id", job.get("job_id"))
     if delay is not None:
         _log.warning(RETRYING, delay_s=delay, **figures)
-    elif isinstance(exc, LLMError | TierqError):
+        metrics.observe_retried(tier, attempt.queue, figures["error_type"])
+        return
+    if isinstance(exc, LLMError | TierqError):
         _log.error(FAILED, reason=why, **figures)
     else:
         _log.error(FAILED, reason="unexpected error", exc_info=exc, **figures)
+    metrics.observe_failed(tier, attempt.queue, figures["error_type"])
+    timings = {"queue_wait_ms": figures["queue_wait_ms"], "total_ms": figures["total_ms"]}
+    _record_stats(tier, None, "failed", timings, None)

@@ -15,6 +15,7 @@ import structlog
 from celery import signals
 
 from worker.settings import Settings, get_settings
+from worker.spec import CONTEXT_HEADER, carried_context
 
 __all__ = ["configure_logging", "connect_celery_signals", "get_logger"]
 
@@ -84,6 +85,11 @@ def _on_task_prerun(task_id: str | None = None, task: Any = None, kwargs: Any = 
     job = kwargs.get("job") if isinstance(kwargs, dict) else None
     request = getattr(task, "request", None)
     delivery = getattr(request, "delivery_info", None) or {}
+    headers = getattr(request, "headers", None) or {}
+    carried = headers.get(CONTEXT_HEADER)
+    if isinstance(carried, dict):
+        # the producer's context first, so the job's own fields below win on a clash
+        structlog.contextvars.bind_contextvars(**carried_context(carried))
     structlog.contextvars.bind_contextvars(
         task_id=task_id,
         job_id=job.get("job_id") if isinstance(job, dict) else None,

@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     #: seconds allowed to open a connection to the API
     connect_timeout_s: float = 5.0
 
+    #: port of each worker's Prometheus ``/metrics`` (unset: not served); 0 picks a free one
+    metrics_port: int | None = None
+    #: address the metrics server binds
+    metrics_addr: str = "0.0.0.0"
+    #: entries kept in the Redis stream of recent jobs that ``tierq stats`` reads
+    stats_maxlen: int = 10_000
+    #: ``user:password`` for Flower's UI and API; Flower refuses to start without it unless told
+    flower_basic_auth: SecretStr | None = None
+
     #: log level for tierq, Celery and kombu
     log_level: str = "INFO"
     #: ``json`` off a terminal and ``console`` on one, unless set

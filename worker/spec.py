@@ -13,6 +13,7 @@ from worker.errors import InvalidJobError
 from worker.tiers import Tier, TierTable
 
 __all__ = [
+    "CONTEXT_HEADER",
     "DEADLINE_HEADER",
     "ENQUEUED_AT_HEADER",
     "FIRST_STARTED_AT_HEADER",
@@ -21,6 +22,8 @@ __all__ = [
     "JobSpec",
     "build_job",
     "build_prompt",
+    "carried_context",
+    "kwargs_repr",
     "parse_job",
     "resolve_tier",
 ]
@@ -30,6 +33,11 @@ ENQUEUED_AT_HEADER = "tierq_enqueued_at"
 DEADLINE_HEADER = "tierq_deadline"
 #: set on a retried message, so queue wait stays the first attempt's
 FIRST_STARTED_AT_HEADER = "tierq_first_started_at"
+#: the producer's structlog context (request id, caller...), bound in the worker's log lines
+CONTEXT_HEADER = "tierq_context"
+#: how much of it travels: keys, and characters per value
+MAX_CONTEXT_KEYS = 16
+MAX_CONTEXT_VALUE_CHARS = 256
 
 #: limits on producer input that do not depend on the tier
 MAX_INSTRUCTIONS_CHARS = 4_000
@@ -106,6 +114,25 @@ def build_job(
         field = str(error["loc"][0]) if error["loc"] else "job"
         raise _invalid(field, error["msg"]) from None
     return spec, tier
+
+
+def carried_context(context: dict[str, object]) -> dict[str, str | int | float | bool]:
+    """The part of a structlog context that travels with a job: scalar values, bounded in size."""
+    out: dict[str, str | int | float | bool] = {}
+    for key, value in context.items():
+        if len(out) >= MAX_CONTEXT_KEYS:
+            break
+        if isinstance(value, bool | int | float):
+            out[key] = value
+        elif isinstance(value, str):
+            out[key] = value[:MAX_CONTEXT_VALUE_CHARS]
+    return out
+
+
+def kwargs_repr(tier: object, text: object) -> str:
+    """What Celery events and Flower show for a job's arguments: its size, never its text."""
+    size = len(text) if isinstance(text, str) else 0
+    return f"{{'job': <{tier} job, {size} chars redacted>}}"
 
 
 def build_prompt(spec: JobSpec) -> str:

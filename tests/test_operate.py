@@ -1,0 +1,223 @@
+"""What an operator sees: Prometheus metrics, ``tierq stats``, Flower's API, the caller's context in logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from base64 import b64encode
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+
+from simulator import SimServer
+from tasks.producer import get_job, submit
+from tests.conftest import WorkerProcess
+from worker.embedded import free_port
+from worker.request import redact_result_repr
+from worker.stats import percentile, summarize
+
+DOC = " ".join(
+    f"Line {i} of a report about queues, tiers and the latency that users feel." for i in range(30)
+)
+
+pytestmark = pytest.mark.usefixtures("workers")
+
+
+def _get(url: str, auth: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _scrape(worker: WorkerProcess) -> dict[str, list[Any]]:
+    status, body = _get(worker.metrics_url)
+    assert status == 200
+    samples: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def _value(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
+    return sum(s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_worker_metrics_have_per_tier_histograms(workers: dict[str, WorkerProcess], sim: SimServer) -> None:
+    failing = f"metrics-fail-{uuid.uuid4()}"
+    sim.state.add_faults(["400"], job_id=failing)
+    jobs = [submit(DOC, urgency="critical") for _ in range(3)]
+    for job in jobs:
+        job.result(timeout=30)
+    with pytest.raises(Exception, match="RequestRejectedError"):
+        submit(DOC, urgency="high", job_id=failing).result(timeout=30)
+
+    samples = _scrape(workers["fast"])
+    labels = {"tier": "fast", "model": "claude-haiku-4-5"}
+    for histogram in ("tierq_queue_wait_seconds", "tierq_ttft_seconds", "tierq_job_duration_seconds"):
+        assert _value(samples, f"{histogram}_count", **labels) >= 3, histogram
+        assert _value(samples, f"{histogram}_sum", **labels) > 0, histogram
+    assert _value(samples, "tierq_output_tokens_per_second_count", **labels) >= 3
+    assert _value(samples, "celery_task_succeeded_total", tier="fast", queue_name="tierq.fast") >= 3
+    assert _value(samples, "celery_task_failed_total", tier="fast", exception="RequestRejectedError") >= 1
+    assert _value(samples, "tierq_tokens_total", tier="fast", direction="output") > 0
+    assert _value(samples, "tierq_cost_usd_total", tier="fast") > 0
+    depth = {s.labels["tier"]: s.value for s in samples["celery_queue_length"]}
+    assert set(depth) == {"fast", "standard", "slow"}
+    assert all(v >= 0 for v in depth.values())
+    # the slow worker serves its own figures only
+    assert _value(_scrape(workers["slow"]), "tierq_ttft_seconds_count", tier="fast") == 0
+
+
+def test_stats_reports_per_tier_percentiles() -> None:
+    for urgency in ("critical", "normal", "critical"):
+        submit(DOC, urgency=urgency).result(timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "stats", "--json", "--last", "50"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["fast"]["succeeded"] >= 2
+    assert summary["standard"]["succeeded"] >= 1
+    fast = summary["fast"]
+    assert 0 < fast["ttft_p50_ms"] <= fast["ttft_p95_ms"] <= fast["ttft_p99_ms"]
+    assert fast["queue_wait_p50_ms"] is not None and fast["total_p95_ms"] >= fast["total_p50_ms"]
+
+
+def test_stats_stream_is_bounded(redis_client: Any) -> None:
+    from tests.conftest import KEY_PREFIX
+    from worker.stats import STREAM_KEY, StatsStream
+
+    stream = StatsStream(redis_client, KEY_PREFIX + "bounded-", maxlen=100)
+    for i in range(1000):
+        stream.record({"tier": "fast", "outcome": "succeeded", "ttft_ms": i})
+    assert redis_client.xlen(KEY_PREFIX + "bounded-" + STREAM_KEY) < 300  # MAXLEN ~ trims in whole nodes
+    assert len(stream.recent(10)) == 10
+
+
+def test_summarize_and_percentile() -> None:
+    assert percentile([], 50) is None
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    entries = [{"tier": "fast", "outcome": "succeeded", "ttft_ms": str(v)} for v in range(1, 101)]
+    entries.append({"tier": "fast", "outcome": "failed", "total_ms": "5"})
+    row = summarize(entries)["fast"]
+    assert (row["jobs"], row["succeeded"], row["failed"]) == (101, 100, 1)
+    assert row["ttft_p50_ms"] == 50.5
+    assert row["queue_wait_p50_ms"] is None
+
+
+def test_producer_context_reaches_the_worker_log(workers: dict[str, WorkerProcess]) -> None:
+    request_id = f"req-{uuid.uuid4()}"
+    with structlog.contextvars.bound_contextvars(request_id=request_id, caller="billing", job_id="not-this"):
+        job = submit(DOC, urgency="high")
+    job.result(timeout=30)
+    end = time.monotonic() + 5
+    while not (lines := workers["fast"].events_for(job.id, "summarize.completed")) and time.monotonic() < end:
+        time.sleep(0.05)
+    [line] = lines
+    assert line["request_id"] != request_id  # the LLM request id keeps its name in the canonical line...
+    received = [e for e in workers["fast"].log_events() if e.get("task_id") == job.id]
+    assert all(e.get("caller") == "billing" for e in received)  # ...the caller's context rides along
+    assert line["job_id"] == job.id, "the job's own fields win over the caller's"
+
+
+def test_redact_result_repr() -> None:
+    text = "{'job_id': 'a', 'timings': {'ttft_ms': 12.0}, 'summary': 'secret words that go on"
+    assert (
+        redact_result_repr(text) == "{'job_id': 'a', 'timings': {'ttft_ms': 12.0}, 'summary': '<redacted>'}"
+    )
+    assert redact_result_repr("None") == "None"
+
+
+@pytest.fixture(scope="module")
+def flower(tmp_dir: Path) -> Iterator[tuple[str, str]]:
+    port = free_port()
+    auth = f"ops:{uuid.uuid4().hex}"
+    log = (tmp_dir / "flower.log").open("wb")
+    env = {**os.environ, "TIERQ_FLOWER_BASIC_AUTH": auth}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "flower", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            assert proc.poll() is None, (tmp_dir / "flower.log").read_text()[-2000:]
+            try:
+                if _get(f"{url}/healthcheck", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        time.sleep(1.0)  # let Flower's event consumer attach before jobs are sent
+        yield url, auth
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+def test_flower_lists_jobs_with_their_queues_behind_auth(flower: tuple[str, str]) -> None:
+    url, auth = flower
+    jobs = {submit(DOC, urgency=u).id: u for u in ("critical", "normal", "low")}
+    for job_id in jobs:
+        get_job(job_id).result(timeout=60)
+    expected_queue = {"critical": "tierq.fast", "normal": "tierq.standard", "low": "tierq.slow"}
+    tasks: dict[str, Any] = {}
+    end = time.monotonic() + 15
+    while time.monotonic() < end:
+        status, body = _get(f"{url}/api/tasks", auth=auth)
+        assert status == 200
+        tasks = json.loads(body)
+        if all(tasks.get(j, {}).get("state") == "SUCCESS" for j in jobs):
+            break
+        time.sleep(0.3)
+    for job_id, urgency in jobs.items():
+        task = tasks[job_id]
+        assert task["state"] == "SUCCESS"
+        assert task["name"] == "tierq.summarize"
+        assert task["routing_key"] == expected_queue[urgency]
+        assert "chars redacted" in task["kwargs"] and DOC[:30] not in json.dumps(task)
+        assert "'summary': '<redacted>'" in task["result"] and "ttft_ms" in task["result"]
+    status, body = _get(f"{url}/api/workers", auth=auth)
+    assert status == 200
+    assert any(name.startswith("fast-") for name in json.loads(body))
+
+    assert _get(f"{url}/api/tasks")[0] == 401
+    assert _get(f"{url}/api/tasks", auth="ops:wrong")[0] == 401
+    assert _get(f"{url}/")[0] == 401
+
+
+def test_flower_refuses_to_start_without_auth() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TIERQ_FLOWER_BASIC_AUTH"}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "flower", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 2
+    assert "TIERQ_FLOWER_BASIC_AUTH" in done.stderr

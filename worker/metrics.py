@@ -1,0 +1,185 @@
+"""Prometheus metrics of the workers, served over HTTP by each worker process.
+
+Names follow celery-exporter where they overlap (``celery_task_*_total``, ``celery_task_runtime``,
+``celery_queue_length``), with ``tier`` and ``model`` labels added; the LLM figures are ``tierq_*``.
+With ``PROMETHEUS_MULTIPROC_DIR`` set (a prefork pool), values are shared through files as
+prometheus-client's multiprocess mode does; the default threads pool needs nothing of the kind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "COST",
+    "JOB_SECONDS",
+    "QUEUE_WAIT",
+    "TASKS_FAILED",
+    "TASKS_RETRIED",
+    "TASKS_SUCCEEDED",
+    "TOKENS",
+    "TOKENS_PER_S",
+    "TTFT",
+    "QueueDepthCollector",
+    "observe_completed",
+    "observe_failed",
+    "observe_retried",
+    "serve_metrics",
+]
+
+#: the task name label, as celery-exporter sets it
+_TASK = "tierq.summarize"
+_HOST = socket.gethostname()
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+_TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
+_JOB_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300, 600, 1800)
+_RATE_BUCKETS = (5, 10, 20, 30, 40, 50, 60, 80, 100, 125, 150, 200, 300, 500, 1000)
+
+TASKS_SUCCEEDED = Counter(
+    "celery_task_succeeded",
+    "Jobs that ended with a summary.",
+    ["name", "hostname", "queue_name", "tier", "model"],
+)
+TASKS_FAILED = Counter(
+    "celery_task_failed",
+    "Jobs that ended in failure.",
+    ["name", "hostname", "queue_name", "tier", "exception"],
+)
+TASKS_RETRIED = Counter(
+    "celery_task_retried",
+    "Attempts that failed and were retried.",
+    ["name", "hostname", "queue_name", "tier", "exception"],
+)
+RUNTIME = Histogram(
+    "celery_task_runtime",
+    "Seconds the successful attempt ran in the worker.",
+    ["name", "hostname", "queue_name", "tier"],
+    buckets=_JOB_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "tierq_queue_wait_seconds",
+    "Enqueue to first attempt started.",
+    ["tier", "model"],
+    buckets=_LATENCY_BUCKETS,
+)
+TTFT = Histogram(
+    "tierq_ttft_seconds", "Request sent to first text token.", ["tier", "model"], buckets=_TTFT_BUCKETS
+)
+JOB_SECONDS = Histogram(
+    "tierq_job_duration_seconds",
+    "Enqueue to result, retries included.",
+    ["tier", "model"],
+    buckets=_JOB_BUCKETS,
+)
+TOKENS_PER_S = Histogram(
+    "tierq_output_tokens_per_second",
+    "Output tokens per second after the first token.",
+    ["tier", "model"],
+    buckets=_RATE_BUCKETS,
+)
+TOKENS = Counter("tierq_tokens", "Tokens billed.", ["tier", "model", "direction"])
+COST = Counter("tierq_cost_usd", "Dollars spent, from the price table.", ["tier", "model"])
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000
+
+
+def observe_completed(result: dict[str, Any], queue: str | None) -> None:
+    """Record a job that produced a summary."""
+    tier, model = result["tier"], result["model"]
+    timings = result["timings"]
+    TASKS_SUCCEEDED.labels(_TASK, _HOST, queue or "", tier, model).inc()
+    RUNTIME.labels(_TASK, _HOST, queue or "", tier).observe(timings["llm_ms"] / 1000)
+    for histogram, value in (
+        (QUEUE_WAIT, _seconds(timings["queue_wait_ms"])),
+        (TTFT, _seconds(timings["ttft_ms"])),
+        (JOB_SECONDS, _seconds(timings["total_ms"])),
+        (TOKENS_PER_S, timings["output_tokens_per_s"]),
+    ):
+        if value is not None:
+            histogram.labels(tier, model).observe(value)
+    TOKENS.labels(tier, model, "input").inc(result["usage"]["input_tokens"])
+    TOKENS.labels(tier, model, "output").inc(result["usage"]["output_tokens"])
+    if result.get("cost_usd"):
+        COST.labels(tier, model).inc(result["cost_usd"])
+
+
+def observe_failed(tier: str, queue: str | None, exception: str) -> None:
+    """Record a job that ended in failure."""
+    TASKS_FAILED.labels(_TASK, _HOST, queue or "", tier, exception).inc()
+
+
+def observe_retried(tier: str, queue: str | None, exception: str) -> None:
+    """Record an attempt that failed and will be retried."""
+    TASKS_RETRIED.labels(_TASK, _HOST, queue or "", tier, exception).inc()
+
+
+class QueueDepthCollector(Collector):
+    """``celery_queue_length``: messages waiting per tier queue, read from Redis at scrape time."""
+
+    def __init__(self, redis_url: str, queues: dict[str, str], key_prefix: str = "") -> None:
+        import redis
+
+        self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._queues = queues  # tier -> queue
+        self._prefix = key_prefix
+
+    def _keys(self, queue: str) -> list[str]:
+        # kombu keeps priorities 3, 6 and 9 in sub-lists named QUEUE\x06\x16N
+        return [self._prefix + name for name in [queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9))]]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "celery_queue_length", "Messages waiting in each tier's queue.", labels=["queue_name", "tier"]
+        )
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for queue in self._queues.values():
+                for key in self._keys(queue):
+                    pipe.llen(key)
+            lengths: Iterable[int] = pipe.execute()
+        except Exception:  # Redis away: report nothing rather than fail the scrape
+            return
+        values = iter(lengths)
+        for tier, queue in self._queues.items():
+            family.add_metric([queue, tier], sum(next(values) for _ in range(4)))
+        yield family
+
+
+_served: dict[str, Any] = {}
+_serve_lock = threading.Lock()
+
+
+def serve_metrics(port: int, addr: str = "0.0.0.0", extra: Iterable[Collector] = ()) -> int:
+    """Serve ``/metrics`` on ``port`` (0 picks one) from this process, once; return the port."""
+    with _serve_lock:
+        if "port" in _served:
+            return int(_served["port"])
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        else:
+            from prometheus_client import REGISTRY
+
+            registry = REGISTRY
+        for collector in extra:
+            registry.register(collector)
+        server, _thread = start_http_server(port, addr=addr, registry=registry)
+        _served["port"] = server.server_port
+        return int(server.server_port)

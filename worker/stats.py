@@ -1,0 +1,119 @@
+"""Recent jobs in a bounded Redis stream, and their per-tier percentiles (``tierq stats``, the demo).
+
+Each worker appends one entry per finished job (figures only, never text) with ``XADD ... MAXLEN ~``,
+so the stream stays near ``TIERQ_STATS_MAXLEN`` entries however long the workers run.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from worker.logging import get_logger
+from worker.settings import Settings, get_settings
+
+__all__ = ["STREAM_KEY", "StatsStream", "get_stream", "percentile", "summarize"]
+
+#: the stream's key, after ``TIERQ_KEY_PREFIX``
+STREAM_KEY = "tierq:stats:jobs"
+#: figures kept per entry
+FIELDS = (
+    "tier",
+    "model",
+    "outcome",
+    "queue_wait_ms",
+    "ttft_ms",
+    "total_ms",
+    "output_tokens_per_s",
+    "cost_usd",
+)
+
+_log = get_logger("tierq.stats")
+_stream: StatsStream | None = None
+_lock = threading.Lock()
+
+
+class StatsStream:
+    """Append and read entries of the recent-jobs stream."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str = "", maxlen: int = 10_000) -> None:
+        self.client = client
+        self.key = key_prefix + STREAM_KEY
+        self.maxlen = maxlen
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StatsStream | None:
+        """The stream in the result backend's Redis; None when the backend is not Redis."""
+        url = settings.backend_url
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            return None
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        return cls(client, settings.key_prefix, settings.stats_maxlen)
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Append one job's figures; a Redis error is logged, never raised (stats must not fail a job)."""
+        fields = {k: str(v) for k, v in entry.items() if k in FIELDS and v is not None}
+        try:
+            self.client.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+        except redis.RedisError as exc:
+            _log.warning("stats.record_failed", error=str(exc))
+
+    def recent(self, count: int = 1000) -> list[dict[str, str]]:
+        """The newest ``count`` entries, newest first."""
+        rows: list[tuple[bytes, dict[bytes, bytes]]] = self.client.xrevrange(self.key, count=count)  # type: ignore[assignment]
+        return [{k.decode(): v.decode() for k, v in fields.items()} for _id, fields in rows]
+
+
+def get_stream() -> StatsStream | None:
+    """The process's stream, made on first use."""
+    global _stream
+    if _stream is None:
+        with _lock:
+            if _stream is None:
+                _stream = StatsStream.from_settings(get_settings())
+    return _stream
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) by linear interpolation; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _floats(entries: Iterable[dict[str, str]], field: str) -> list[float]:
+    out = []
+    for entry in entries:
+        try:
+            out.append(float(entry[field]))
+        except (KeyError, ValueError):
+            continue
+    return out
+
+
+def summarize(entries: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """Per-tier counts, percentiles (p50/p95/p99) of the timings, median tokens/s and total cost."""
+    by_tier: dict[str, list[dict[str, str]]] = {}
+    for entry in entries:
+        by_tier.setdefault(entry.get("tier", "?"), []).append(entry)
+    out: dict[str, dict[str, Any]] = {}
+    for tier, rows in sorted(by_tier.items()):
+        done = [r for r in rows if r.get("outcome") == "succeeded"]
+        summary: dict[str, Any] = {"jobs": len(rows), "succeeded": len(done), "failed": len(rows) - len(done)}
+        for field in ("queue_wait_ms", "ttft_ms", "total_ms"):
+            values = _floats(done, field)
+            for q in (50, 95, 99):
+                summary[f"{field.removesuffix('_ms')}_p{q}_ms"] = percentile(values, q)
+        rates = _floats(done, "output_tokens_per_s")
+        summary["output_tokens_per_s_p50"] = statistics.median(rates) if rates else None
+        summary["cost_usd"] = round(sum(_floats(rows, "cost_usd")), 6)
+        out[tier] = summary
+    return out
