@@ -326,18 +326,33 @@ def sim(
 
 @cli.command()
 def demo(
-    jobs: Annotated[int, typer.Option(min=1, max=1000, help="How many jobs to submit.")] = 12,
+    jobs: Annotated[int, typer.Option(min=1, max=5000, help="How many jobs to submit.")] = 60,
+    mix: Annotated[
+        str | None, typer.Option(help="Urgency weights, e.g. critical=0.2,high=0.2,normal=0.4,low=0.2.")
+    ] = None,
+    docs: Annotated[
+        Path | None, typer.Option(help="Summarize the .txt/.md files under this directory instead.")
+    ] = None,
     time_scale: Annotated[
-        float, typer.Option(min=0.0, help="Simulator speed (1 = published speeds).")
+        float,
+        typer.Option(
+            min=0.0, help="Simulator speed: 1 is the published model speeds, 0.25 four times faster."
+        ),
     ] = 0.25,
+    flower: Annotated[bool, typer.Option(help="Also start Flower (basic auth, credentials printed).")] = True,
 ) -> None:
-    """Start Redis, the simulator and one pool per tier; run a mixed workload; print a table."""
+    """Start Redis, the simulator, one pool per tier and Flower; run a mixed workload; watch it live."""
     from worker.demo import run_demo
 
     try:
-        code = run_demo(jobs=jobs, time_scale=time_scale)
+        code = run_demo(
+            jobs=jobs, time_scale=time_scale, mix=mix, docs=docs, flower=flower, console=_console()
+        )
     except TierqError as exc:
         raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        _err.print("interrupted: every process the demo started has been stopped")
+        raise typer.Exit(130) from None
     raise typer.Exit(code)
 
 

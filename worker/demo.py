@@ -1,32 +1,45 @@
-"""``tierq demo``: the main job on embedded defaults, end to end, with a result table.
+"""``tierq demo``: the main job on embedded defaults, end to end, watched live.
 
 Starts a Redis server (unless ``TIERQ_BROKER_URL`` is set), the simulator (unless
-``ANTHROPIC_API_KEY`` is set), one worker pool per tier as subprocesses, submits a mix of
-urgencies, waits for every job and prints what each one took. Everything it started is stopped
-on the way out, Ctrl-C included.
+``ANTHROPIC_API_KEY`` is set), one worker pool per tier and Flower, all as children of this
+process; submits a mix of urgencies; shows a live per-tier table while the jobs run; ends with
+a summary and a few summaries. Everything it started is stopped on the way out, Ctrl-C included.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
+import secrets
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["SAMPLE_DOCS", "WorkerPool", "run_demo"]
+from worker.errors import ConfigError, JobError, TierqError
+from worker.stats import percentile
 
-#: documents the demo summarizes (the simulator's summary is extractive, so these are what it quotes)
+__all__ = [
+    "DEFAULT_MIX",
+    "SAMPLE_DOCS",
+    "Board",
+    "Child",
+    "parse_mix",
+    "plan_urgencies",
+    "run_demo",
+    "stop_all",
+]
+
+#: documents the demo summarizes by default (the simulator's summaries quote them)
 SAMPLE_DOCS = (
     "Queue wait is the time a job spends between the producer's enqueue and a worker picking it up. "
     "In a shared pool, a burst of slow jobs fills every slot, and an urgent job waits behind them. "
@@ -43,61 +56,217 @@ SAMPLE_DOCS = (
     "so a fast job fails fast instead of finishing late. Every failure names its cause in one log line.",
 )
 
-_URGENCY_CYCLE = ("critical", "normal", "high", "low", "critical", "normal")
+#: share of jobs per urgency when ``--mix`` is not given
+DEFAULT_MIX = {"critical": 0.25, "high": 0.25, "normal": 0.3, "low": 0.2}
+#: characters of a ``--docs`` file sent (the fast tier's default input limit)
+MAX_DOC_CHARS = 50_000
+#: seconds to wait for any one job before the demo gives up on it
+JOB_TIMEOUT_S = 300
 
 
-class WorkerPool:
-    """One ``tierq worker`` subprocess serving one tier, logging to a file."""
+def parse_mix(text: str | None, urgencies: list[str]) -> dict[str, float]:
+    """``critical=0.2,normal=0.5,low=0.3`` → weights summing to 1; ConfigError on nonsense."""
+    if not text:
+        return {u: w for u, w in DEFAULT_MIX.items() if u in urgencies}
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in urgencies:
+            raise ConfigError(
+                f"--mix: {part!r} is not URGENCY=WEIGHT with URGENCY one of {', '.join(urgencies)}"
+            )
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--mix: weight {value!r} of {name} is not a number") from None
+        if weights[name] < 0:
+            raise ConfigError(f"--mix: weight of {name} is negative")
+    total = sum(weights.values())
+    if total <= 0:
+        raise ConfigError("--mix: weights add up to zero")
+    return {u: w / total for u, w in weights.items()}
 
-    def __init__(self, tier: str, log_dir: Path, env: dict[str, str]) -> None:
-        self.tier = tier
-        self.log_path = log_dir / f"worker-{tier}.log"
+
+def plan_urgencies(count: int, mix: dict[str, float]) -> list[str]:
+    """``count`` urgencies in the proportions of ``mix``, interleaved (largest remainder)."""
+    out: list[str] = []
+    owed = dict.fromkeys(mix, 0.0)
+    for _ in range(count):
+        for urgency, weight in mix.items():
+            owed[urgency] += weight
+        pick = max(owed, key=lambda u: owed[u])
+        owed[pick] -= 1.0
+        out.append(pick)
+    return out
+
+
+def load_docs(directory: Path | None) -> list[str]:
+    """The texts of ``*.txt``/``*.md`` files in ``directory``, or the built-in samples."""
+    if directory is None:
+        return list(SAMPLE_DOCS)
+    if not directory.is_dir():
+        raise ConfigError(f"--docs: {directory} is not a directory")
+    docs = []
+    for path in sorted(directory.rglob("*")):
+        if path.suffix.lower() in (".txt", ".md") and path.is_file():
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
+            if text:
+                docs.append(text[:MAX_DOC_CHARS])
+    if not docs:
+        raise ConfigError(f"--docs: no non-empty .txt or .md files under {directory}")
+    return docs
+
+
+class Child:
+    """A ``tierq`` subprocess in its own session (so Ctrl-C reaches only the demo), logging to a file."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "worker", "--tier", tier, "--name", f"{tier}-demo@%h"],
+            [sys.executable, "-m", "worker", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
+            start_new_session=True,
         )
 
-    def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM (Celery's warm shutdown), then SIGKILL after ``grace_s``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def check(self) -> None:
+        """Raise if the process has exited."""
+        if self.proc.poll() is not None:
+            raise TierqError(f"{self.name} exited with status {self.proc.returncode}; see {self.log_path}")
+
+    def wait_or_kill(self, until: float) -> None:
+        """Wait for the process until the ``time.monotonic()`` instant ``until``, then SIGKILL it."""
+        try:
+            self.proc.wait(timeout=max(0.0, until - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self._log.close()
 
 
-def _p50(values: list[float]) -> str:
-    return f"{statistics.median(values):.0f}" if values else "-"
+def stop_all(children: list[Child], grace_s: float = 10.0) -> None:
+    """SIGTERM every child at once (Celery's warm shutdown), SIGKILL what is left after ``grace_s``."""
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+    until = time.monotonic() + grace_s
+    for child in children:
+        child.wait_or_kill(until)
 
 
-def run_demo(jobs: int = 12, time_scale: float = 0.25, console: Console | None = None) -> int:
+@dataclass
+class _Tracked:
+    urgency: str
+    tier: str
+    job: Any
+    status: str = "queued"
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass
+class Board:
+    """What the live table shows: every job's status and, once done, its figures."""
+
+    tiers: list[str]
+    jobs: list[_Tracked] = field(default_factory=list)
+
+    def add(self, urgency: str, tier: str, job: Any) -> None:
+        self.jobs.append(_Tracked(urgency, tier, job))
+
+    def poll(self) -> int:
+        """Refresh unfinished jobs; return how many are finished."""
+        for tracked in self.jobs:
+            if tracked.status in ("done", "failed"):
+                continue
+            status = tracked.job.status()
+            if status in ("succeeded", "failed", "revoked"):
+                try:
+                    tracked.result = tracked.job.result(timeout=5)
+                    tracked.status = "done"
+                except JobError as exc:
+                    tracked.error, tracked.status = str(exc), "failed"
+            else:
+                tracked.status = "running" if status in ("running", "retrying") else "queued"
+        return sum(t.status in ("done", "failed") for t in self.jobs)
+
+    def table(self, title: str = "tierq demo: per tier") -> Table:
+        """Per-tier counts, percentiles (ms), tokens/s and cost."""
+        table = Table(title=title)
+        columns = [
+            "tier",
+            "queued",
+            "running",
+            "done",
+            "failed",
+            "queue p50/p95",
+            "TTFT p50/p95",
+            "total p50/p95",
+        ]
+        for column in [*columns, "tok/s", "cost $"]:
+            table.add_column(column, justify="left" if column == "tier" else "right")
+        for tier in self.tiers:
+            rows = [t for t in self.jobs if t.tier == tier]
+            if not rows:
+                continue
+            done = [t.result for t in rows if t.result is not None]
+            counts = [str(sum(t.status == s for t in rows)) for s in ("queued", "running", "done", "failed")]
+            cells = [
+                _p50_p95([r["timings"][k] for r in done]) for k in ("queue_wait_ms", "ttft_ms", "total_ms")
+            ]
+            rates = [r["timings"]["output_tokens_per_s"] for r in done if r["timings"]["output_tokens_per_s"]]
+            rate = percentile(rates, 50)
+            cost = sum(r["cost_usd"] or 0 for r in done)
+            table.add_row(tier, *counts, *cells, "-" if rate is None else f"{rate:.0f}", f"{cost:.4f}")
+        return table
+
+
+def _p50_p95(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    return f"{percentile(present, 50):.0f} / {percentile(present, 95):.0f}"
+
+
+def run_demo(
+    jobs: int = 60,
+    time_scale: float = 0.25,
+    mix: str | None = None,
+    docs: Path | None = None,
+    flower: bool = True,
+    console: Console | None = None,
+) -> int:
     """Run the demo; return a process exit code (0 when every job succeeded)."""
-    from worker.embedded import EmbeddedRedis
+    from worker.embedded import EmbeddedRedis, free_port
 
-    # off a terminal rich assumes 80 columns, too narrow for the tables
-    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    console = console or Console()
+    texts = load_docs(docs)
     env = dict(os.environ)
     with ExitStack() as stack:
+        # SIGTERM and SIGHUP unwind like Ctrl-C, so the children (in sessions of their own) are stopped
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous = signal.signal(signum, _interrupt)
+            stack.callback(signal.signal, signum, previous)
         if not env.get("TIERQ_BROKER_URL"):
-            redis_server = stack.enter_context(EmbeddedRedis())
-            env["TIERQ_BROKER_URL"] = f"{redis_server.url}/0"
-            console.print(f"redis: embedded redis-server at {env['TIERQ_BROKER_URL']}")
+            server = stack.enter_context(EmbeddedRedis())
+            env["TIERQ_BROKER_URL"] = f"{server.url}/0"
+            console.print(f"redis      embedded redis-server at {env['TIERQ_BROKER_URL']}")
         else:
-            console.print(f"redis: {env['TIERQ_BROKER_URL']}")
+            console.print(f"redis      {env['TIERQ_BROKER_URL']}")
         if not env.get("ANTHROPIC_API_KEY"):
             from simulator import SimConfig, SimServer
 
             sim = stack.enter_context(SimServer(SimConfig(time_scale=time_scale)))
             env["ANTHROPIC_BASE_URL"] = sim.url
-            console.print(f"model: simulator at {sim.url} (time scale {time_scale}; ANTHROPIC_API_KEY unset)")
+            console.print(
+                f"model      simulator at {sim.url}, time scale {time_scale} (ANTHROPIC_API_KEY unset)"
+            )
         else:
-            console.print("model: the Anthropic API (ANTHROPIC_API_KEY is set)")
+            console.print("model      the Anthropic API (ANTHROPIC_API_KEY is set)")
         os.environ.update(env)
         from worker.settings import get_settings
         from worker.tiers import get_tier_table
@@ -105,104 +274,88 @@ def run_demo(jobs: int = 12, time_scale: float = 0.25, console: Console | None =
         get_settings.cache_clear()
         get_tier_table.cache_clear()
         tiers = get_tier_table()
+        weights = parse_mix(mix, list(tiers.urgencies))
         log_dir = Path(tempfile.mkdtemp(prefix="tierq-demo-"))
-        pools = [WorkerPool(name, log_dir, env) for name in tiers.tiers]
-        for pool in pools:
-            stack.callback(pool.stop)
-        console.print(f"workers: {', '.join(p.tier for p in pools)} (logs in {log_dir})")
-        _wait_for_workers(len(pools), pools)
-        return _run_jobs(jobs, console)
+        children: list[Child] = []
+        stack.callback(stop_all, children)
+        for tier in tiers.tiers:
+            port = free_port()
+            args = ["worker", "--tier", tier, "--name", f"{tier}-demo@%h", "--metrics-port", str(port)]
+            children.append(Child(f"worker-{tier}", args, log_dir, env))
+            console.print(f"worker     {tier:<9} pool, metrics http://127.0.0.1:{port}/metrics")
+        if flower:
+            port = free_port()
+            user, password = "tierq", secrets.token_urlsafe(9)
+            flower_env = {**env, "TIERQ_FLOWER_BASIC_AUTH": f"{user}:{password}"}
+            children.append(Child("flower", ["flower", "--port", str(port)], log_dir, flower_env))
+            console.print(f"flower     http://127.0.0.1:{port}  (user {user}, password {password})")
+        console.print(f"logs       {log_dir}")
+        _wait_for_workers(len(tiers.tiers), children)
+        return _run_jobs(jobs, weights, texts, tiers.tiers, children, console)
     return 1  # pragma: no cover - ExitStack does not swallow exceptions
 
 
-def _wait_for_workers(count: int, pools: list[WorkerPool], timeout: float = 60.0) -> None:
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _wait_for_workers(count: int, children: list[Child], timeout: float = 60.0) -> None:
     from worker.app import app
-    from worker.errors import TierqError
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        for pool in pools:
-            if pool.proc.poll() is not None:
-                raise TierqError(f"the {pool.tier} worker exited; see {pool.log_path}")
+        for child in children:
+            child.check()
         if len(app.control.ping(timeout=0.5)) >= count:
             return
     raise TierqError(f"workers did not answer within {timeout:.0f} s")
 
 
-def _run_jobs(count: int, console: Console) -> int:
-    from tasks.producer import Job, submit
-    from worker.errors import JobError
+def _run_jobs(
+    count: int,
+    weights: dict[str, float],
+    texts: list[str],
+    tiers: dict[str, Any],
+    children: list[Child],
+    console: Console,
+) -> int:
+    from tasks.producer import submit
+    from worker.tiers import get_tier_table
 
-    submitted: list[tuple[str, Job]] = []
-    for i, urgency in zip(range(count), itertools.cycle(_URGENCY_CYCLE), strict=False):
-        doc = SAMPLE_DOCS[i % len(SAMPLE_DOCS)]
-        submitted.append((urgency, submit(doc, urgency=urgency, metadata={"demo": i})))
-    results: list[tuple[str, Job, dict[str, Any] | str]] = []
-    columns = (TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("jobs", total=len(submitted))
-        for urgency, job in submitted:
-            try:
-                results.append((urgency, job, job.result(timeout=120)))
-            except JobError as exc:
-                results.append((urgency, job, str(exc)))
-            progress.advance(task)
-    console.print(_results_table(results))
-    console.print(_tier_table(results))
-    first = next((r for _, _, r in results if isinstance(r, dict)), None)
-    if first is not None:
-        console.print(f"[bold]A summary ({first['tier']} tier, {first['model']}):[/] {first['summary']}")
-    failed = sum(1 for _, _, r in results if not isinstance(r, dict))
-    return 1 if failed else 0
-
-
-def _results_table(results: list[tuple[str, Any, dict[str, Any] | str]]) -> Table:
-    table = Table(title="jobs")
-    for column in (
-        "job",
-        "urgency",
-        "tier",
-        "model",
-        "queue ms",
-        "TTFT ms",
-        "total ms",
-        "out tok",
-        "tok/s",
-        "stop",
-    ):
-        table.add_column(column, justify="right" if "ms" in column or "tok" in column else "left")
-    for urgency, job, result in results:
-        if isinstance(result, str):
-            table.add_row(job.id[:8], urgency, "-", "-", "-", "-", "-", "-", "-", f"[red]{result}[/]")
-            continue
-        t = result["timings"]
-        table.add_row(
-            job.id[:8], urgency, result["tier"], result["model"].removeprefix("claude-"),
-            f"{t['queue_wait_ms']:.0f}", f"{t['ttft_ms']:.0f}", f"{t['total_ms']:.0f}",
-            str(result["usage"]["output_tokens"]), f"{t['output_tokens_per_s'] or 0:.0f}",
-            str(result["stop_reason"]),
-        )  # fmt: skip
-    return table
-
-
-def _tier_table(results: list[tuple[str, Any, dict[str, Any] | str]]) -> Table:
-    table = Table(title="per tier (p50)")
-    for column in ("tier", "jobs", "failed", "queue ms", "TTFT ms", "total ms", "cost $"):
-        table.add_column(column, justify="left" if column == "tier" else "right")
-    by_tier: dict[str, list[dict[str, Any]]] = {}
-    failed: dict[str, int] = {}
-    for _, _, result in results:
-        if isinstance(result, dict):
-            by_tier.setdefault(result["tier"], []).append(result)
-        else:
-            failed["?"] = failed.get("?", 0) + 1
-    for tier, rows in sorted(by_tier.items()):
-        timings = [r["timings"] for r in rows]
-        table.add_row(
-            tier, str(len(rows)), str(failed.get(tier, 0)),
-            _p50([t["queue_wait_ms"] for t in timings]), _p50([t["ttft_ms"] for t in timings]),
-            _p50([t["total_ms"] for t in timings]), f"{sum(r['cost_usd'] or 0 for r in rows):.5f}",
-        )  # fmt: skip
-    if failed:
-        table.add_row("(failed)", "0", str(sum(failed.values())), "-", "-", "-", "-")
-    return table
+    table = get_tier_table()
+    board = Board(list(tiers))
+    progress = Progress(TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    task = progress.add_task("jobs", total=count)
+    started = time.monotonic()
+    for i, urgency in enumerate(plan_urgencies(count, weights)):
+        job = submit(texts[i % len(texts)], urgency=urgency, metadata={"demo": i})
+        board.add(urgency, table.for_urgency(urgency).name, job)
+    with Live(Group(board.table(), progress), console=console, refresh_per_second=4) as live:
+        while True:
+            finished = board.poll()
+            progress.update(task, completed=finished)
+            live.update(Group(board.table(), progress))
+            if finished == count:
+                break
+            if time.monotonic() - started > JOB_TIMEOUT_S:
+                raise TierqError(f"jobs still unfinished after {JOB_TIMEOUT_S} s")
+            for child in children:
+                child.check()
+            time.sleep(0.25)
+    elapsed = time.monotonic() - started
+    console.print(f"\n{count} jobs in {elapsed:.1f} s")
+    shown: set[str] = set()
+    for tracked in board.jobs:
+        if tracked.result is not None and tracked.tier not in shown:
+            shown.add(tracked.tier)
+            result = tracked.result
+            tokens, ttft = result["usage"]["output_tokens"], result["timings"]["ttft_ms"]
+            console.print(
+                f"[bold]{result['tier']}[/] · {result['model']} · {tokens} tokens · TTFT {ttft:.0f} ms\n"
+                f"  {result['summary']}",
+                highlight=False,
+            )
+    failures = [t for t in board.jobs if t.status == "failed"]
+    for tracked in failures[:5]:
+        console.print(f"[red]failed[/] {tracked.job.id} ({tracked.tier}): {tracked.error}", highlight=False)
+    return 1 if failures else 0

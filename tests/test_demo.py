@@ -1,0 +1,101 @@
+"""``tierq demo`` as ``make demo`` runs it: embedded Redis, simulator, pools, Flower; and Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from worker.demo import parse_mix, plan_urgencies
+from worker.errors import ConfigError
+
+URGENCIES = ["critical", "high", "normal", "low"]
+
+
+def _demo_env() -> dict[str, str]:
+    """The environment of a fresh machine: nothing tierq-specific configured."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "ANTHROPIC_"))}
+
+
+def _ports(output: str) -> list[int]:
+    return [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", output)]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_parse_mix_and_plan() -> None:
+    assert parse_mix("critical=1,low=3", URGENCIES) == {"critical": 0.25, "low": 0.75}
+    assert sum(parse_mix(None, URGENCIES).values()) == pytest.approx(1.0)
+    for bad in ("urgent=1", "critical", "critical=x", "critical=-1", "critical=0"):
+        with pytest.raises(ConfigError, match="--mix"):
+            parse_mix(bad, URGENCIES)
+    plan = plan_urgencies(8, {"critical": 0.25, "low": 0.75})
+    assert plan.count("critical") == 2 and plan.count("low") == 6
+    assert plan[:4].count("critical") == 1, "interleaved, not in blocks"
+
+
+@pytest.mark.slow
+def test_demo_runs_to_the_end_on_embedded_defaults() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "demo", "--jobs", "12", "--time-scale", "0.05"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_demo_env(),
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "embedded redis-server" in out and "simulator at" in out and "flower" in out
+    assert "tierq demo: per tier" in out and "12 jobs in" in out
+    for tier, model in (
+        ("fast", "claude-haiku-4-5"),
+        ("standard", "claude-sonnet-4-6"),
+        ("slow", "claude-opus-4-5"),
+    ):
+        assert re.search(rf"│ {tier}\s+│\s+0 │\s+0 │\s+\d+ │\s+0 │", out), (
+            f"{tier} row: all done, none failed"
+        )
+        assert model in out
+    assert not [p for p in _ports(out) if _listening(p)], "every process the demo started is gone"
+
+
+@pytest.mark.slow
+def test_demo_ctrl_c_stops_everything_it_started() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "demo", "--jobs", "3000", "--time-scale", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_demo_env(),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out = ""
+    end = time.monotonic() + 90
+    while "logs" not in out and time.monotonic() < end and proc.poll() is None:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            out += proc.stdout.readline()
+    assert "logs" in out, out
+    ports = _ports(out)
+    assert len(ports) >= 6  # redis, simulator, three metrics ports, flower
+    time.sleep(3)  # let jobs start
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=60)
+    assert time.monotonic() - started < 30
+    assert code == 130
+    assert "every process the demo started has been stopped" in proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    assert not [p for p in ports if _listening(p)], "a process the demo started is still listening"
