@@ -301,9 +301,9 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def _console() -> Console:
+def _console(record: bool = False) -> Console:
     """stdout, 120 columns wide off a terminal (rich would assume 80)."""
-    return Console(width=None if sys.stdout.isatty() else 120)
+    return Console(width=None if sys.stdout.isatty() else 120, record=record)
 
 
 @cli.command()
@@ -340,19 +340,21 @@ def demo(
         ),
     ] = 0.25,
     flower: Annotated[bool, typer.Option(help="Also start Flower (basic auth, credentials printed).")] = True,
+    svg: Annotated[Path | None, typer.Option(help="Also save what the demo printed as SVG.")] = None,
 ) -> None:
     """Start Redis, the simulator, one pool per tier and Flower; run a mixed workload; watch it live."""
     from worker.demo import run_demo
 
+    console = _console(record=svg is not None)
     try:
-        code = run_demo(
-            jobs=jobs, time_scale=time_scale, mix=mix, docs=docs, flower=flower, console=_console()
-        )
+        code = run_demo(jobs=jobs, time_scale=time_scale, mix=mix, docs=docs, flower=flower, console=console)
     except TierqError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
         _err.print("interrupted: every process the demo started has been stopped")
         raise typer.Exit(130) from None
+    if svg is not None:
+        console.save_svg(str(svg), title="tierq demo")
     raise typer.Exit(code)
 
 
