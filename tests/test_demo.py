@@ -76,26 +76,32 @@ def test_demo_ctrl_c_stops_everything_it_started() -> None:
         [sys.executable, "-m", "worker", "demo", "--jobs", "3000", "--time-scale", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
         env=_demo_env(),
     )
     assert proc.stdout is not None and proc.stderr is not None
-    out = ""
-    end = time.monotonic() + 90
-    while "logs" not in out and time.monotonic() < end and proc.poll() is None:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            out += proc.stdout.readline()
-    assert "logs" in out, out
-    ports = _ports(out)
-    assert len(ports) >= 6  # redis, simulator, three metrics ports, flower
-    time.sleep(3)  # let jobs start
-    started = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    code = proc.wait(timeout=60)
-    assert time.monotonic() - started < 30
-    assert code == 130
-    assert "every process the demo started has been stopped" in proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
-    assert not [p for p in ports if _listening(p)], "a process the demo started is still listening"
+    try:
+        out = b""
+        end = time.monotonic() + 90
+        # raw reads: a buffered readline could hold the "logs" line where select() cannot see it
+        while b"logs" not in out and time.monotonic() < end and proc.poll() is None:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                out += os.read(proc.stdout.fileno(), 65536)
+        text = out.decode()
+        assert "logs" in text, text
+        ports = _ports(text)
+        assert len(ports) >= 6  # redis, simulator, three metrics ports, flower
+        time.sleep(3)  # let jobs start
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        assert time.monotonic() - started < 30
+        assert code == 130
+        assert b"every process the demo started has been stopped" in proc.stderr.read()
+        assert not [p for p in ports if _listening(p)], "a process the demo started is still listening"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
