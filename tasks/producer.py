@@ -13,6 +13,7 @@ Input is validated before anything is enqueued: a bad field raises
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -72,7 +73,11 @@ def _stamp_enqueued_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
     ``submit`` leaves the header None; a retried message keeps its original stamp.
     """
     if headers is not None and ENQUEUED_AT_HEADER in headers and headers[ENQUEUED_AT_HEADER] is None:
-        headers[ENQUEUED_AT_HEADER] = time.time()
+        headers[ENQUEUED_AT_HEADER] = _stamped.at = time.time()
+
+
+#: the last enqueue stamp this thread published, read back by ``submit``
+_stamped = threading.local()
 
 
 signals.before_task_publish.connect(
@@ -89,8 +94,10 @@ def _default_app() -> Celery:
 class Job:
     """A submitted job: its id, its status and, when it is done, its result."""
 
-    def __init__(self, job_id: str, app: Celery | None = None) -> None:
+    def __init__(self, job_id: str, app: Celery | None = None, enqueued_at: float | None = None) -> None:
         self.id = job_id
+        #: ``time.time()`` just before the job was published, when this process submitted it
+        self.enqueued_at = enqueued_at
         self._app = app or _default_app()
         self._async = AsyncResult(job_id, app=self._app)
 
@@ -126,6 +133,47 @@ class Job:
         error_type = type(value).__name__ if isinstance(value, BaseException) else str(state)
         raise JobFailedError(f"job {self.id} failed: {error_type}: {value}", error_type=error_type)
 
+    def stream(self, timeout: float | None = None) -> Iterator[str | dict[str, Any]]:
+        """Yield the summary's text as the worker produces it, then the result dict as the last item.
+
+        A caller that starts reading late still gets the whole text. Jobs submitted with
+        ``stream=True`` are streamed delta by delta; others yield their summary in one piece when
+        they end. The result's ``timings`` gain ``producer_ttft_ms``: enqueue → first text here.
+
+        Raises:
+            JobTimeoutError: the job did not end within ``timeout`` seconds.
+            JobFailedError: the job ended in failure (after any text it streamed).
+            BrokerUnavailableError: the result backend could not be reached.
+        """
+        from worker.redisconn import backend_redis
+        from worker.settings import get_settings
+        from worker.streams import read_entries, stream_key
+
+        settings = get_settings()
+        client = backend_redis(settings)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        first_at: float | None = None
+        if client is not None:
+            with _reachable("result backend unavailable"):
+                for entry in read_entries(client, stream_key(self.id, settings.key_prefix), deadline):
+                    if entry is None:  # idle: a job that streams nothing ends without an end marker
+                        if self.ready():
+                            break
+                        continue
+                    if entry.end is not None:
+                        break
+                    if entry.text:
+                        first_at = first_at or time.time()
+                        yield entry.text
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        result = self.result(timeout=left)
+        if first_at is None and result.get("summary"):
+            first_at = time.time()
+            yield result["summary"]
+        if first_at is not None and self.enqueued_at is not None:
+            result["timings"]["producer_ttft_ms"] = round((first_at - self.enqueued_at) * 1000, 2)
+        yield result
+
     def forget(self) -> None:
         """Drop the stored result."""
         self._async.forget()
@@ -139,10 +187,13 @@ def submit(
     job_id: str | None = None,
     metadata: dict[str, Any] | None = None,
     *,
+    stream: bool = False,
     app: Celery | None = None,
     tiers: TierTable | None = None,
 ) -> Job:
     """Validate and enqueue one summarization job on its urgency's tier.
+
+    With ``stream=True`` the worker publishes text as the model produces it, for :meth:`Job.stream`.
 
     Raises:
         InvalidJobError: a field is invalid (``.field`` names it); nothing was enqueued.
@@ -151,7 +202,7 @@ def submit(
     tiers = tiers or get_tier_table()
     app = app or _default_app()
     spec, tier = build_job(
-        tiers, text, urgency, instructions, max_tokens, job_id or uuid.uuid4().hex, metadata
+        tiers, text, urgency, instructions, max_tokens, job_id or uuid.uuid4().hex, metadata, stream
     )
     now = time.time()
     body = spec.model_dump(exclude_none=True)
@@ -159,6 +210,7 @@ def submit(
     context = carried_context(structlog.contextvars.get_contextvars())
     if context:
         headers[CONTEXT_HEADER] = context
+    _stamped.at = None
     with _reachable("broker unavailable, job not enqueued"):
         app.send_task(
             SUMMARIZE_TASK,
@@ -169,7 +221,7 @@ def submit(
             argsrepr="()",
             kwargsrepr=kwargs_repr(spec.tier, spec.text),
         )
-    return Job(spec.job_id, app)
+    return Job(spec.job_id, app, _stamped.at)
 
 
 def get_job(job_id: str, app: Celery | None = None) -> Job:

@@ -133,15 +133,20 @@ def submit(
     job_id: Annotated[str | None, typer.Option(help="Your own job id (idempotency key).")] = None,
     metadata: Annotated[str | None, typer.Option(help="A JSON object stored with the result.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Print the summary as it is generated, then its figures.")
+    ] = False,
     timeout: Annotated[
         float | None, typer.Option(help="Seconds to wait; default: the tier's deadline.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Submit one summarization job; print its id, or with --wait its result."""
+    """Submit one job; print its id, with --wait its result, with --stream its text as it comes."""
     from tasks.producer import submit as submit_job
     from worker.tiers import get_tier_table
 
+    if stream and (wait or as_json):
+        raise _fail("--stream prints text as it comes; use --wait --json for the result as JSON")
     body = _read_text(text, file)
     meta: Any = None
     if metadata is not None:
@@ -150,9 +155,13 @@ def submit(
         except json.JSONDecodeError as exc:
             raise _fail(f"metadata: not valid JSON: {exc}") from None
     try:
-        job = submit_job(body, urgency, instructions, max_tokens, job_id, meta)
+        job = submit_job(body, urgency, instructions, max_tokens, job_id, meta, stream=stream)
     except TierqError as exc:
         raise _fail(str(exc)) from None
+    if stream:
+        tier = get_tier_table().for_urgency(urgency)
+        _stream_and_print(job, timeout if timeout is not None else tier.deadline_s + 5)
+        return
     if not wait:
         if as_json:
             _print_json({"job_id": job.id})
@@ -182,6 +191,28 @@ def result(
             sys.stdout.write(f"{job_id} {status}\n")
         return
     _wait_and_print(job_id, timeout, as_json)
+
+
+def _stream_and_print(job: Any, timeout: float) -> None:
+    """Text to stdout as it arrives, then one line of figures to stderr."""
+    try:
+        for item in job.stream(timeout=timeout):
+            if isinstance(item, str):
+                sys.stdout.write(item)
+                sys.stdout.flush()
+                continue
+            timings, usage = item["timings"], item["usage"]
+            sys.stdout.write("\n")
+            _err.print(
+                f"{item['job_id']} {item['tier']} · {item['model']} · stop {item['stop_reason']} · "
+                f"{usage['output_tokens']} tokens · first text after {timings.get('producer_ttft_ms')} ms "
+                f"(queue {timings['queue_wait_ms']} ms, model TTFT {timings['ttft_ms']} ms) · "
+                f"total {timings['total_ms']} ms",
+                highlight=False,
+            )
+    except TierqError as exc:
+        sys.stdout.write("\n")
+        raise _fail(str(exc), code=1) from None
 
 
 def _wait_and_print(job_id: str, timeout: float, as_json: bool) -> None:

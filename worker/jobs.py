@@ -17,6 +17,7 @@ from worker.errors import DeadlineExceededError, LLMError, RetryableLLMError, Ti
 from worker.llm import LLMReply, LLMRequest, get_client, stream_reply
 from worker.logging import get_logger
 from worker.pricing import cost_usd
+from worker.redisconn import backend_redis
 from worker.settings import Settings, get_settings
 from worker.spec import (
     DEADLINE_HEADER,
@@ -28,6 +29,7 @@ from worker.spec import (
     resolve_tier,
 )
 from worker.stats import get_stream
+from worker.streams import TokenPublisher, stream_key
 from worker.tiers import Tier, TierTable
 
 __all__ = [
@@ -130,13 +132,20 @@ def run_attempt(
         max_tokens=spec.max_tokens or tier.max_tokens,
         temperature=tier.temperature,
     )
+    publisher = _publisher(spec.job_id, attempt.retries, settings) if spec.stream else None
     reply = stream_reply(
-        get_client(settings), request, deadline, connect_timeout_s=settings.connect_timeout_s
+        get_client(settings),
+        request,
+        deadline,
+        on_text=None if publisher is None else publisher.text,
+        connect_timeout_s=settings.connect_timeout_s,
     )
     result = build_result(spec, tier, attempt, reply, time.time())
     _log.info(COMPLETED, **_log_figures(result), **_content(settings, spec, result))
     metrics.observe_completed(result, attempt.queue)
     _record_stats(result["tier"], result["model"], "succeeded", result["timings"], result["cost_usd"])
+    if publisher is not None:
+        publisher.end("succeeded")
     return result
 
 
@@ -213,6 +222,13 @@ def plan_retry(
     return round(delay, 3), "retryable"
 
 
+def _publisher(job_id: str, attempt: int, settings: Settings) -> TokenPublisher | None:
+    client = backend_redis(settings)
+    return (
+        None if client is None else TokenPublisher(client, stream_key(job_id, settings.key_prefix), attempt)
+    )
+
+
 def _record_stats(
     tier: str, model: str | None, outcome: str, timings: dict[str, Any], cost: float | None
 ) -> None:
@@ -244,5 +260,9 @@ def report_failure(exc: BaseException, attempt: Attempt, job: object, delay: flo
     else:
         _log.error(FAILED, reason="unexpected error", exc_info=exc, **figures)
     metrics.observe_failed(tier, attempt.queue, figures["error_type"])
+    if isinstance(job, dict) and job.get("stream") is True and isinstance(job.get("job_id"), str):
+        publisher = _publisher(job["job_id"], attempt.retries, get_settings())
+        if publisher is not None:
+            publisher.end("failed")
     timings = {"queue_wait_ms": figures["queue_wait_ms"], "total_ms": figures["total_ms"]}
     _record_stats(tier, None, "failed", timings, None)

@@ -55,6 +55,8 @@ class JobSpec(BaseModel):
     instructions: str | None = Field(default=None, max_length=MAX_INSTRUCTIONS_CHARS)
     max_tokens: int | None = Field(default=None, ge=1)
     metadata: dict[str, JsonValue] | None = None
+    #: publish text deltas as they arrive, for ``Job.stream()``
+    stream: bool = False
 
 
 def _invalid(field: str, message: str) -> InvalidJobError:
@@ -69,6 +71,7 @@ def build_job(
     max_tokens: object,
     job_id: str,
     metadata: object,
+    stream: bool = False,
 ) -> tuple[JobSpec, Tier]:
     """Check producer input against the tier table; raise InvalidJobError naming the field."""
     if not isinstance(urgency, str) or urgency not in tiers.urgencies:
@@ -108,6 +111,7 @@ def build_job(
             instructions=instructions,
             max_tokens=max_tokens,
             metadata=metadata,
+            stream=stream,
         )
     except ValidationError as exc:
         error = exc.errors()[0]

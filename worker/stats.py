@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from worker.logging import get_logger
+from worker.redisconn import backend_redis
 from worker.settings import Settings, get_settings
 
 __all__ = ["STREAM_KEY", "StatsStream", "get_stream", "percentile", "summarize"]
@@ -49,11 +50,8 @@ class StatsStream:
     @classmethod
     def from_settings(cls, settings: Settings) -> StatsStream | None:
         """The stream in the result backend's Redis; None when the backend is not Redis."""
-        url = settings.backend_url
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            return None
-        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        return cls(client, settings.key_prefix, settings.stats_maxlen)
+        client = backend_redis(settings)
+        return None if client is None else cls(client, settings.key_prefix, settings.stats_maxlen)
 
     def record(self, entry: dict[str, Any]) -> None:
         """Append one job's figures; a Redis error is logged, never raised (stats must not fail a job)."""

@@ -1,0 +1,96 @@
+"""Tokens streamed back to the producer: ``Job.stream()`` and ``tierq submit --stream``, with real workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from simulator import SimServer
+from tasks.producer import get_job, submit
+from worker.errors import JobFailedError
+
+#: long enough that the slow tier's model writes for most of a second at the tests' time scale
+LONG_DOC = " ".join(
+    f"Section {i} explains how the {('fast', 'standard', 'slow')[i % 3]} tier keeps its promise number {i}."
+    for i in range(240)
+)
+
+pytestmark = pytest.mark.usefixtures("workers")
+
+
+def _split(items: list[object]) -> tuple[list[str], dict]:
+    *chunks, result = items
+    assert all(isinstance(c, str) for c in chunks)
+    assert isinstance(result, dict)
+    return chunks, result  # type: ignore[return-value]
+
+
+def test_chunks_arrive_before_the_job_completes() -> None:
+    job = submit(LONG_DOC, urgency="low", stream=True)
+    items: list[object] = []
+    ready_at_first_chunk = None
+    for item in job.stream(timeout=60):
+        if not items:
+            ready_at_first_chunk = job.ready()
+        items.append(item)
+    chunks, result = _split(items)
+    assert ready_at_first_chunk is False, "the first text arrived while the job was still running"
+    assert len(chunks) > 10, "delta by delta, not in one piece"
+    assert "".join(chunks) == result["summary"]
+    assert result["usage"]["output_tokens"] > 100
+    timings = result["timings"]
+    assert 0 < timings["producer_ttft_ms"] < timings["total_ms"]
+    assert timings["producer_ttft_ms"] >= timings["ttft_ms"], "producer TTFT includes the model's TTFT"
+
+
+def test_a_late_subscriber_gets_everything() -> None:
+    job = submit(LONG_DOC, urgency="critical", stream=True)
+    final = job.result(timeout=30)
+    late = get_job(job.id)  # another handle, after the job ended
+    chunks, result = _split(list(late.stream(timeout=10)))
+    assert "".join(chunks) == final["summary"]
+    assert result["job_id"] == job.id
+    assert "producer_ttft_ms" not in result["timings"], "this handle did not submit the job"
+
+
+def test_a_job_submitted_without_streaming_yields_its_summary_at_the_end() -> None:
+    job = submit(LONG_DOC, urgency="high")
+    chunks, result = _split(list(job.stream(timeout=30)))
+    assert chunks == [result["summary"]]
+    assert result["timings"]["producer_ttft_ms"] >= result["timings"]["total_ms"]
+
+
+def test_a_failed_streamed_job_ends_the_stream_with_its_error(sim: SimServer) -> None:
+    job_id = f"stream-fail-{uuid.uuid4()}"
+    sim.state.add_faults(["400"], job_id=job_id)
+    job = submit(LONG_DOC, urgency="high", job_id=job_id, stream=True)
+    started = time.monotonic()
+    with pytest.raises(JobFailedError, match="RequestRejectedError"):
+        list(job.stream(timeout=30))
+    assert time.monotonic() - started < 10, "the end marker ends the wait, not the timeout"
+
+
+def test_cli_submit_stream_prints_text_then_figures() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "submit", "--urgency", "critical", "--stream", LONG_DOC[:3000]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Section" in done.stdout
+    assert "claude-haiku-4-5" in done.stderr and "first text after" in done.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "worker", "submit", "--stream", "--json", "text"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+    )
+    assert bad.returncode == 2 and "--stream" in bad.stderr
