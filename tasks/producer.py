@@ -17,7 +17,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -28,18 +29,31 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from worker.celeryconfig import SUMMARIZE_TASK
-from worker.errors import BrokerUnavailableError, JobFailedError, JobTimeoutError
+from worker.errors import (
+    BrokerUnavailableError,
+    DeadlineExceededError,
+    JobExpiredError,
+    JobFailedError,
+    JobTimeoutError,
+)
 from worker.spec import (
     CONTEXT_HEADER,
     DEADLINE_HEADER,
     ENQUEUED_AT_HEADER,
+    STREAM_HEADER,
+    TIER_HEADER,
+    JobSpec,
     build_job,
     carried_context,
+    check_deadline,
     kwargs_repr,
 )
 from worker.tiers import TierTable, get_tier_table
 
-__all__ = ["Job", "get_job", "submit"]
+__all__ = ["SUBMITTED_PREFIX", "Job", "get_job", "submit"]
+
+#: key (after ``TIERQ_KEY_PREFIX``) marking a caller-given job id as submitted, for as long as results live
+SUBMITTED_PREFIX = "tierq:submitted:"
 
 #: Celery state → the status a producer sees
 _STATUS = {
@@ -85,6 +99,14 @@ signals.before_task_publish.connect(
 )
 
 
+def _expired(outcome: object) -> bool:
+    """Whether a stored failure means the deadline passed (in the queue, or while running)."""
+    if isinstance(outcome, DeadlineExceededError):
+        return True
+    # Celery revokes a message past its `expires` with TaskRevokedError('expired')
+    return type(outcome).__name__ == "TaskRevokedError" and "expired" in str(outcome)
+
+
 def _default_app() -> Celery:
     from worker.app import app
 
@@ -94,8 +116,16 @@ def _default_app() -> Celery:
 class Job:
     """A submitted job: its id, its status and, when it is done, its result."""
 
-    def __init__(self, job_id: str, app: Celery | None = None, enqueued_at: float | None = None) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        app: Celery | None = None,
+        enqueued_at: float | None = None,
+        duplicate: bool = False,
+    ) -> None:
         self.id = job_id
+        #: True when ``submit`` found this job id already submitted and enqueued nothing
+        self.duplicate = duplicate
         #: ``time.time()`` just before the job was published, when this process submitted it
         self.enqueued_at = enqueued_at
         self._app = app or _default_app()
@@ -105,9 +135,11 @@ class Job:
         return f"Job(id={self.id!r})"
 
     def status(self) -> str:
-        """One of pending, queued, running, retrying, succeeded, failed, revoked."""
+        """One of pending, running, retrying, succeeded, failed, expired, revoked."""
         with _reachable("result backend unavailable"):
             state = str(self._async.state)
+            if state in ("FAILURE", "REVOKED") and _expired(self._async.result):
+                return "expired"
         return _STATUS.get(state, state.lower())
 
     def ready(self) -> bool:
@@ -131,6 +163,8 @@ class Job:
         if state == "SUCCESS":
             return dict(value)
         error_type = type(value).__name__ if isinstance(value, BaseException) else str(state)
+        if _expired(value):
+            raise JobExpiredError(f"job {self.id} expired: {value}", error_type=error_type)
         raise JobFailedError(f"job {self.id} failed: {error_type}: {value}", error_type=error_type)
 
     def stream(self, timeout: float | None = None) -> Iterator[str | dict[str, Any]]:
@@ -188,12 +222,15 @@ def submit(
     metadata: dict[str, Any] | None = None,
     *,
     stream: bool = False,
+    deadline_s: float | None = None,
     app: Celery | None = None,
     tiers: TierTable | None = None,
 ) -> Job:
     """Validate and enqueue one summarization job on its urgency's tier.
 
     With ``stream=True`` the worker publishes text as the model produces it, for :meth:`Job.stream`.
+    ``deadline_s`` shortens the tier's deadline (seconds from now); the job then expires unrun if it
+    is still queued at the deadline, and every attempt's HTTP timeout is what is left of it.
 
     Raises:
         InvalidJobError: a field is invalid (``.field`` names it); nothing was enqueued.
@@ -204,24 +241,69 @@ def submit(
     spec, tier = build_job(
         tiers, text, urgency, instructions, max_tokens, job_id or uuid.uuid4().hex, metadata, stream
     )
-    now = time.time()
-    body = spec.model_dump(exclude_none=True)
-    headers: dict[str, Any] = {ENQUEUED_AT_HEADER: None, DEADLINE_HEADER: now + tier.deadline_s}
+    allowed_s = check_deadline(deadline_s, tier)
+    # a caller's own job id is an idempotency key: the second submit of it enqueues nothing
+    claim = _claim(spec.job_id) if job_id is not None else None
+    if claim is False:
+        return Job(spec.job_id, app, None, duplicate=True)
+    deadline = time.time() + allowed_s
+    headers: dict[str, Any] = {ENQUEUED_AT_HEADER: None, DEADLINE_HEADER: deadline, TIER_HEADER: tier.name}
+    if stream:
+        headers[STREAM_HEADER] = True
     context = carried_context(structlog.contextvars.get_contextvars())
     if context:
         headers[CONTEXT_HEADER] = context
     _stamped.at = None
+    try:
+        _publish(app, spec, headers, deadline)
+    except BaseException:
+        if claim:
+            _unclaim(spec.job_id)
+        raise
+    return Job(spec.job_id, app, _stamped.at)
+
+
+def _submitted_key(job_id: str) -> str:
+    from worker.settings import get_settings
+
+    return f"{get_settings().key_prefix}{SUBMITTED_PREFIX}{job_id}"
+
+
+def _claim(job_id: str) -> bool | None:
+    """Claim a job id for one submit (``SET NX``); None when there is no Redis to claim it in."""
+    from worker.redisconn import backend_redis
+    from worker.settings import get_settings
+
+    client = backend_redis()
+    if client is None:
+        return None
+    with _reachable("result backend unavailable, job not enqueued"):
+        ttl = get_settings().result_expires_s
+        return bool(client.set(_submitted_key(job_id), time.time(), nx=True, ex=ttl))
+
+
+def _unclaim(job_id: str) -> None:
+    """Release a claim whose publish failed, so that the caller can submit the same id again."""
+    from worker.redisconn import backend_redis
+
+    client = backend_redis()
+    if client is not None:
+        with suppress(redis.RedisError):
+            client.delete(_submitted_key(job_id))
+
+
+def _publish(app: Celery, spec: JobSpec, headers: dict[str, Any], deadline: float) -> None:
     with _reachable("broker unavailable, job not enqueued"):
         app.send_task(
             SUMMARIZE_TASK,
-            kwargs={"job": body},
+            kwargs={"job": spec.model_dump(exclude_none=True)},
             task_id=spec.job_id,
             headers=headers,
+            expires=datetime.fromtimestamp(deadline, UTC),
             # what Flower and task events show instead of the document
             argsrepr="()",
             kwargsrepr=kwargs_repr(spec.tier, spec.text),
         )
-    return Job(spec.job_id, app, _stamped.at)
 
 
 def get_job(job_id: str, app: Celery | None = None) -> Job:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
+from celery import Task, signals
 
 from worker.app import app
 from worker.celeryconfig import SUMMARIZE_TASK
-from worker.jobs import Attempt, plan_retry, report_failure, run_attempt
+from worker.jobs import Attempt, plan_retry, report_expired, report_failure, run_attempt
 from worker.spec import kwargs_repr
 from worker.tiers import get_tier_table
 
@@ -44,3 +44,11 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
             argsrepr="()",
             kwargsrepr=kwargs_repr(job.get("tier"), job.get("text")) if isinstance(job, dict) else "{}",
         ) from exc
+
+
+@signals.task_revoked.connect(weak=False, dispatch_uid="tierq.summarize.revoked")  # type: ignore[untyped-decorator]
+def _on_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
+    """A message past its deadline (``expires``) is dropped unrun by Celery: report it as expired."""
+    if expired and request is not None and request.task == SUMMARIZE_TASK:
+        queue = (request.delivery_info or {}).get("routing_key")
+        report_expired(request.id, dict(request.headers or {}), queue)

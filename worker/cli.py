@@ -132,6 +132,9 @@ def submit(
     max_tokens: Annotated[int | None, typer.Option(help="Output cap, at most the tier's.")] = None,
     job_id: Annotated[str | None, typer.Option(help="Your own job id (idempotency key).")] = None,
     metadata: Annotated[str | None, typer.Option(help="A JSON object stored with the result.")] = None,
+    deadline: Annotated[
+        float | None, typer.Option(help="Seconds the job may take, at most the tier's deadline.")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
     stream: Annotated[
         bool, typer.Option("--stream", help="Print the summary as it is generated, then its figures.")
@@ -155,9 +158,13 @@ def submit(
         except json.JSONDecodeError as exc:
             raise _fail(f"metadata: not valid JSON: {exc}") from None
     try:
-        job = submit_job(body, urgency, instructions, max_tokens, job_id, meta, stream=stream)
+        job = submit_job(
+            body, urgency, instructions, max_tokens, job_id, meta, stream=stream, deadline_s=deadline
+        )
     except TierqError as exc:
         raise _fail(str(exc)) from None
+    if job.duplicate:
+        _err.print(f"job {job.id} was already submitted: nothing enqueued", highlight=False)
     if stream:
         tier = get_tier_table().for_urgency(urgency)
         _stream_and_print(job, timeout if timeout is not None else tier.deadline_s + 5)

@@ -8,6 +8,7 @@
     ├── BrokerUnavailableError       the broker did not answer in time
     ├── JobError                     a job ended without a summary (producer side)
     │   ├── JobFailedError
+    │   │   └── JobExpiredError      its deadline passed, queued or running
     │   └── JobTimeoutError
     └── LLMError                     a call to the model failed
         ├── RetryableLLMError        worth another attempt
@@ -33,6 +34,7 @@ __all__ = [
     "DeadlineExceededError",
     "InvalidJobError",
     "JobError",
+    "JobExpiredError",
     "JobFailedError",
     "JobTimeoutError",
     "LLMError",
@@ -78,6 +80,10 @@ class JobFailedError(JobError):
     def __init__(self, message: str, error_type: str = "") -> None:
         super().__init__(message)
         self.error_type = error_type
+
+
+class JobExpiredError(JobFailedError):
+    """Raised when a job's deadline passed before it produced a summary."""
 
 
 class JobTimeoutError(JobError, TimeoutError):

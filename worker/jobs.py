@@ -23,6 +23,8 @@ from worker.spec import (
     DEADLINE_HEADER,
     ENQUEUED_AT_HEADER,
     FIRST_STARTED_AT_HEADER,
+    STREAM_HEADER,
+    TIER_HEADER,
     JobSpec,
     build_prompt,
     parse_job,
@@ -39,6 +41,7 @@ __all__ = [
     "Attempt",
     "build_result",
     "plan_retry",
+    "report_expired",
     "report_failure",
     "run_attempt",
 ]
@@ -196,6 +199,15 @@ def _content(settings: Settings, spec: JobSpec, result: dict[str, Any]) -> dict[
     return {"text": spec.text, "summary": result["summary"]}
 
 
+def report_expired(task_id: str, headers: dict[str, Any], queue: str | None) -> None:
+    """Report a job Celery dropped unrun because its message expired (the deadline passed in the queue)."""
+    attempt = Attempt.from_headers(task_id, 0, headers, queue)
+    job = {"job_id": task_id, "tier": headers.get(TIER_HEADER), "stream": headers.get(STREAM_HEADER) is True}
+    report_failure(
+        DeadlineExceededError("deadline passed while the job was queued"), attempt, job, None, "expired"
+    )
+
+
 def plan_retry(
     exc: BaseException, attempt: Attempt, tiers: TierTable, job: object, rng: random.Random | None = None
 ) -> tuple[float | None, str]:
@@ -205,6 +217,8 @@ def plan_retry(
     with jitter. No retry is planned past the tier's ``max_retries`` or one that could not start
     at least :data:`MIN_ATTEMPT_S` before the deadline.
     """
+    if isinstance(exc, DeadlineExceededError):
+        return None, "expired"
     if not isinstance(exc, RetryableLLMError):
         return None, "not retryable"
     tier = tiers.tiers.get(job.get("tier", "")) if isinstance(job, dict) else None
@@ -249,8 +263,9 @@ def report_failure(exc: BaseException, attempt: Attempt, job: object, delay: flo
         "total_ms": attempt.total_ms(time.time()),
     }
     tier = str(job.get("tier")) if isinstance(job, dict) else "?"
+    figures["tier"] = tier
     if isinstance(job, dict):
-        figures.setdefault("job_id", job.get("job_id"))
+        figures["job_id"] = job.get("job_id")
     if delay is not None:
         _log.warning(RETRYING, delay_s=delay, **figures)
         metrics.observe_retried(tier, attempt.queue, figures["error_type"])

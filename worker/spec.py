@@ -19,10 +19,13 @@ __all__ = [
     "FIRST_STARTED_AT_HEADER",
     "MAX_INSTRUCTIONS_CHARS",
     "MAX_METADATA_BYTES",
+    "STREAM_HEADER",
+    "TIER_HEADER",
     "JobSpec",
     "build_job",
     "build_prompt",
     "carried_context",
+    "check_deadline",
     "kwargs_repr",
     "parse_job",
     "resolve_tier",
@@ -33,6 +36,9 @@ ENQUEUED_AT_HEADER = "tierq_enqueued_at"
 DEADLINE_HEADER = "tierq_deadline"
 #: set on a retried message, so queue wait stays the first attempt's
 FIRST_STARTED_AT_HEADER = "tierq_first_started_at"
+#: the job's tier and whether it streams, for code that sees the headers but not the body (expiry)
+TIER_HEADER = "tierq_tier"
+STREAM_HEADER = "tierq_stream"
 #: the producer's structlog context (request id, caller...), bound in the worker's log lines
 CONTEXT_HEADER = "tierq_context"
 #: how much of it travels: keys, and characters per value
@@ -131,6 +137,17 @@ def carried_context(context: dict[str, object]) -> dict[str, str | int | float |
         elif isinstance(value, str):
             out[key] = value[:MAX_CONTEXT_VALUE_CHARS]
     return out
+
+
+def check_deadline(deadline_s: object, tier: Tier) -> float:
+    """Seconds from now the job may take: the producer's, never more than the tier allows."""
+    if deadline_s is None:
+        return tier.deadline_s
+    if isinstance(deadline_s, bool) or not isinstance(deadline_s, int | float) or not deadline_s > 0:
+        raise _invalid("deadline_s", f"must be a positive number of seconds, not {deadline_s!r}")
+    if deadline_s > tier.deadline_s:
+        raise _invalid("deadline_s", f"{deadline_s} s is beyond the {tier.name} tier's {tier.deadline_s:g} s")
+    return float(deadline_s)
 
 
 def kwargs_repr(tier: object, text: object) -> str:

@@ -1,0 +1,92 @@
+"""Deadlines that end in a clear ``expired`` state, and idempotent submits, with real workers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import redis
+
+from simulator import SimServer
+from tasks.producer import get_job, submit
+from tests.conftest import WorkerProcess
+from worker.errors import InvalidJobError, JobExpiredError
+
+DOC = " ".join(
+    f"Clause {i} says the job must end before its deadline or say why it did not." for i in range(30)
+)
+
+pytestmark = pytest.mark.usefixtures("workers")
+
+
+def _wait_for(worker: WorkerProcess, job_id: str, event: str, timeout: float = 10.0) -> list[dict]:
+    end = time.monotonic() + timeout
+    while not (found := worker.events_for(job_id, event)) and time.monotonic() < end:
+        time.sleep(0.05)
+    return found
+
+
+@pytest.mark.parametrize("deadline_s", [0, -1, 16, "soon", True])
+def test_deadline_must_be_positive_and_within_the_tier(deadline_s: object) -> None:
+    with pytest.raises(InvalidJobError) as info:
+        submit(DOC, urgency="critical", deadline_s=deadline_s)  # type: ignore[arg-type]
+    assert info.value.field == "deadline_s"
+
+
+def test_a_job_whose_deadline_passes_in_the_queue_expires_unrun(
+    sim: SimServer, workers: dict[str, WorkerProcess]
+) -> None:
+    blockers = []
+    for _ in range(2):  # the slow pool has 2 threads: hold both for 2 s
+        blocker_id = f"blocker-{uuid.uuid4()}"
+        sim.state.add_faults(["stall:2"], job_id=blocker_id)
+        blockers.append(submit(DOC, urgency="low", job_id=blocker_id))
+    time.sleep(0.3)
+    job = submit(DOC, urgency="low", deadline_s=0.5)
+    with pytest.raises(JobExpiredError):
+        job.result(timeout=30)
+    assert job.status() == "expired"
+    assert sim.state.request_count(job.id) == 0, "an expired job never reaches the model"
+    [line] = _wait_for(workers["slow"], job.id, "summarize.failed")
+    assert line["reason"] == "expired" and line["tier"] == "slow"
+    assert line["queue_wait_ms"] >= 500 and line["total_ms"] >= 500
+    for blocker in blockers:
+        blocker.result(timeout=30)
+
+
+def test_a_deadline_that_passes_mid_stream_expires_the_job(
+    sim: SimServer, workers: dict[str, WorkerProcess]
+) -> None:
+    job_id = f"late-{uuid.uuid4()}"
+    sim.state.add_faults(["stall:5"], job_id=job_id)
+    started = time.monotonic()
+    job = submit(DOC, urgency="critical", job_id=job_id, deadline_s=1.5)
+    with pytest.raises(JobExpiredError):
+        job.result(timeout=30)
+    assert time.monotonic() - started < 4, "the HTTP timeout is what was left of the deadline"
+    assert job.status() == "expired"
+    assert sim.state.request_count(job_id) == 1
+    [line] = _wait_for(workers["fast"], job_id, "summarize.failed")
+    assert line["reason"] == "expired" and line["error_type"] == "DeadlineExceededError"
+
+
+def test_the_same_job_id_is_enqueued_once(sim: SimServer, redis_client: redis.Redis) -> None:
+    job_id = f"once-{uuid.uuid4()}"
+    first = submit(DOC, urgency="high", job_id=job_id)
+    second = submit(DOC, urgency="high", job_id=job_id)
+    assert not first.duplicate and second.duplicate
+    assert first.result(timeout=30) == second.result(timeout=30)
+    third = submit(DOC, urgency="high", job_id=job_id)  # after it finished, too
+    assert third.duplicate
+    time.sleep(0.5)
+    assert sim.state.request_count(job_id) == 1
+    assert get_job(job_id).status() == "succeeded"
+
+
+def test_a_generated_job_id_needs_no_claim(redis_client: redis.Redis) -> None:
+    from tests.conftest import KEY_PREFIX
+
+    job = submit(DOC, urgency="high")
+    job.result(timeout=30)
+    assert not redis_client.exists(f"{KEY_PREFIX}tierq:submitted:{job.id}")
