@@ -32,6 +32,7 @@ from worker.celeryconfig import SUMMARIZE_TASK
 from worker.errors import (
     BrokerUnavailableError,
     DeadlineExceededError,
+    InvalidJobError,
     JobExpiredError,
     JobFailedError,
     JobTimeoutError,
@@ -50,7 +51,7 @@ from worker.spec import (
 )
 from worker.tiers import TierTable, get_tier_table
 
-__all__ = ["SUBMITTED_PREFIX", "Job", "get_job", "submit"]
+__all__ = ["SUBMITTED_PREFIX", "Job", "get_job", "replay", "submit"]
 
 #: key (after ``TIERQ_KEY_PREFIX``) marking a caller-given job id as submitted, for as long as results live
 SUBMITTED_PREFIX = "tierq:submitted:"
@@ -246,21 +247,56 @@ def submit(
     claim = _claim(spec.job_id) if job_id is not None else None
     if claim is False:
         return Job(spec.job_id, app, None, duplicate=True)
-    deadline = time.time() + allowed_s
-    headers: dict[str, Any] = {ENQUEUED_AT_HEADER: None, DEADLINE_HEADER: deadline, TIER_HEADER: tier.name}
-    if stream:
+    try:
+        return _enqueue(app, spec, tier.name, time.time() + allowed_s)
+    except BaseException:
+        if claim:
+            _unclaim(spec.job_id)
+        raise
+
+
+def _enqueue(app: Celery, spec: JobSpec, tier: str, deadline: float) -> Job:
+    headers: dict[str, Any] = {ENQUEUED_AT_HEADER: None, DEADLINE_HEADER: deadline, TIER_HEADER: tier}
+    if spec.stream:
         headers[STREAM_HEADER] = True
     context = carried_context(structlog.contextvars.get_contextvars())
     if context:
         headers[CONTEXT_HEADER] = context
     _stamped.at = None
-    try:
-        _publish(app, spec, headers, deadline)
-    except BaseException:
-        if claim:
-            _unclaim(spec.job_id)
-        raise
+    _publish(app, spec, headers, deadline)
     return Job(spec.job_id, app, _stamped.at)
+
+
+def replay(job_id: str, *, app: Celery | None = None, tiers: TierTable | None = None) -> Job:
+    """Submit a dead-lettered job again, under the same id, with a fresh deadline; drop its dead letter.
+
+    Raises:
+        InvalidJobError: there is no dead letter for ``job_id``, or it kept no replayable payload.
+    """
+    from worker.deadletter import DeadLetterStore
+    from worker.guard import get_guard
+    from worker.spec import parse_job, resolve_tier
+    from worker.streams import stream_key
+
+    app = app or _default_app()
+    tiers = tiers or get_tier_table()
+    store = DeadLetterStore.from_settings()
+    letter = store.get(job_id) if store is not None else None
+    if store is None or letter is None:
+        raise InvalidJobError(f"job_id: no dead letter for {job_id!r}", field="job_id")
+    if not isinstance(letter.payload, dict) or "text" not in letter.payload:
+        raise InvalidJobError(f"job_id: the dead letter of {job_id!r} kept no job to replay", field="job_id")
+    spec = parse_job(letter.payload)
+    tier = resolve_tier(spec, tiers)
+    with _reachable("result backend unavailable, job not replayed"):
+        guard = get_guard()
+        if guard is not None:
+            guard.forget(job_id)
+        AsyncResult(job_id, app=app).forget()
+        store.client.delete(stream_key(job_id, store.prefix))
+        job = _enqueue(app, spec, tier.name, time.time() + tier.deadline_s)
+        store.delete(job_id)
+    return job
 
 
 def _submitted_key(job_id: str) -> str:

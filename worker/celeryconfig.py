@@ -81,6 +81,8 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_track_started": True,
+        # malformed messages are dead-lettered and logged without their body
+        "worker_consumer": "worker.consumer:TierqConsumer",
         # events for Flower
         "worker_send_task_events": True,
         "task_send_sent_event": True,

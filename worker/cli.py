@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -394,6 +395,84 @@ def demo(
     if svg is not None:
         console.save_svg(str(svg), title="tierq demo")
     raise typer.Exit(code)
+
+
+dlq = typer.Typer(help="Dead letters: jobs that failed for good, with why.", no_args_is_help=True)
+cli.add_typer(dlq, name="dlq")
+
+
+def _store() -> Any:
+    from worker.deadletter import DeadLetterStore
+
+    store = DeadLetterStore.from_settings()
+    if store is None:
+        raise _fail("dead letters need a Redis result backend (TIERQ_RESULT_BACKEND or TIERQ_BROKER_URL)")
+    return store
+
+
+@dlq.command("list")
+def dlq_list(
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List dead letters (payloads redacted)."""
+    letters = [letter.summary() for letter in _store().list(limit)]
+    if as_json:
+        _print_json(letters)
+        return
+    table = Table(title=f"dead letters ({len(letters)})")
+    for column in ("job id", "tier", "reason", "error", "attempts", "failed at", "payload"):
+        table.add_column(column)
+    for row in letters:
+        failed_at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["failed_at"]))
+        error = f"{row['error_type']}: {row['error']}"[:60]
+        table.add_row(
+            row["job_id"],
+            row["tier"] or "-",
+            row["reason"],
+            error,
+            str(row["attempts"]),
+            failed_at,
+            row["payload"],
+        )
+    _console().print(table)
+
+
+@dlq.command("show")
+def dlq_show(
+    job_id: Annotated[str, typer.Argument(help="The job id.")],
+    payload: Annotated[bool, typer.Option("--payload", help="Include the job's text.")] = False,
+) -> None:
+    """Show one dead letter as JSON (its text only with --payload)."""
+    letter = _store().get(job_id)
+    if letter is None:
+        raise _fail(f"no dead letter for {job_id!r}", code=1)
+    shown = letter.summary()
+    if payload:
+        shown["payload"] = letter.payload
+    _print_json(shown)
+
+
+@dlq.command("replay")
+def dlq_replay(
+    job_id: Annotated[str | None, typer.Argument(help="The job id to replay.")] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+) -> None:
+    """Submit dead-lettered jobs again under their ids; print each id."""
+    from tasks.producer import replay
+
+    if (job_id is not None) == replay_all:
+        raise _fail("give a job id, or --all (not both)")
+    ids = [letter.job_id for letter in _store().list(10_000)] if replay_all else [job_id or ""]
+    failed = 0
+    for one in ids:
+        try:
+            sys.stdout.write(replay(one).id + "\n")
+        except TierqError as exc:
+            failed += 1
+            _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@
     ├── ConfigError                  bad settings or tiers file
     ├── InvalidJobError              bad producer input; nothing was enqueued
     ├── BrokerUnavailableError       the broker did not answer in time
+    ├── PoisonJobError               a job kept crashing its worker; given up unrun
     ├── JobError                     a job ended without a summary (producer side)
     │   ├── JobFailedError
     │   │   └── JobExpiredError      its deadline passed, queued or running
@@ -40,6 +41,7 @@ __all__ = [
     "LLMError",
     "OverloadedError",
     "PermanentLLMError",
+    "PoisonJobError",
     "RateLimitedError",
     "RequestRejectedError",
     "RetryableLLMError",
@@ -68,6 +70,10 @@ class InvalidJobError(TierqError, ValueError):
 
 class BrokerUnavailableError(TierqError):
     """Raised when the broker cannot be reached to enqueue a job."""
+
+
+class PoisonJobError(TierqError):
+    """Raised when a job started more often than its attempts allow: it keeps crashing its worker."""
 
 
 class JobError(TierqError):

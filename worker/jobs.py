@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker import metrics
-from worker.errors import DeadlineExceededError, LLMError, RetryableLLMError, TierqError
+from worker.deadletter import dead_letter
+from worker.errors import DeadlineExceededError, LLMError, PoisonJobError, RetryableLLMError, TierqError
+from worker.guard import get_guard
 from worker.llm import LLMReply, LLMRequest, get_client, stream_reply
 from worker.logging import get_logger
 from worker.pricing import cost_usd
@@ -51,8 +53,14 @@ COMPLETED = "summarize.completed"
 FAILED = "summarize.failed"
 RETRYING = "summarize.retrying"
 
+DEDUPLICATED = "summarize.deduplicated"
+
 #: a retry is planned only if at least this many seconds of the deadline would remain for it
 MIN_ATTEMPT_S = 1.0
+#: starts beyond the tier's attempts that a job may crash its worker before it is given up
+MAX_CRASHES = 2
+#: seconds the start count outlives the tier's deadline
+STARTS_TTL_MARGIN_S = 600
 
 _log = get_logger("tierq.jobs")
 
@@ -127,6 +135,37 @@ def run_attempt(
     deadline = attempt.deadline(tier)
     if time.time() >= deadline:
         raise DeadlineExceededError(f"deadline passed before the job started (tier {tier.name})")
+    guard = get_guard()
+    if guard is None:
+        return _call_model(spec, tier, attempt, deadline, settings)
+    begin = guard.begin(spec.job_id, starts_ttl_s=tier.deadline_s + STARTS_TTL_MARGIN_S)
+    if begin.result is not None:
+        _log.info(DEDUPLICATED, reason="result already recorded", starts=begin.starts)
+        return begin.result
+    if begin.starts > tier.max_retries + 1 + MAX_CRASHES:
+        if begin.acquired:
+            guard.release(spec.job_id)
+        raise PoisonJobError(f"started {begin.starts} times without finishing; given up unrun")
+    if not begin.acquired:
+        # another delivery of this job is running: wait for its result, or for its lock to lapse
+        other = guard.wait_for_other(spec.job_id, deadline)
+        if other is not None:
+            _log.info(DEDUPLICATED, reason="another attempt finished it", starts=begin.starts)
+            return other
+        if time.time() >= deadline:
+            raise DeadlineExceededError("deadline passed waiting for another attempt of this job")
+    try:
+        result = _call_model(spec, tier, attempt, deadline, settings)
+    except BaseException:
+        guard.release(spec.job_id)
+        raise
+    guard.finish(spec.job_id, result, settings.result_expires_s)
+    return result
+
+
+def _call_model(
+    spec: JobSpec, tier: Tier, attempt: Attempt, deadline: float, settings: Settings
+) -> dict[str, Any]:
     request = LLMRequest(
         job_id=spec.job_id,
         model=tier.model,
@@ -275,9 +314,12 @@ def report_failure(exc: BaseException, attempt: Attempt, job: object, delay: flo
     else:
         _log.error(FAILED, reason="unexpected error", exc_info=exc, **figures)
     metrics.observe_failed(tier, attempt.queue, figures["error_type"])
-    if isinstance(job, dict) and job.get("stream") is True and isinstance(job.get("job_id"), str):
-        publisher = _publisher(job["job_id"], attempt.retries, get_settings())
-        if publisher is not None:
-            publisher.end("failed")
     timings = {"queue_wait_ms": figures["queue_wait_ms"], "total_ms": figures["total_ms"]}
     _record_stats(tier, None, "failed", timings, None)
+    job_id = str(figures.get("job_id") or attempt.task_id)
+    payload = job if isinstance(job, dict) and "text" in job else None
+    dead_letter(job_id, why, exc, tier, attempt.retries + 1, timings, payload)
+    if isinstance(job, dict) and job.get("stream") is True:
+        publisher = _publisher(job_id, attempt.retries, get_settings())
+        if publisher is not None:
+            publisher.end("failed")

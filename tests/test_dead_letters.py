@@ -1,0 +1,171 @@
+"""Nothing twice and nothing lost: duplicate deliveries, dead letters, malformed messages, poison jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis
+
+from simulator import SimServer
+from tasks.producer import get_job, submit
+from tests.conftest import KEY_PREFIX, WorkerProcess
+from worker.app import app
+from worker.celeryconfig import SUMMARIZE_TASK
+from worker.errors import JobFailedError
+from worker.tiers import get_tier_table
+
+DOC = " ".join(f"Item {i}: a job must run once, or be told apart and kept for a replay." for i in range(30))
+
+pytestmark = pytest.mark.usefixtures("workers")
+
+
+def _tierq(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+    )
+
+
+def _send_raw(job_id: str, job: dict[str, Any], **headers: Any) -> None:
+    """Publish the job as plain Celery would, twice if asked: no producer-side claim."""
+    app.send_task(
+        SUMMARIZE_TASK,
+        kwargs={"job": job},
+        task_id=job_id,
+        headers={"tierq_enqueued_at": time.time(), "tierq_tier": job.get("tier"), **headers},
+        kwargsrepr="<redacted>",
+    )
+
+
+def _publish_bytes(body: bytes, content_type: str, headers: dict[str, Any]) -> None:
+    queue = get_tier_table().tiers["fast"].queue
+    with app.connection_for_write() as conn:
+        conn.Producer().publish(
+            body,
+            exchange="tierq",
+            routing_key=queue,
+            content_type=content_type,
+            content_encoding="utf-8",
+            headers=headers,
+        )
+
+
+def _wait_for(worker: WorkerProcess, job_id: str, event: str, timeout: float = 10.0) -> list[dict]:
+    end = time.monotonic() + timeout
+    while not (found := worker.events_for(job_id, event)) and time.monotonic() < end:
+        time.sleep(0.05)
+    return found
+
+
+def _dlq(job_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done = _tierq("dlq", "show", job_id)
+        if done.returncode == 0:
+            return json.loads(done.stdout)
+        time.sleep(0.2)
+    raise AssertionError(f"no dead letter for {job_id}: {done.stderr}")
+
+
+def test_a_redelivered_finished_job_does_not_call_the_model_again(
+    sim: SimServer, workers: dict[str, WorkerProcess]
+) -> None:
+    job_id = f"again-{uuid.uuid4()}"
+    job = {"job_id": job_id, "tier": "fast", "text": DOC}
+    _send_raw(job_id, job)
+    first = get_job(job_id).result(timeout=30)
+    _send_raw(job_id, job)  # the same message again, as a redelivery would bring it
+    assert _wait_for(workers["fast"], job_id, "summarize.deduplicated")
+    assert get_job(job_id).result(timeout=30) == first
+    assert sim.state.request_count(job_id) == 1
+    assert len(workers["fast"].events_for(job_id, "summarize.completed")) == 1
+
+
+def test_a_duplicate_delivery_waits_instead_of_running_beside_the_first(
+    sim: SimServer, workers: dict[str, WorkerProcess]
+) -> None:
+    job_id = f"twin-{uuid.uuid4()}"
+    sim.state.add_faults(["stall:1.5"], job_id=job_id)
+    job = {"job_id": job_id, "tier": "fast", "text": DOC}
+    _send_raw(job_id, job)
+    _send_raw(job_id, job)
+    assert get_job(job_id).result(timeout=30)["job_id"] == job_id
+    [line] = _wait_for(workers["fast"], job_id, "summarize.deduplicated")
+    assert line["reason"] == "another attempt finished it"
+    assert sim.state.request_count(job_id) == 1
+
+
+def test_a_permanent_failure_is_dead_lettered_and_replayable(sim: SimServer) -> None:
+    job_id = f"dead-{uuid.uuid4()}"
+    sim.state.add_faults(["400"], job_id=job_id)
+    with pytest.raises(JobFailedError):
+        submit(DOC, urgency="high", job_id=job_id).result(timeout=30)
+    letter = _dlq(job_id)
+    assert (letter["reason"], letter["error_type"], letter["tier"]) == (
+        "not retryable",
+        "RequestRejectedError",
+        "fast",
+    )
+    assert letter["attempts"] == 1 and letter["timings"]["total_ms"] > 0
+    assert letter["payload"] == f"<{len(DOC)} chars of text>"
+    listed = json.loads(_tierq("dlq", "list", "--json").stdout)
+    assert any(row["job_id"] == job_id for row in listed)
+    assert DOC[:30] not in _tierq("dlq", "list").stdout
+    assert json.loads(_tierq("dlq", "show", job_id, "--payload").stdout)["payload"]["text"] == DOC
+
+    replayed = _tierq("dlq", "replay", job_id)  # the simulator's fault was used up: it succeeds now
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.strip() == job_id
+    assert get_job(job_id).result(timeout=30)["job_id"] == job_id
+    assert sim.state.request_count(job_id) == 2
+    assert _tierq("dlq", "show", job_id).returncode == 1, "a replayed job leaves the dead-letter store"
+
+
+def test_malformed_messages_are_dead_lettered_and_the_worker_keeps_running(
+    workers: dict[str, WorkerProcess],
+) -> None:
+    secret = f"SECRET-{uuid.uuid4()}"
+    ids = {name: f"{name}-{uuid.uuid4()}" for name in ("badjson", "pickle", "unknown", "fields")}
+    _publish_bytes(
+        b'{"not json' + secret.encode(), "application/json", {"id": ids["badjson"], "task": SUMMARIZE_TASK}
+    )
+    _publish_bytes(b"\x80\x04" + secret.encode(), "application/x-python-serialize", {"id": ids["pickle"]})
+    body = json.dumps([[], {"job": {"text": secret}}, {}]).encode()
+    _publish_bytes(body, "application/json", {"id": ids["unknown"], "task": "tierq.nope", "lang": "py"})
+    _send_raw(ids["fields"], {"job_id": ids["fields"], "tier": "fast", "text": secret, "colour": "red"})
+
+    assert _dlq(ids["badjson"])["reason"] == "undecodable message"
+    assert _dlq(ids["pickle"])["reason"] == "undecodable message"
+    assert _dlq(ids["unknown"])["reason"] == "unknown task"
+    fields = _dlq(ids["fields"])
+    assert fields["error_type"] == "InvalidJobError" and "colour" in fields["error"]
+    with pytest.raises(JobFailedError):
+        get_job(ids["fields"]).result(timeout=10)
+
+    replies = app.control.ping(destination=[workers["fast"].node], timeout=2)
+    assert replies, "the worker is still running"
+    assert submit(DOC, urgency="critical").result(timeout=30)["tier"] == "fast"
+    assert secret not in workers["fast"].log_path.read_text(), "no message body in the logs"
+
+
+def test_a_job_that_keeps_crashing_its_worker_is_given_up(
+    sim: SimServer, redis_client: redis.Redis, workers: dict[str, WorkerProcess]
+) -> None:
+    job_id = f"poison-{uuid.uuid4()}"
+    # as if it had started (and killed its worker) as often as its attempts and crash allowance
+    redis_client.set(f"{KEY_PREFIX}tierq:starts:{job_id}", 5, ex=60)
+    _send_raw(job_id, {"job_id": job_id, "tier": "fast", "text": DOC})
+    with pytest.raises(JobFailedError, match="PoisonJobError"):
+        get_job(job_id).result(timeout=30)
+    assert sim.state.request_count(job_id) == 0
+    assert "given up" in _dlq(job_id)["error"]

@@ -1,0 +1,165 @@
+"""The dead-letter store: jobs that failed for good, with why, how many attempts and their timings.
+
+Kept in the result backend's Redis: a hash per job (``tierq:dlq:<job_id>``, its payload as JSON)
+and a sorted set of job ids by time (``tierq:dlq``). Listings show sizes, never the payload's text;
+``tierq dlq show ID --payload`` prints it, ``tierq dlq replay`` submits it again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from worker.logging import get_logger
+from worker.redisconn import backend_redis
+from worker.settings import Settings, get_settings
+
+__all__ = ["INDEX_KEY", "DeadLetter", "DeadLetterStore"]
+
+#: keys after ``TIERQ_KEY_PREFIX``
+INDEX_KEY = "tierq:dlq"
+ENTRY_PREFIX = "tierq:dlq:"
+#: seconds a dead letter is kept
+TTL_S = 30 * 24 * 3600
+
+_log = get_logger("tierq.deadletter")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead-lettered job."""
+
+    job_id: str
+    reason: str
+    error_type: str
+    error: str
+    tier: str | None
+    attempts: int
+    failed_at: float
+    timings: dict[str, Any]
+    payload: Any
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the payload's text: safe to list and log."""
+        text = self.payload.get("text") if isinstance(self.payload, dict) else None
+        return {
+            "job_id": self.job_id,
+            "tier": self.tier,
+            "reason": self.reason,
+            "error_type": self.error_type,
+            "error": self.error,
+            "attempts": self.attempts,
+            "failed_at": self.failed_at,
+            "timings": self.timings,
+            "payload": f"<{len(text)} chars of text>" if isinstance(text, str) else "<redacted>",
+        }
+
+
+class DeadLetterStore:
+    """Record, list, read and delete dead letters."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str = "") -> None:
+        self.client = client
+        self.prefix = key_prefix
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> DeadLetterStore | None:
+        """The store in the result backend's Redis; None when the backend is not Redis."""
+        settings = settings or get_settings()
+        client = backend_redis(settings)
+        return None if client is None else cls(client, settings.key_prefix)
+
+    def _key(self, job_id: str) -> str:
+        return f"{self.prefix}{ENTRY_PREFIX}{job_id}"
+
+    def record(self, letter: DeadLetter) -> None:
+        """Store a dead letter; a Redis error is logged, never raised (the job already failed)."""
+        fields = {
+            "job_id": letter.job_id,
+            "reason": letter.reason,
+            "error_type": letter.error_type,
+            "error": letter.error,
+            "tier": letter.tier or "",
+            "attempts": str(letter.attempts),
+            "failed_at": repr(letter.failed_at),
+            "timings": json.dumps(letter.timings),
+            "payload": json.dumps(letter.payload),
+        }
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(self._key(letter.job_id), mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(self._key(letter.job_id), TTL_S)
+            pipe.zadd(self.prefix + INDEX_KEY, {letter.job_id: letter.failed_at})
+            pipe.execute()
+        except redis.RedisError as exc:
+            _log.error("dlq.record_failed", job_id=letter.job_id, error=str(exc))
+
+    def get(self, job_id: str) -> DeadLetter | None:
+        """A dead letter by job id, or None."""
+        raw: dict[bytes, bytes] = self.client.hgetall(self._key(job_id))  # type: ignore[assignment]
+        if not raw:
+            return None
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        return DeadLetter(
+            job_id=fields["job_id"],
+            reason=fields["reason"],
+            error_type=fields["error_type"],
+            error=fields["error"],
+            tier=fields["tier"] or None,
+            attempts=int(fields["attempts"]),
+            failed_at=float(fields["failed_at"]),
+            timings=json.loads(fields["timings"]),
+            payload=json.loads(fields["payload"]),
+        )
+
+    def list(self, limit: int = 100) -> list[DeadLetter]:
+        """The newest dead letters first; ids whose entry expired are dropped from the index."""
+        ids: list[bytes] = self.client.zrevrange(self.prefix + INDEX_KEY, 0, limit - 1)  # type: ignore[assignment]
+        letters = []
+        for raw_id in ids:
+            letter = self.get(raw_id.decode())
+            if letter is None:
+                self.client.zrem(self.prefix + INDEX_KEY, raw_id)
+            else:
+                letters.append(letter)
+        return letters
+
+    def delete(self, job_id: str) -> None:
+        """Remove a dead letter (after a replay)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self._key(job_id))
+        pipe.zrem(self.prefix + INDEX_KEY, job_id)
+        pipe.execute()
+
+
+def dead_letter(
+    job_id: str,
+    reason: str,
+    exc: BaseException | None,
+    tier: str | None,
+    attempts: int,
+    timings: dict[str, Any],
+    payload: Any,
+    error_type: str | None = None,
+) -> None:
+    """Record a dead letter in the process's store, if there is one."""
+    store = DeadLetterStore.from_settings()
+    if store is None:
+        return
+    store.record(
+        DeadLetter(
+            job_id=job_id,
+            reason=reason,
+            error_type=error_type or (type(exc).__name__ if exc is not None else "Unknown"),
+            error=str(exc) if exc is not None else "",
+            tier=tier,
+            attempts=attempts,
+            failed_at=time.time(),
+            timings=timings,
+            payload=payload,
+        )
+    )

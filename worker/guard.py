@@ -1,0 +1,169 @@
+"""At most one attempt of a job runs at a time, none runs after it succeeded, and a job that keeps
+crashing its worker is given up.
+
+Celery delivers at least once: a message comes back when its worker dies before acknowledging it
+(kill -9, a lost connection, the visibility timeout). Before calling the model, an attempt:
+
+- reads the job's recorded result (``tierq:result:<id>``, written when it succeeded) and returns
+  it instead of calling the model again. Celery's own result cannot serve: ``task_track_started``
+  overwrites it with STARTED as the redelivered message starts;
+- takes the job's run lock (``tierq:running:<id>``, ``SET NX PX``), which a heartbeat thread keeps
+  alive while the attempt runs and which expires ``LOCK_TTL_S`` after its worker died; a second
+  delivery waits for the first to finish (or die) instead of running beside it;
+- counts its start (``tierq:starts:<id>``); past the limit the job is dead-lettered unrun.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from worker.logging import get_logger
+from worker.redisconn import backend_redis
+from worker.settings import get_settings
+
+__all__ = ["LOCK_TTL_S", "Begin", "RunGuard", "get_guard"]
+
+RESULT_PREFIX = "tierq:result:"
+RUNNING_PREFIX = "tierq:running:"
+STARTS_PREFIX = "tierq:starts:"
+#: seconds a run lock outlives its last heartbeat (so a dead worker's job waits at most this long)
+LOCK_TTL_S = 10.0
+#: seconds between a waiting duplicate's looks at the lock and the result
+WAIT_POLL_S = 0.25
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+_log = get_logger("tierq.guard")
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """What an attempt found as it began."""
+
+    result: dict[str, Any] | None
+    acquired: bool
+    starts: int
+
+
+class RunGuard:
+    """Run locks with a heartbeat, recorded results and start counts, in one Redis."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str = "") -> None:
+        self.client = client
+        self.prefix = key_prefix
+        self._token = uuid.uuid4().hex
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._release = client.register_script(_RELEASE)
+        self._beating = False
+
+    def _key(self, prefix: str, job_id: str) -> str:
+        return f"{self.prefix}{prefix}{job_id}"
+
+    def begin(self, job_id: str, starts_ttl_s: float) -> Begin:
+        """One round trip: the recorded result, the run lock and the start count."""
+        running = self._key(RUNNING_PREFIX, job_id)
+        starts = self._key(STARTS_PREFIX, job_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self._key(RESULT_PREFIX, job_id))
+        pipe.set(running, self._token, nx=True, px=int(LOCK_TTL_S * 1000))
+        pipe.incr(starts)
+        pipe.expire(starts, int(starts_ttl_s))
+        stored, acquired, count, _ = pipe.execute()
+        if acquired:
+            self._hold(running)
+        result = json.loads(stored) if stored else None
+        return Begin(result=result, acquired=bool(acquired), starts=int(count))
+
+    def acquire(self, job_id: str) -> bool:
+        """Take the run lock if it is free."""
+        running = self._key(RUNNING_PREFIX, job_id)
+        if self.client.set(running, self._token, nx=True, px=int(LOCK_TTL_S * 1000)):
+            self._hold(running)
+            return True
+        return False
+
+    def recorded(self, job_id: str) -> dict[str, Any] | None:
+        """The job's recorded result, if it succeeded."""
+        stored = self.client.get(self._key(RESULT_PREFIX, job_id))
+        return json.loads(stored) if stored else None
+
+    def wait_for_other(self, job_id: str, deadline: float) -> dict[str, Any] | None:
+        """Wait while another attempt holds the lock; its result, or None once the lock is ours."""
+        while time.time() < deadline:
+            result = self.recorded(job_id)
+            if result is not None:
+                return result
+            if self.acquire(job_id):
+                return None
+            time.sleep(WAIT_POLL_S)
+        return None
+
+    def finish(self, job_id: str, result: dict[str, Any], ttl_s: int) -> None:
+        """Record the result, then release the lock."""
+        self.client.set(self._key(RESULT_PREFIX, job_id), json.dumps(result), ex=ttl_s)
+        self.release(job_id)
+
+    def release(self, job_id: str) -> None:
+        """Release the lock if this process holds it."""
+        running = self._key(RUNNING_PREFIX, job_id)
+        with self._lock:
+            self._held.discard(running)
+        try:
+            self._release(keys=[running], args=[self._token])
+        except redis.RedisError as exc:  # it expires on its own
+            _log.warning("guard.release_failed", job_id=job_id, error=str(exc))
+
+    def forget(self, job_id: str) -> None:
+        """Drop the recorded result and start count (before a dead letter is replayed)."""
+        self.client.delete(self._key(RESULT_PREFIX, job_id), self._key(STARTS_PREFIX, job_id))
+
+    def _hold(self, key: str) -> None:
+        with self._lock:
+            self._held.add(key)
+            if not self._beating:
+                self._beating = True
+                threading.Thread(target=self._heartbeat, name="tierq-guard-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while True:
+            time.sleep(LOCK_TTL_S / 3)
+            with self._lock:
+                held = list(self._held)
+            if not held:
+                continue
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                for key in held:
+                    pipe.pexpire(key, int(LOCK_TTL_S * 1000))
+                pipe.execute()
+            except redis.RedisError as exc:
+                _log.warning("guard.heartbeat_failed", held=len(held), error=str(exc))
+
+
+_guard: RunGuard | None = None
+_guard_lock = threading.Lock()
+
+
+def get_guard() -> RunGuard | None:
+    """The process's guard, in the result backend's Redis; None when that is not Redis."""
+    global _guard
+    if _guard is None:
+        with _guard_lock:
+            if _guard is None:
+                settings = get_settings()
+                client = backend_redis(settings)
+                if client is None:
+                    return None
+                _guard = RunGuard(client, settings.key_prefix)
+    return _guard
