@@ -39,7 +39,7 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         raise self.retry(
             exc=exc,
             countdown=delay,
-            headers=attempt.retry_headers(headers),
+            headers=attempt.retry_headers(headers, exc),
             # Celery would show the real arguments in the retry's events: keep them redacted
             argsrepr="()",
             kwargsrepr=kwargs_repr(job.get("tier"), job.get("text")) if isinstance(job, dict) else "{}",

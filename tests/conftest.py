@@ -34,6 +34,10 @@ _started: dict[str, Any] = {}
 RUN_TAG = uuid.uuid4().hex[:8]
 KEY_PREFIX = f"tierq-test-{RUN_TAG}:"
 TIERS_TOML = """
+[tiers.fast]
+fallback_model = "claude-sonnet-4-6"
+fallback_after = 2
+
 [tiers.slow]
 concurrency = 2
 

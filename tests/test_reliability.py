@@ -90,3 +90,24 @@ def test_a_generated_job_id_needs_no_claim(redis_client: redis.Redis) -> None:
     job = submit(DOC, urgency="high")
     job.result(timeout=30)
     assert not redis_client.exists(f"{KEY_PREFIX}tierq:submitted:{job.id}")
+
+
+def test_the_fast_tier_falls_back_after_repeated_overloads(
+    sim: SimServer, workers: dict[str, WorkerProcess]
+) -> None:
+    job_id = f"fallback-{uuid.uuid4()}"
+    sim.state.add_faults(["529", "529"], job_id=job_id)
+    result = submit(DOC, urgency="critical", job_id=job_id).result(timeout=30)
+    assert result["model"] == "claude-sonnet-4-6"
+    assert result["fallback"] == {"from": "claude-haiku-4-5", "after_overloads": 2}
+    assert result["retries"] == 2
+    assert sim.state.request_count(job_id) == 3
+    [line] = _wait_for(workers["fast"], job_id, "summarize.completed")
+    assert line["fallback_from"] == "claude-haiku-4-5" and line["model"] == "claude-sonnet-4-6"
+
+
+def test_the_slow_tier_waits_out_overloads_on_its_own_model(sim: SimServer) -> None:
+    job_id = f"patient-{uuid.uuid4()}"
+    sim.state.add_faults(["529", "529"], job_id=job_id)
+    result = submit(DOC, urgency="low", job_id=job_id).result(timeout=60)
+    assert (result["model"], result["fallback"], result["retries"]) == ("claude-opus-4-5", None, 2)

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 import structlog
 
 from simulator import SimServer
@@ -231,3 +232,30 @@ def test_cost_table() -> None:
     assert cost_usd("claude-sonnet-4-5", 1000, 1000) == 0.018
     assert cost_usd("claude-opus-4-5", 0, 1_000_000) == 25.0
     assert cost_usd("gpt-x", 1, 1) is None
+
+
+def test_eviction_warning_names_the_policy() -> None:
+    from worker.checks import redis_eviction_warning
+    from worker.embedded import EmbeddedRedis, free_port
+
+    with EmbeddedRedis() as server:
+        assert redis_eviction_warning(server.url) is None  # started with noeviction
+        client = redis.Redis.from_url(server.url)
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.close()
+        warning = redis_eviction_warning(server.url)
+        assert warning is not None and "allkeys-lru" in warning
+    assert redis_eviction_warning(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5) is None
+    assert redis_eviction_warning("amqp://guest@localhost//") is None
+
+
+def test_api_key_from_a_secrets_file(tmp_path: Path) -> None:
+    from worker.settings import Settings
+
+    path = tmp_path / "key"
+    path.write_text("sk-ant-from-file\n")
+    settings = Settings(anthropic_api_key_file=path)
+    key = settings.api_key()
+    assert key is not None and key.get_secret_value() == "sk-ant-from-file"
+    assert "sk-ant-from-file" not in repr(settings) and "sk-ant-from-file" not in str(key)
+    assert Settings(anthropic_api_key_file=tmp_path / "missing").api_key() is None

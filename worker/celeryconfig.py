@@ -39,7 +39,7 @@ class TierRouter:
 
 def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
     """Celery settings: JSON only, explicit queues, late acks, events on for Flower."""
-    visibility_timeout = int(tiers.slowest_deadline_s) + VISIBILITY_MARGIN_S
+    visibility_timeout = settings.visibility_timeout_s or int(tiers.slowest_deadline_s) + VISIBILITY_MARGIN_S
     exchange = Exchange("tierq", type="direct")
     queues = [Queue(t.queue, exchange, routing_key=t.queue) for t in tiers.tiers.values()]
     default_queue = tiers.for_urgency("normal").queue if "normal" in tiers.urgencies else queues[0].name
@@ -48,6 +48,9 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
         "max_connections": settings.redis_max_connections,
         # consume a multi-tier worker's queues in the order given (fast first), not round-robin
         "queue_order_strategy": "priority",
+        # scan for unacknowledged messages past the visibility timeout every restore_interval_s
+        "unacked_restore_interval": settings.restore_interval_s,
+        "unacked_restore_throttle": 1,
         "socket_connect_timeout": 5,
     }
     backend_options: dict[str, Any] = {

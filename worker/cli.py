@@ -65,8 +65,15 @@ def worker(
     if unknown:
         raise _fail(f"unknown tier {unknown[0]!r}; tiers are: {', '.join(tiers.tiers)}")
     settings = get_settings()
-    if settings.anthropic_api_key is None and not settings.anthropic_base_url:
-        raise _fail("set ANTHROPIC_API_KEY, or ANTHROPIC_BASE_URL to a simulator (see `tierq sim`)")
+    if settings.api_key() is None and not settings.anthropic_base_url:
+        raise _fail(
+            "set ANTHROPIC_API_KEY (or TIERQ_ANTHROPIC_API_KEY_FILE), or ANTHROPIC_BASE_URL to a simulator"
+        )
+    from worker.checks import redis_eviction_warning
+
+    warning = redis_eviction_warning(settings.broker_url)
+    if warning:
+        _err.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     chosen = list(dict.fromkeys(tier))
     queues = ",".join(tiers.tiers[t].queue for t in chosen)
     threads = concurrency or sum(tiers.tiers[t].concurrency for t in chosen)

@@ -14,7 +14,14 @@ from typing import Any
 
 from worker import metrics
 from worker.deadletter import dead_letter
-from worker.errors import DeadlineExceededError, LLMError, PoisonJobError, RetryableLLMError, TierqError
+from worker.errors import (
+    DeadlineExceededError,
+    LLMError,
+    OverloadedError,
+    PoisonJobError,
+    RetryableLLMError,
+    TierqError,
+)
 from worker.guard import get_guard
 from worker.llm import LLMReply, LLMRequest, get_client, stream_reply
 from worker.logging import get_logger
@@ -25,6 +32,7 @@ from worker.spec import (
     DEADLINE_HEADER,
     ENQUEUED_AT_HEADER,
     FIRST_STARTED_AT_HEADER,
+    OVERLOADS_HEADER,
     STREAM_HEADER,
     TIER_HEADER,
     JobSpec,
@@ -77,6 +85,8 @@ class Attempt:
     first_started_at: float
     #: the queue the message came from
     queue: str | None = None
+    #: earlier attempts that ended overloaded (529)
+    overloads: int = 0
 
     @classmethod
     def from_headers(
@@ -92,6 +102,7 @@ class Attempt:
             deadline_hint=_float_or_none(headers.get(DEADLINE_HEADER)),
             first_started_at=_float_or_none(headers.get(FIRST_STARTED_AT_HEADER)) or now,
             queue=queue,
+            overloads=int(_float_or_none(headers.get(OVERLOADS_HEADER)) or 0),
         )
 
     def deadline(self, tier: Tier) -> float:
@@ -110,9 +121,16 @@ class Attempt:
         """Enqueue (or first start) → now, in milliseconds."""
         return round((now - (self.enqueued_at or self.first_started_at)) * 1000, 2)
 
-    def retry_headers(self, headers: dict[str, Any]) -> dict[str, Any]:
-        """Headers for the retried message: the producer's, plus when the first attempt started."""
-        return {**headers, FIRST_STARTED_AT_HEADER: self.first_started_at}
+    def retry_headers(self, headers: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+        """Headers for the retried message: the producer's, when the first attempt started, overloads."""
+        overloads = self.overloads + (1 if isinstance(exc, OverloadedError) else 0)
+        return {**headers, FIRST_STARTED_AT_HEADER: self.first_started_at, OVERLOADS_HEADER: overloads}
+
+    def model(self, tier: Tier) -> str:
+        """The tier's model, or its fallback once enough attempts ended overloaded."""
+        if tier.fallback_model and self.overloads >= tier.fallback_after:
+            return tier.fallback_model
+        return tier.model
 
 
 def _float_or_none(value: object) -> float | None:
@@ -168,7 +186,7 @@ def _call_model(
 ) -> dict[str, Any]:
     request = LLMRequest(
         job_id=spec.job_id,
-        model=tier.model,
+        model=attempt.model(tier),
         system=tier.system_prompt,
         prompt=build_prompt(spec),
         max_tokens=spec.max_tokens or tier.max_tokens,
@@ -211,6 +229,10 @@ def build_result(spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, n
             "output_tokens_per_s": tokens_per_s,
         },
         "cost_usd": cost_usd(reply.model, reply.input_tokens, reply.output_tokens),
+        # the tier's model was overloaded this many times and this one answered instead
+        "fallback": {"from": tier.model, "after_overloads": attempt.overloads}
+        if attempt.model(tier) != tier.model
+        else None,
         "retries": attempt.retries,
         "request_id": reply.request_id,
         "metadata": spec.metadata,
@@ -228,6 +250,7 @@ def _log_figures(result: dict[str, Any]) -> dict[str, Any]:
         "cost_usd": result["cost_usd"],
         "retries": result["retries"],
         "request_id": result["request_id"],
+        "fallback_from": result["fallback"]["from"] if result["fallback"] else None,
         "summary_chars": len(result["summary"]),
     }
 

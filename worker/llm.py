@@ -78,9 +78,10 @@ def get_client(settings: Settings | None = None) -> anthropic.Anthropic:
 
 
 def _make_client(settings: Settings) -> anthropic.Anthropic:
-    if settings.anthropic_api_key is None and not settings.anthropic_base_url:
+    secret = settings.api_key()
+    if secret is None and not settings.anthropic_base_url:
         raise ConfigError("set ANTHROPIC_API_KEY, or ANTHROPIC_BASE_URL to a simulator (`tierq sim`)")
-    key = settings.anthropic_api_key.get_secret_value() if settings.anthropic_api_key else "simulator"
+    key = secret.get_secret_value() if secret is not None else "simulator"
     return anthropic.Anthropic(
         api_key=key,
         base_url=settings.anthropic_base_url,

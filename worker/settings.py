@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     tiers_file: Path | None = None
     #: seconds a finished job's result is kept
     result_expires_s: int = 24 * 3600
+    #: seconds before Redis redelivers a message whose worker never acknowledged it (died); unset:
+    #: the slowest tier's deadline plus ten minutes. Shorter recovers faster from a killed worker;
+    #: the run guard keeps an early redelivery from calling the model beside the running attempt
+    visibility_timeout_s: int | None = None
+    #: seconds between a worker's scans for such messages
+    restore_interval_s: int = 10
     #: connections per process to Redis (redis-py 8 fails instead of waiting when the pool is full)
     redis_max_connections: int = 512
 
@@ -41,6 +47,8 @@ class Settings(BaseSettings):
     anthropic_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("ANTHROPIC_API_KEY", "TIERQ_ANTHROPIC_API_KEY")
     )
+    #: a file holding the API key (a mounted secret), read when ANTHROPIC_API_KEY is unset
+    anthropic_api_key_file: Path | None = None
     #: the API's base URL, read where the SDK reads it (the simulator's URL in tests and the demo)
     anthropic_base_url: str | None = Field(
         default=None, validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "TIERQ_ANTHROPIC_BASE_URL")
@@ -63,6 +71,18 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     #: put prompt and summary text in log lines (off: logs carry sizes and figures only)
     log_content: bool = False
+
+    def api_key(self) -> SecretStr | None:
+        """The API key: ANTHROPIC_API_KEY, else the first line of TIERQ_ANTHROPIC_API_KEY_FILE."""
+        if self.anthropic_api_key is not None:
+            return self.anthropic_api_key
+        if self.anthropic_api_key_file is not None:
+            try:
+                key = self.anthropic_api_key_file.read_text(encoding="utf-8").strip()
+            except OSError:
+                return None
+            return SecretStr(key) if key else None
+        return None
 
     @property
     def backend_url(self) -> str:

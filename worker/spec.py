@@ -19,6 +19,7 @@ __all__ = [
     "FIRST_STARTED_AT_HEADER",
     "MAX_INSTRUCTIONS_CHARS",
     "MAX_METADATA_BYTES",
+    "OVERLOADS_HEADER",
     "STREAM_HEADER",
     "TIER_HEADER",
     "JobSpec",
@@ -36,6 +37,8 @@ ENQUEUED_AT_HEADER = "tierq_enqueued_at"
 DEADLINE_HEADER = "tierq_deadline"
 #: set on a retried message, so queue wait stays the first attempt's
 FIRST_STARTED_AT_HEADER = "tierq_first_started_at"
+#: set on a retried message: how many attempts so far ended overloaded (529)
+OVERLOADS_HEADER = "tierq_overloads"
 #: the job's tier and whether it streams, for code that sees the headers but not the body (expiry)
 TIER_HEADER = "tierq_tier"
 STREAM_HEADER = "tierq_stream"

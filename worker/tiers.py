@@ -66,6 +66,9 @@ class Tier(BaseModel):
     #: base and cap, in seconds, of the jittered exponential backoff between attempts
     retry_backoff_s: float = Field(default=1.0, ge=0)
     retry_backoff_max_s: float = Field(default=30.0, ge=0)
+    #: a model to switch to after ``fallback_after`` attempts ended overloaded (529); unset: keep waiting
+    fallback_model: str | None = None
+    fallback_after: int = Field(default=2, ge=1)
 
 
 #: the built-in tiers (fields as in :class:`Tier`)
