@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from celery import Task, signals
@@ -38,7 +39,7 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
             raise
         raise self.retry(
             exc=exc,
-            countdown=delay,
+            countdown=_countdown(delay),
             headers=attempt.retry_headers(headers, exc),
             # Celery would show the real arguments in the retry's events: keep them redacted
             argsrepr="()",
@@ -52,3 +53,10 @@ def _on_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
     if expired and request is not None and request.task == SUMMARIZE_TASK:
         queue = (request.delivery_info or {}).get("routing_key")
         report_expired(request.id, dict(request.headers or {}), queue)
+
+
+def _countdown(delay: float) -> float:
+    """RabbitMQ's native delayed delivery (quorum queues) counts whole seconds, at least one."""
+    if str(app.conf.broker_url).startswith(("amqp", "pyamqp")):
+        return max(1, math.ceil(delay))
+    return delay

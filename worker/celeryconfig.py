@@ -40,26 +40,39 @@ class TierRouter:
 def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
     """Celery settings: JSON only, explicit queues, late acks, events on for Flower."""
     visibility_timeout = settings.visibility_timeout_s or int(tiers.slowest_deadline_s) + VISIBILITY_MARGIN_S
-    exchange = Exchange("tierq", type="direct")
-    queues = [Queue(t.queue, exchange, routing_key=t.queue) for t in tiers.tiers.values()]
+    amqp = settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+    if amqp:
+        # RabbitMQ: durable quorum queues (replicated, poison-message aware) and publisher confirms;
+        # a topic exchange, so that retry countdowns use RabbitMQ's native delayed delivery
+        exchange = Exchange("tierq", type="topic", durable=True)
+        arguments: dict[str, Any] | None = {"x-queue-type": "quorum"}
+        transport_options: dict[str, Any] = {"confirm_publish": True}
+    else:
+        exchange = Exchange("tierq", type="direct")
+        arguments = None
+        transport_options = {
+            "visibility_timeout": visibility_timeout,
+            "max_connections": settings.redis_max_connections,
+            # consume a multi-tier worker's queues in the order given (fast first), not round-robin
+            "queue_order_strategy": "priority",
+            # scan for unacknowledged messages past the visibility timeout every restore_interval_s
+            "unacked_restore_interval": settings.restore_interval_s,
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": 5,
+        }
+        if settings.key_prefix:
+            transport_options["global_keyprefix"] = settings.key_prefix
+    queues = [
+        Queue(t.queue, exchange, routing_key=t.queue, durable=True, queue_arguments=arguments)
+        for t in tiers.tiers.values()
+    ]
     default_queue = tiers.for_urgency("normal").queue if "normal" in tiers.urgencies else queues[0].name
-    transport_options: dict[str, Any] = {
-        "visibility_timeout": visibility_timeout,
-        "max_connections": settings.redis_max_connections,
-        # consume a multi-tier worker's queues in the order given (fast first), not round-robin
-        "queue_order_strategy": "priority",
-        # scan for unacknowledged messages past the visibility timeout every restore_interval_s
-        "unacked_restore_interval": settings.restore_interval_s,
-        "unacked_restore_throttle": 1,
-        "socket_connect_timeout": 5,
-    }
     backend_options: dict[str, Any] = {
         "visibility_timeout": visibility_timeout,
         # reconnect attempts of the result backend, a few seconds in all (Celery's default is ~20 s)
         "retry_policy": {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
     }
     if settings.key_prefix:
-        transport_options["global_keyprefix"] = settings.key_prefix
         backend_options["global_keyprefix"] = settings.key_prefix
     return {
         "broker_url": settings.broker_url,

