@@ -108,6 +108,16 @@ def _expired(outcome: object) -> bool:
     return type(outcome).__name__ == "TaskRevokedError" and "expired" in str(outcome)
 
 
+def _running(job_id: str) -> bool:
+    """Whether an attempt of the job holds its run lock (see worker.guard)."""
+    from worker.guard import RUNNING_PREFIX
+    from worker.redisconn import backend_redis
+    from worker.settings import get_settings
+
+    client = backend_redis()
+    return client is not None and bool(client.exists(f"{get_settings().key_prefix}{RUNNING_PREFIX}{job_id}"))
+
+
 def _default_app() -> Celery:
     from worker.app import app
 
@@ -141,6 +151,8 @@ class Job:
             state = str(self._async.state)
             if state in ("FAILURE", "REVOKED") and _expired(self._async.result):
                 return "expired"
+            if state == "PENDING" and _running(self.id):
+                return "running"
         return _STATUS.get(state, state.lower())
 
     def ready(self) -> bool:

@@ -111,3 +111,16 @@ def test_the_slow_tier_waits_out_overloads_on_its_own_model(sim: SimServer) -> N
     sim.state.add_faults(["529", "529"], job_id=job_id)
     result = submit(DOC, urgency="low", job_id=job_id).result(timeout=60)
     assert (result["model"], result["fallback"], result["retries"]) == ("claude-opus-4-5", None, 2)
+
+
+def test_status_follows_a_job_through_its_life(sim: SimServer) -> None:
+    job_id = f"life-{uuid.uuid4()}"
+    sim.state.add_faults(["stall:1.5"], job_id=job_id)
+    job = submit(DOC, urgency="high", job_id=job_id)
+    end = time.monotonic() + 10
+    while sim.state.request_count(job_id) == 0 and time.monotonic() < end:
+        time.sleep(0.02)
+    assert job.status() == "running"
+    job.result(timeout=30)
+    assert job.status() == "succeeded"
+    assert get_job(f"never-{uuid.uuid4()}").status() == "pending"

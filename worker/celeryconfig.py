@@ -96,7 +96,9 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_track_started": True,
+        # no STARTED write before each job (a Redis round trip on the fast path): Job.status() reads
+        # "running" from the job's run lock instead, and Flower from the task-started event
+        "task_track_started": False,
         # malformed messages are dead-lettered and logged without their body
         "worker_consumer": "worker.consumer:TierqConsumer",
         # events for Flower

@@ -28,7 +28,7 @@ from worker.logging import get_logger
 from worker.redisconn import backend_redis
 from worker.settings import get_settings
 
-__all__ = ["LOCK_TTL_S", "Begin", "RunGuard", "get_guard"]
+__all__ = ["LOCK_TTL_S", "RUNNING_PREFIX", "Begin", "RunGuard", "get_guard"]
 
 RESULT_PREFIX = "tierq:result:"
 RUNNING_PREFIX = "tierq:running:"

@@ -223,6 +223,8 @@ def build_result(spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, n
         "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
         "timings": {
             "queue_wait_ms": attempt.queue_wait_ms,
+            # this attempt's start → its request sent: the worker's own overhead before the model
+            "prep_ms": round(max(0.0, reply.sent_wall - attempt.started_at) * 1000, 2),
             "ttft_ms": round(ttft_s * 1000, 2) if ttft_s is not None else None,
             "llm_ms": round(llm_s * 1000, 2),
             "total_ms": attempt.total_ms(now),

@@ -65,6 +65,8 @@ class LLMReply:
     sent_at: float
     first_token_at: float | None
     done_at: float
+    #: ``time.time()`` as the request was sent, to set against the job's other wall-clock marks
+    sent_wall: float
 
 
 def get_client(settings: Settings | None = None) -> anthropic.Anthropic:
@@ -109,7 +111,7 @@ def stream_reply(
     first_token_at: float | None = None
     request_id: str | None = None
     model, stop_reason, input_tokens, output_tokens = request.model, None, 0, 0
-    sent_at = time.perf_counter()
+    sent_wall, sent_at = time.time(), time.perf_counter()
     try:
         stream = client.messages.create(
             model=request.model,
@@ -158,6 +160,7 @@ def stream_reply(
         sent_at=sent_at,
         first_token_at=first_token_at,
         done_at=time.perf_counter(),
+        sent_wall=sent_wall,
     )
 
 
