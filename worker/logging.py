@@ -20,8 +20,9 @@ from worker.spec import CONTEXT_HEADER, carried_context
 __all__ = ["configure_logging", "connect_celery_signals", "get_logger"]
 
 #: loggers kept at WARNING: Celery's task trace would log each return value (the summary text) at
-#: INFO, and the HTTP clients log every request
-_QUIET_LOGGERS = ("celery.app.trace", "httpx", "httpx2", "httpcore", "httpcore2")
+#: INFO, its strategy a "received" line per job (on the fast path, and the canonical line says it
+#: all), and the HTTP clients every request
+_QUIET_LOGGERS = ("celery.app.trace", "celery.worker.strategy", "httpx", "httpx2", "httpcore", "httpcore2")
 
 _SHARED: list[Any] = [
     structlog.contextvars.merge_contextvars,
