@@ -11,17 +11,24 @@ Admin endpoints:
     ``POST /_sim/rates``                ``{"529": 0.1}``: replace the fault probability table
     ``GET  /_sim/requests``             ``{"total": N, "by_job": {job_id: count}}``
     ``GET  /_sim/requests/{job_id}``    ``{"job_id": ..., "count": N}``
-    ``POST /_sim/reset``                clear scripts, rates and counts
+    ``GET  /_sim/timings``              ``{"by_job": {job_id: [timing, ...]}}``
+    ``GET  /_sim/timings/{job_id}``     ``{"job_id": ..., "requests": [timing, ...]}``, each timing
+                                        ``{"arrived_at", "first_delta_at", "ttft_ms"}``
+    ``POST /_sim/reset``                clear scripts, rates, counts and timings
     ``GET  /_sim/health``               ``{"ok": true}``
 
-Every response carries a ``request-id`` header (``req_sim_<hex>``).
+Every response carries a ``request-id`` header (``req_sim_<hex>``). Requests with an
+``x-tierq-job-id`` header are timed (``time.time()`` when the request reached the app, and when
+its first text delta was sent); see :class:`~simulator.state.RequestTiming`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +44,7 @@ from simulator.errors import error_response
 from simulator.faults import FAULT_HEADER, JOB_HEADER, fault_response
 from simulator.latency import LatencyModel
 from simulator.messages import Reply, new_message_id, stream_reply
-from simulator.state import SimState
+from simulator.state import DEFAULT_MAX_TIMED_JOBS, RequestTiming, SimState
 from simulator.text import summarize
 from simulator.validation import InvalidRequest, parse_messages_request
 
@@ -62,6 +69,14 @@ class SimConfig:
     midstream_deltas: int = 2
     #: Fault probabilities for chaos runs, e.g. ``{"529": 0.1, "429": 0.05}``.
     fault_rates: dict[str, float] = field(default_factory=dict)
+    #: Replaces every model's latency jitter (0: each call of a model takes the same time).
+    jitter: float | None = None
+    #: Fixed time to first text delta, in seconds (not scaled), instead of the model's.
+    fixed_ttft_s: float | None = None
+    #: Fixed duration of a whole call, in seconds (not scaled): the deltas are spread over it.
+    fixed_total_s: float | None = None
+    #: Jobs whose request timings are kept (the oldest are dropped beyond).
+    max_timed_jobs: int = DEFAULT_MAX_TIMED_JOBS
 
 
 def new_request_id() -> str:
@@ -70,7 +85,7 @@ def new_request_id() -> str:
 
 
 class RequestIdMiddleware:
-    """Give every HTTP response a ``request-id`` header, as the API does."""
+    """Give every HTTP response a ``request-id`` header, as the API does; note when a request arrived."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -79,8 +94,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        arrived_at = time.time()
         request_id = new_request_id()
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["arrived_at"] = arrived_at
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -141,6 +159,9 @@ async def create_message(request: Request) -> Response:
     state, config = _state(request), _config(request)
     job_id = request.headers.get(JOB_HEADER)
     state.record_request(job_id)
+    timed: RequestTiming | None = None
+    if job_id is not None:
+        timed = state.record_arrival(job_id, getattr(request.state, "arrived_at", None) or time.time())
     if (denied := _unauthorized(request)) is not None:
         return denied
     try:
@@ -165,7 +186,7 @@ async def create_message(request: Request) -> Response:
         stop_reason=stop_reason,
     )
     timing: LatencyModel = request.app.state.latency
-    drawn = timing.timing_for(body.model)
+    drawn = timing.timing_for(body.model, output_tokens)
     stall_s = 0.0
     if fault.kind == "stall":
         stall_s = fault.arg if fault.arg is not None else config.stall_s
@@ -174,8 +195,9 @@ async def create_message(request: Request) -> Response:
         fail_after: int | None = None
         if fault.kind == "midstream":
             fail_after = int(fault.arg) if fault.arg is not None else config.midstream_deltas
+        on_first_delta = None if timed is None else _marker(state, timed)
         return StreamingResponse(
-            stream_reply(reply, drawn, stall_s=stall_s, fail_after=fail_after),
+            stream_reply(reply, drawn, stall_s=stall_s, fail_after=fail_after, on_first_delta=on_first_delta),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache"},
         )
@@ -186,6 +208,13 @@ async def create_message(request: Request) -> Response:
     if not await _sleep_unless_disconnected(request, stall_s + drawn.total(output_tokens)):
         return Response(status_code=499)
     return JSONResponse(reply.message())
+
+
+def _marker(state: SimState, timed: RequestTiming) -> Callable[[], None]:
+    def mark() -> None:
+        state.mark_first_delta(timed, time.time())
+
+    return mark
 
 
 async def count_tokens(request: Request) -> Response:
@@ -252,6 +281,17 @@ async def job_request_count(request: Request) -> Response:
     return JSONResponse({"job_id": job_id, "count": _state(request).request_count(job_id)})
 
 
+async def all_timings(request: Request) -> Response:
+    """``GET /_sim/timings``."""
+    return JSONResponse({"by_job": _state(request).all_timings()})
+
+
+async def job_timings(request: Request) -> Response:
+    """``GET /_sim/timings/{job_id}``."""
+    job_id: str = request.path_params["job_id"]
+    return JSONResponse({"job_id": job_id, "requests": _state(request).timings(job_id)})
+
+
 async def reset(request: Request) -> Response:
     """``POST /_sim/reset``."""
     _state(request).reset()
@@ -286,6 +326,8 @@ def create_app(config: SimConfig | None = None) -> Starlette:
             Route("/_sim/rates", set_rates, methods=["POST"]),
             Route("/_sim/requests", request_counts, methods=["GET"]),
             Route("/_sim/requests/{job_id:path}", job_request_count, methods=["GET"]),
+            Route("/_sim/timings", all_timings, methods=["GET"]),
+            Route("/_sim/timings/{job_id:path}", job_timings, methods=["GET"]),
             Route("/_sim/reset", reset, methods=["POST"]),
             Route("/_sim/health", health, methods=["GET"]),
         ],
@@ -293,6 +335,14 @@ def create_app(config: SimConfig | None = None) -> Starlette:
         exception_handlers={HTTPException: http_error},
     )
     app.state.config = config
-    app.state.sim = SimState(fault_rates=config.fault_rates, seed=config.seed)
-    app.state.latency = LatencyModel(time_scale=config.time_scale, seed=config.seed)
+    app.state.sim = SimState(
+        fault_rates=config.fault_rates, seed=config.seed, max_timed_jobs=config.max_timed_jobs
+    )
+    app.state.latency = LatencyModel(
+        time_scale=config.time_scale,
+        seed=config.seed,
+        jitter=config.jitter,
+        fixed_ttft_s=config.fixed_ttft_s,
+        fixed_total_s=config.fixed_total_s,
+    )
     return app

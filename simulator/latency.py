@@ -2,6 +2,8 @@
 
 A request draws one :class:`Timing` (TTFT and seconds per output token, each with
 multiplicative jitter, both multiplied by ``time_scale``) and paces its output by it.
+For benchmarks, the jitter can be overridden (0 makes every call of a model take the same time)
+and a fixed TTFT and/or total duration can replace the profile altogether.
 """
 
 from __future__ import annotations
@@ -69,10 +71,28 @@ class Timing:
 class LatencyModel:
     """Draws per-request timings from a seedable random source; thread-safe."""
 
-    def __init__(self, time_scale: float = 1.0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        time_scale: float = 1.0,
+        seed: int | None = None,
+        *,
+        jitter: float | None = None,
+        fixed_ttft_s: float | None = None,
+        fixed_total_s: float | None = None,
+    ) -> None:
+        """``jitter`` replaces every profile's jitter; ``fixed_ttft_s`` and ``fixed_total_s`` (seconds,
+        not scaled) replace the drawn TTFT and the whole call's duration."""
         if time_scale < 0:
             raise ValueError("time_scale must be >= 0")
+        if jitter is not None and not 0 <= jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
+        for name, value in (("fixed_ttft_s", fixed_ttft_s), ("fixed_total_s", fixed_total_s)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0")
         self.time_scale = time_scale
+        self.jitter = jitter
+        self.fixed_ttft_s = fixed_ttft_s
+        self.fixed_total_s = fixed_total_s
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
@@ -80,9 +100,19 @@ class LatencyModel:
         with self._lock:
             return self._rng.uniform(1.0 - jitter, 1.0 + jitter)
 
-    def timing_for(self, model: str) -> Timing:
-        """Draw the TTFT and per-token delay of one request to ``model``."""
+    def timing_for(self, model: str, output_tokens: int = 1) -> Timing:
+        """Draw the TTFT and per-token delay of one request to ``model``.
+
+        ``output_tokens`` (the reply's length) matters only with ``fixed_total_s``: the time after
+        the first token is spread evenly over them, so the call takes ``fixed_total_s`` in all.
+        """
         profile = profile_for(model)
-        ttft = profile.ttft_s * self._factor(profile.jitter) * self.time_scale
-        per_token = self._factor(profile.jitter) / profile.tokens_per_s * self.time_scale
+        jitter = profile.jitter if self.jitter is None else self.jitter
+        ttft = profile.ttft_s * self._factor(jitter) * self.time_scale
+        per_token = self._factor(jitter) / profile.tokens_per_s * self.time_scale
+        if self.fixed_ttft_s is not None:
+            ttft = self.fixed_ttft_s
+        if self.fixed_total_s is not None:
+            ttft = min(ttft, self.fixed_total_s)
+            per_token = (self.fixed_total_s - ttft) / max(1, output_tokens)
         return Timing(ttft_s=ttft, s_per_token=per_token)

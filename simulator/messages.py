@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +88,7 @@ async def stream_reply(
     *,
     stall_s: float = 0.0,
     fail_after: int | None = None,
+    on_first_delta: Callable[[], None] | None = None,
 ) -> AsyncIterator[bytes]:
     """Yield the SSE frames of ``reply``, paced by ``timing``.
 
@@ -96,6 +97,7 @@ async def stream_reply(
         timing: the first delta comes after ``timing.ttft_s``, the rest at its token rate.
         stall_s: after ``ping``, send nothing for this long (not scaled), then go on.
         fail_after: end with an ``overloaded_error`` event after this many text deltas.
+        on_first_delta: called just before the first text delta is handed to the server.
     """
     start = asyncio.get_running_loop().time()
     yield sse_frame("message_start", reply.message_start())
@@ -114,7 +116,10 @@ async def stream_reply(
         if fail_after is not None and sent >= fail_after:
             break
         delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
-        yield sse_frame("content_block_delta", delta)
+        frame = sse_frame("content_block_delta", delta)
+        if sent == 0 and on_first_delta is not None:
+            on_first_delta()
+        yield frame
         tokens_before += n_tokens
     if fail_after is not None:
         yield sse_frame("error", error_body("overloaded_error", "Overloaded"))

@@ -1,4 +1,8 @@
-"""The simulator's mutable state: fault scripts, the fault probability table and request counts.
+"""The simulator's mutable state: fault scripts, the fault probability table, request counts and timings.
+
+Timings are wall-clock (``time.time()``) marks of each ``/v1/messages`` request that carries a job id:
+when it reached the app and when its first text delta was sent, for benchmarks that compare them
+with the producer's and worker's clocks on the same machine.
 
 One :class:`SimState` lives on the app (``app.state.sim``) and is shared by the server's event
 loop and by tests in other threads, so every method takes its lock.
@@ -10,18 +14,46 @@ import random
 import threading
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from simulator.faults import OK, Fault, draw_fault, validate_rates
 
-__all__ = ["SimState"]
+__all__ = ["DEFAULT_MAX_TIMED_JOBS", "RequestTiming", "SimState"]
+
+#: jobs whose request timings are kept; the oldest job's are dropped beyond this
+DEFAULT_MAX_TIMED_JOBS = 100_000
+
+
+@dataclass
+class RequestTiming:
+    """Wall-clock marks of one request (``time.time()`` seconds)."""
+
+    #: when the request reached the app (its headers parsed, before the body is read)
+    arrived_at: float
+    #: when the first text delta was handed to the server; None if none was sent (yet)
+    first_delta_at: float | None = None
+
+    def as_dict(self) -> dict[str, float | None]:
+        """``{"arrived_at", "first_delta_at", "ttft_ms"}``; ``ttft_ms`` is arrival → first delta."""
+        ttft = None
+        if self.first_delta_at is not None:
+            ttft = round((self.first_delta_at - self.arrived_at) * 1000, 3)
+        return {**asdict(self), "ttft_ms": ttft}
 
 
 class SimState:
     """Fault scripts, fault probabilities and per-job request counts, behind one lock."""
 
-    def __init__(self, fault_rates: Mapping[str, float] | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        fault_rates: Mapping[str, float] | None = None,
+        seed: int | None = None,
+        max_timed_jobs: int = DEFAULT_MAX_TIMED_JOBS,
+    ) -> None:
         self._lock = threading.Lock()
+        self._timings: dict[str, list[RequestTiming]] = {}
+        self._max_timed_jobs = max_timed_jobs
         self._rng = random.Random(seed)
         self._job_scripts: dict[str, deque[Fault]] = {}
         self._global_script: deque[Fault] = deque()
@@ -99,9 +131,35 @@ class SimState:
         with self._lock:
             return {"total": self._total, "by_job": dict(self._by_job)}
 
-    def reset(self) -> None:
-        """Clear scripts, the probability table and counts."""
+    def record_arrival(self, job_id: str, arrived_at: float) -> RequestTiming:
+        """Keep the arrival time of a request of ``job_id``; return its record, to mark later."""
+        timing = RequestTiming(arrived_at=arrived_at)
         with self._lock:
+            if job_id not in self._timings and len(self._timings) >= self._max_timed_jobs:
+                del self._timings[next(iter(self._timings))]
+            self._timings.setdefault(job_id, []).append(timing)
+        return timing
+
+    def mark_first_delta(self, timing: RequestTiming, at: float) -> None:
+        """Record when the first text delta of the request ``timing`` was sent."""
+        with self._lock:
+            if timing.first_delta_at is None:
+                timing.first_delta_at = at
+
+    def timings(self, job_id: str) -> list[dict[str, float | None]]:
+        """The timings of every request of ``job_id`` (retries too), oldest first."""
+        with self._lock:
+            return [t.as_dict() for t in self._timings.get(job_id, [])]
+
+    def all_timings(self) -> dict[str, list[dict[str, float | None]]]:
+        """``{job_id: [timings of each request]}`` for every job still kept."""
+        with self._lock:
+            return {job: [t.as_dict() for t in ts] for job, ts in self._timings.items()}
+
+    def reset(self) -> None:
+        """Clear scripts, the probability table, counts and timings."""
+        with self._lock:
+            self._timings.clear()
             self._job_scripts.clear()
             self._global_script.clear()
             self._rates = {}

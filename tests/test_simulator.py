@@ -16,8 +16,10 @@ import pytest
 from anthropic.types import Message
 
 from simulator import SimConfig, SimServer
+from simulator.__main__ import parse_args
 from simulator.faults import Fault
-from simulator.latency import profile_for
+from simulator.latency import LatencyModel, profile_for
+from simulator.state import SimState
 from simulator.text import count_tokens, split_deltas, summarize, tokenize
 
 MODEL = "claude-haiku-4-5"
@@ -377,3 +379,104 @@ def test_latency_profiles_and_fault_specs() -> None:
     for bad in ("boom", "529:1", "stall:-1", "stall:x"):
         with pytest.raises(ValueError):
             Fault.parse(bad)
+
+
+# --- benchmark knobs: request timings, fixed latency, jitter, `python -m simulator` --------------
+
+
+def test_request_timings_per_job(sim: SimServer, client: anthropic.Anthropic) -> None:
+    job = new_job()
+    before = time.time()
+    with client.messages.create(
+        model=MODEL, max_tokens=400, messages=MESSAGES, stream=True, extra_headers=job_headers(job)
+    ) as stream:
+        for _ in stream:
+            pass
+    create(client, extra_headers=job_headers(job))  # not streamed: no first delta
+    status, body = http(sim, "GET", f"/_sim/timings/{job}")
+    assert status == 200
+    assert body["job_id"] == job
+    streamed, whole = body["requests"]
+    assert before <= streamed["arrived_at"] <= streamed["first_delta_at"] <= time.time()
+    expected_ms = (streamed["first_delta_at"] - streamed["arrived_at"]) * 1000
+    assert streamed["ttft_ms"] == pytest.approx(expected_ms, abs=0.001)
+    assert whole["first_delta_at"] is None
+    assert whole["ttft_ms"] is None
+    assert sim.state.timings(job) == body["requests"]
+    status, every = http(sim, "GET", "/_sim/timings")
+    assert status == 200
+    assert every["by_job"][job] == body["requests"]
+    other = new_job()
+    assert http(sim, "GET", f"/_sim/timings/{other}") == (200, {"job_id": other, "requests": []})
+
+
+def test_timings_are_bounded_and_reset() -> None:
+    state = SimState(max_timed_jobs=2)
+    for job in ("a", "b", "c"):
+        state.record_arrival(job, time.time())
+    assert set(state.all_timings()) == {"b", "c"}
+    timing = state.record_arrival("c", 100.0)
+    state.mark_first_delta(timing, 100.25)
+    state.mark_first_delta(timing, 101.0)  # only the first delta counts
+    assert state.timings("c")[-1] == {"arrived_at": 100.0, "first_delta_at": 100.25, "ttft_ms": 250.0}
+    state.reset()
+    assert state.all_timings() == {}
+
+
+def test_jitter_override_and_fixed_latency() -> None:
+    steady = LatencyModel(time_scale=0.5, seed=3, jitter=0)
+    assert steady.timing_for(MODEL) == steady.timing_for(MODEL)
+    assert steady.timing_for(MODEL).ttft_s == pytest.approx(profile_for(MODEL).ttft_s * 0.5)
+    fixed = LatencyModel(time_scale=1.0, fixed_ttft_s=0.1, fixed_total_s=0.5)
+    timing = fixed.timing_for(MODEL, output_tokens=40)
+    assert timing.ttft_s == pytest.approx(0.1)
+    assert timing.total(40) == pytest.approx(0.5)
+    assert LatencyModel(fixed_total_s=0.2).timing_for(MODEL, 10).total(10) == pytest.approx(0.2)
+    for bad in ({"jitter": 1.5}, {"fixed_ttft_s": -1.0}, {"fixed_total_s": -0.1}):
+        with pytest.raises(ValueError):
+            LatencyModel(**bad)  # type: ignore[arg-type]
+
+
+def test_fixed_total_paces_a_streamed_call() -> None:
+    config = SimConfig(fixed_ttft_s=0.05, fixed_total_s=0.2)
+    with (
+        SimServer(config) as own,
+        anthropic.Anthropic(api_key="sim-key", base_url=own.url, max_retries=0) as c,
+    ):
+        job = new_job()
+        started = time.monotonic()
+        with c.messages.create(
+            model=MODEL, max_tokens=400, messages=MESSAGES, stream=True, extra_headers=job_headers(job)
+        ) as stream:
+            for _ in stream:
+                pass
+        assert time.monotonic() - started >= 0.2
+        (timing,) = own.state.timings(job)
+        assert timing["ttft_ms"] is not None
+        assert timing["ttft_ms"] >= 50
+
+
+def test_module_cli_parses_benchmark_options() -> None:
+    host, port, config = parse_args(
+        [
+            "--port",
+            "9999",
+            "--time-scale",
+            "0.5",
+            "--jitter",
+            "0",
+            "--fixed-ttft-s",
+            "0.1",
+            "--fixed-total-s",
+            "0.5",
+        ]
+    )
+    assert (host, port) == ("127.0.0.1", 9999)
+    assert (config.time_scale, config.jitter, config.fixed_ttft_s, config.fixed_total_s) == (
+        0.5,
+        0.0,
+        0.1,
+        0.5,
+    )
+    with pytest.raises(SystemExit):
+        parse_args(["--time-scale", "-1"])

@@ -1,0 +1,158 @@
+"""The benchmark harness: ``python -m bench SCENARIO --quick`` runs, cleans up and writes JSON and PNG.
+
+Behaviour only (keys present, numbers positive, processes gone), never timing thresholds: the
+figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.result import Options, ScenarioResult, Target
+from bench.stats import median, percentile, ratio, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV_KEYS = {"python", "celery", "kombu", "redis-py", "anthropic", "cores"}
+
+
+def run_bench(tmp_path: Path, scenario: str) -> dict[str, Any]:
+    out_json, out_png = tmp_path / f"{scenario}.json", tmp_path / f"{scenario}.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", scenario, "--quick", "--json", str(out_json), "--png", str(out_png)],
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "environment" in proc.stdout
+    assert out_png.stat().st_size > 1000
+    document: dict[str, Any] = json.loads(out_json.read_text())
+    assert set(document["environment"]) >= ENV_KEYS
+    assert document["scenario"] == scenario
+    assert document["skipped"] is None
+    for target in document["targets"]:
+        assert {"name", "value", "op", "limit", "met"} <= set(target)
+        assert target["met"] in (True, False)
+    return document
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_overhead_quick(tmp_path: Path) -> None:
+    doc = run_bench(tmp_path, "overhead")
+    summary = doc["summary"]
+    for key in ("raw_ms", "raw_events_ms", "tierq_ms", "tierq_enqueue_to_body_ms"):
+        assert all(positive(summary[key][q]) for q in ("p50", "p95", "p99")), key
+    assert all(positive(summary[f"ratio_{q}"]) for q in ("p50", "p95", "p99"))
+    assert [t["name"] for t in doc["targets"]] == ["overhead ratio p50", "overhead ratio p99"]
+    assert doc["samples"]["raw_ms"] and doc["samples"]["tierq_ms"]
+    assert len(doc["runs"]) == doc["config"]["runs"]
+
+
+@pytest.mark.slow
+def test_concurrency_quick(tmp_path: Path) -> None:
+    doc = run_bench(tmp_path, "concurrency")
+    (level,) = doc["config"]["n"]
+    row = doc["summary"][f"n{level}"]
+    for key in (
+        "jobs_per_s",
+        "fraction_of_ideal",
+        "peak_in_flight",
+        "worker_cpu_ms_per_job",
+        "worker_rss_mb",
+    ):
+        assert positive(row[key]), key
+    assert row["failed"] == 0
+    assert set(row["cpu_util"]) == {"worker", "sim", "redis"}
+    assert all(r["jobs"] == 3 * level for r in doc["runs"])
+
+
+def test_stats_helpers() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+    assert math.isnan(percentile([], 50))
+    stats = summarize([float(v) for v in range(1, 101)])
+    assert (stats["n"], stats["min"], stats["max"]) == (100, 1.0, 100.0)
+    assert stats["p50"] == pytest.approx(50.5)
+    assert median([3.0, None, 1.0, math.nan, 2.0]) == 2.0
+    assert math.isnan(ratio(1.0, 0.0))
+
+
+def test_targets_options_and_json_safety() -> None:
+    assert Target("t", 1.2, "<=", 1.5).met is True
+    assert Target("t", 0.8, ">=", 0.9).met is False
+    assert Target("t", math.nan, "<=", 1.0).met is None
+    assert Options().runs_or(3) == 3
+    assert Options(quick=True).runs_or(3, quick=1) == 1
+    assert Options(runs=5, quick=True).runs_or(3) == 5
+    result = ScenarioResult(
+        "x", "X", summary={"a": math.nan, "b": [1.0, math.inf]}, targets=[Target("t", None, "<=", 1)]
+    )
+    cleaned = result.as_dict()
+    assert cleaned["summary"] == {"a": None, "b": [1.0, None]}
+    json.dumps(cleaned, allow_nan=False)
+
+
+def _children(pid: int) -> set[int]:
+    """Pids whose parent is ``pid``."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return text[text.rindex(")") + 2] == "Z"
+
+
+@pytest.mark.slow
+def test_interrupt_stops_every_process(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "overhead", "--quick", "--json", str(tmp_path / "o.json")],
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        seen: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(seen) < 3 and time.monotonic() < deadline:  # redis, simulator, a worker
+            seen |= _children(proc.pid)
+            time.sleep(0.1)
+        assert len(seen) >= 3
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    end = time.monotonic() + 10
+    while not all(_gone(pid) for pid in seen) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert [pid for pid in seen if not _gone(pid)] == []
+    assert not (tmp_path / "o.json").exists()
