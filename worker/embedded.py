@@ -48,7 +48,7 @@ class EmbeddedRedis:
         return self
 
     def kill(self) -> None:
-        """Kill the server with SIGKILL, as a crash would; keep its directory (and AOF) for :meth:`restart`."""
+        """SIGKILL the server, as a crash would; its directory (and AOF) stays for :meth:`restart`."""
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()

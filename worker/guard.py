@@ -37,6 +37,8 @@ STARTS_PREFIX = "tierq:starts:"
 LOCK_TTL_S = 10.0
 #: seconds between a waiting duplicate's looks at the lock and the result
 WAIT_POLL_S = 0.25
+#: seconds an attempt keeps trying to record its result while Redis is away
+RECORD_RETRY_S = 60.0
 
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -109,9 +111,24 @@ class RunGuard:
             time.sleep(WAIT_POLL_S)
         return None
 
-    def finish(self, job_id: str, result: dict[str, Any], ttl_s: int) -> None:
-        """Record the result, then release the lock."""
-        self.client.set(self._key(RESULT_PREFIX, job_id), json.dumps(result), ex=ttl_s)
+    def finish(
+        self, job_id: str, result: dict[str, Any], ttl_s: int, retry_s: float = RECORD_RETRY_S
+    ) -> None:
+        """Record the result, then release the lock; never raises (the answer is already in hand).
+
+        With Redis away the write is retried for ``retry_s`` seconds, so that a redelivery finds the
+        answer instead of calling the model again; then the lock leaves the heartbeat and lapses.
+        """
+        payload, until = json.dumps(result), time.monotonic() + retry_s
+        while True:
+            try:
+                self.client.set(self._key(RESULT_PREFIX, job_id), payload, ex=ttl_s)
+                break
+            except redis.RedisError as exc:
+                if time.monotonic() >= until:
+                    _log.error("guard.record_failed", job_id=job_id, error=str(exc))
+                    break
+                time.sleep(WAIT_POLL_S * 2)
         self.release(job_id)
 
     def release(self, job_id: str) -> None:

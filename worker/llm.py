@@ -161,6 +161,12 @@ def stream_reply(
             response.close()
     except anthropic.APIError as exc:
         raise map_sdk_error(exc, produced_text=first_token_at is not None, deadline=deadline) from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        # an event that is not the JSON the API documents
+        label = f"malformed event from the API ({type(exc).__name__})"
+        if first_token_at is not None:
+            raise StreamInterruptedError(f"stream broke after text was produced: {label}") from exc
+        raise UpstreamServerError(label) from exc
     except httpx2.TransportError as exc:
         # the SDK wraps transport errors of the request, not of a stream being read
         raise map_sdk_error(

@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 from celery import signals
+from structlog.tracebacks import ExceptionDictTransformer
 
 from worker.settings import Settings, get_settings
 from worker.spec import CONTEXT_HEADER, carried_context
@@ -42,10 +43,13 @@ def configure_logging(settings: Settings | None = None, level: str | int | None 
     """Configure structlog and the stdlib root logger to write one format to stdout."""
     settings = settings or get_settings()
     renderer: list[Any]
+    # tracebacks without their frames' locals: those hold the job, the prompt and the request body
     if _use_json(settings):
-        renderer = [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        tracebacks = ExceptionDictTransformer(show_locals=False)
+        renderer = [structlog.processors.ExceptionRenderer(tracebacks), structlog.processors.JSONRenderer()]
     else:
-        renderer = [structlog.dev.ConsoleRenderer()]
+        rich_tracebacks = structlog.dev.RichTracebackFormatter(show_locals=False)
+        renderer = [structlog.dev.ConsoleRenderer(exception_formatter=rich_tracebacks)]
     structlog.configure(
         processors=[
             *_SHARED,

@@ -1,0 +1,498 @@
+"""The chaos harness: a Redis of its own (AOF on) that may be killed, the simulator behind a counter of
+completed streams, real worker subprocesses that may be killed, and a producer subprocess.
+
+Nothing here touches the main test session's Redis or simulator: this process's settings
+(``worker.settings.get_settings`` is read once) belong to the main session, so every tierq call on
+the producer side runs in a subprocess (``tests/chaos/driver.py``) with the chaos environment.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from simulator import SimConfig, create_app
+from simulator.state import SimState
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: seconds before Redis hands an unacknowledged message (its worker died) to another worker
+VISIBILITY_TIMEOUT_S = 4
+#: seconds between a worker's scans for such messages
+RESTORE_INTERVAL_S = 1
+#: the chaos simulator runs 10x faster than the published model speeds
+SIM_TIME_SCALE = 0.1
+#: output tokens of a "long" slow-tier job (with a document of 320 sentences): ~2 s of streaming
+LONG_TOKENS = 800
+
+#: the chaos tier table: few threads, a short retry budget on the standard tier (poison loop)
+TIERS_TOML = """
+[tiers.fast]
+concurrency = 4
+fallback_model = "claude-sonnet-4-6"
+fallback_after = 2
+
+[tiers.standard]
+concurrency = 2
+max_retries = 1
+retry_backoff_s = 0.5
+
+[tiers.slow]
+concurrency = 2
+retry_backoff_s = 0.5
+"""
+
+#: Job statuses that end a job (``Job.status()``)
+TERMINAL = frozenset({"succeeded", "failed", "expired", "revoked"})
+
+
+def document(tag: str, sentences: int = 40) -> str:
+    """A document whose every sentence carries ``tag``, so that any piece of it in a log is found."""
+    return " ".join(
+        f"Ledger {tag} entry {i} notes that region {i % 7} shipped {i * 13 % 101} crates on day {i}."
+        for i in range(sentences)
+    )
+
+
+def new_id(kind: str) -> str:
+    """A job id naming its kind, with nothing of the document in it (ids are logged, text is not)."""
+    return f"{kind}-{uuid.uuid4().hex[:16]}"
+
+
+def new_tag() -> str:
+    """A marker put in every sentence of a document: ``CHAOSDOC`` and random hex."""
+    return f"CHAOSDOC{uuid.uuid4().hex[:12]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the simulator, wrapped to count completed streams per job
+# ---------------------------------------------------------------------------------------------
+
+
+class StreamCounter:
+    """ASGI middleware: per ``x-tierq-job-id``, requests, streams that sent text, completed streams.
+
+    A stream counts as completed when its body carried ``event: message_stop``, i.e. the model's
+    whole answer went out: two of those for one job is a duplicate LLM call. A job marked with
+    :meth:`garble` gets a 200 event stream whose first event is not JSON, as a broken proxy would send.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._lock = threading.Lock()
+        self._requests: Counter[str] = Counter()
+        self._texts: Counter[str] = Counter()
+        self._completed: Counter[str] = Counter()
+        self._garbled: set[str] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        job_id = None
+        if scope["type"] == "http" and scope.get("path") == "/v1/messages":
+            for name, value in scope.get("headers", []):
+                if name.lower() == b"x-tierq-job-id":
+                    job_id = value.decode("latin-1")
+        if job_id is None:
+            await self.app(scope, receive, send)
+            return
+        with self._lock:
+            self._requests[job_id] += 1
+            garbled = job_id in self._garbled
+        if garbled:
+            await _drain(receive)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"event: message_start\ndata: {garbled\n\n"})
+            return
+        seen = {"text": False, "stop": False}
+        tail = b""
+
+        async def counting_send(message: Message) -> None:
+            nonlocal tail
+            await send(message)
+            if message["type"] != "http.response.body":
+                return
+            chunk = tail + bytes(message.get("body", b""))
+            tail = chunk[-64:]
+            with self._lock:
+                if not seen["text"] and b"event: content_block_delta" in chunk:
+                    seen["text"] = True
+                    self._texts[job_id] += 1
+                if not seen["stop"] and b"event: message_stop" in chunk:
+                    seen["stop"] = True
+                    self._completed[job_id] += 1
+
+        await self.app(scope, receive, counting_send)
+
+    def garble(self, job_id: str) -> None:
+        """Answer every request of the job with an event stream that is not JSON."""
+        with self._lock:
+            self._garbled.add(job_id)
+
+    def requests(self, job_id: str) -> int:
+        """Requests made for the job (LLM calls, failed ones too)."""
+        with self._lock:
+            return self._requests[job_id]
+
+    def streamed_text(self, job_id: str) -> int:
+        """Responses for the job that sent at least one text delta."""
+        with self._lock:
+            return self._texts[job_id]
+
+    def completed(self, job_id: str) -> int:
+        """Responses for the job that sent the whole answer (``message_stop``)."""
+        with self._lock:
+            return self._completed[job_id]
+
+
+async def _drain(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+
+
+class ChaosSim:
+    """The simulator app, wrapped in :class:`StreamCounter`, served by uvicorn in a daemon thread."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.app = create_app(config)
+        self.state: SimState = self.app.state.sim
+        self.counter = StreamCounter(self.app)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                self.counter,
+                log_config=None,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                ws="none",
+                timeout_graceful_shutdown=1,
+            )
+        )
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, name="chaos-sim", daemon=True
+        )
+
+    def start(self) -> ChaosSim:
+        self._thread.start()
+        end = time.monotonic() + 15
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > end:
+                self.stop()
+                raise RuntimeError("the chaos simulator did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self._sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# worker subprocesses
+# ---------------------------------------------------------------------------------------------
+
+
+class ChaosWorker:
+    """``python -m worker worker --tier T --name N``; stdout and stderr (JSON lines) go to a file."""
+
+    def __init__(self, tier: str, name: str, env: dict[str, str], log_path: Path) -> None:
+        self.tier = tier
+        self.node = f"{name}@chaos"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "worker", "--tier", tier, "--name", self.node],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every JSON log line written so far."""
+        out = []
+        for line in self.text().splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+    def events_for(self, job_id: str, event: str | None = None) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.events()
+            if e.get("job_id") == job_id and (event is None or e.get("event") == event)
+        ]
+
+    def wait_ready(self, timeout: float = 60.0) -> ChaosWorker:
+        """Wait for Celery's ``<node> ready.`` line (connected to the broker, consuming)."""
+        wait_until(lambda: f"{self.node} ready." in self.text(), timeout, f"{self.node} ready", self.check)
+        return self
+
+    def check(self) -> None:
+        if not self.alive():
+            raise RuntimeError(f"worker {self.node} exited ({self.proc.returncode}):\n{self.text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no warm shutdown, no ack, no cleanup."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def terminate(self) -> None:
+        """SIGTERM: Celery's warm shutdown."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_exit(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the producer subprocess
+# ---------------------------------------------------------------------------------------------
+
+
+class Producer:
+    """``python -m tests.chaos.driver``: tierq's producer API over JSON lines, with the chaos environment."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.chaos.driver"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            cwd=ROOT,
+            text=True,
+            bufsize=1,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="chaos-producer-reader", daemon=True)
+        self._reader.start()
+        self.call("hello", timeout=60)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def call(self, op: str, timeout: float = 60.0, **args: Any) -> Any:
+        """Run one operation in the driver; raise RuntimeError if it failed or took too long."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            self.close()
+            raise RuntimeError(f"the producer driver did not answer {op!r} within {timeout} s") from None
+        if line is None:
+            raise RuntimeError(f"the producer driver exited during {op!r} ({self.proc.poll()})")
+        reply = json.loads(line)
+        if "driver_error" in reply:
+            raise RuntimeError(f"driver {op!r} failed: {reply['driver_error']}")
+        return reply["value"]
+
+    def submit(self, text: str, urgency: str, **kwargs: Any) -> dict[str, Any]:
+        """``{"job_id", "ok", "error_type", "field", "elapsed_s"}`` of one ``tasks.producer.submit``."""
+        [one] = self.call("submit", jobs=[{"text": text, "urgency": urgency, **kwargs}])
+        return dict(one)
+
+    def statuses(self, ids: Iterable[str]) -> dict[str, str]:
+        return dict(self.call("status", ids=list(ids)))
+
+    def wait_ended(self, ids: Iterable[str], timeout: float) -> dict[str, str]:
+        """Poll ``Job.status()`` until every job ended or ``timeout`` passed; the last statuses."""
+        ids = list(ids)
+        end = time.monotonic() + timeout
+        while True:
+            statuses = self.statuses(ids)
+            if all(s in TERMINAL for s in statuses.values()) or time.monotonic() > end:
+                return statuses
+            time.sleep(0.25)
+
+    def outcomes(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """``Job.result()`` of each job, as ``{"status", "error_type", "model", "retries", ...}``."""
+        return dict(self.call("outcome", ids=list(ids), timeout=120))
+
+    def dead_letters(self, ids: Iterable[str]) -> dict[str, dict[str, Any] | None]:
+        """The dead letter of each job (its summary, payload redacted), or None."""
+        return dict(self.call("dlq", ids=list(ids)))
+
+    def publish(self, body: bytes, content_type: str, headers: dict[str, Any], queue: str) -> None:
+        """Publish raw bytes to a tier's queue, as a broken or foreign producer would."""
+        body_b64 = base64.b64encode(body).decode()
+        self.call("publish", body_b64=body_b64, content_type=content_type, headers=headers, queue=queue)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()  # the driver ends at the end of its input
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# counting
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """What happened to a scenario's jobs, computed from the simulator and the result backend."""
+
+    scenario: str
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    expired: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    llm_calls: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        note = f"  ({'; '.join(self.notes)})" if self.notes else ""
+        return (
+            f"chaos {self.scenario}: submitted={self.submitted} completed={self.completed} "
+            f"failed={self.failed} expired={self.expired} duplicates={self.duplicates} lost={self.lost} "
+            f"llm_calls={self.llm_calls}{note}"
+        )
+
+
+def tally(
+    scenario: str, outcomes: dict[str, dict[str, Any]], counter: StreamCounter, notes: Iterable[str] = ()
+) -> Tally:
+    """Count a scenario's jobs: ended how, LLM calls made, LLM calls completed more than once."""
+    row = Tally(scenario, notes=list(notes))
+    for job_id, outcome in outcomes.items():
+        row.submitted += 1
+        status = outcome["status"]
+        if status == "succeeded":
+            row.completed += 1
+        elif status == "expired":
+            row.expired += 1
+        elif status in ("failed", "revoked"):
+            row.failed += 1
+        else:
+            row.lost += 1
+        row.llm_calls += counter.requests(job_id)
+        if counter.completed(job_id) > 1:
+            row.duplicates += 1
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str,
+    check: Callable[[], None] | None = None,
+    interval: float = 0.05,
+) -> None:
+    """Poll ``predicate`` until it is true; AssertionError naming ``what`` after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if check is not None:
+            check()
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without the main session's TIERQ_/ANTHROPIC_ variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "ANTHROPIC_"))}
+    env.update(extra)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def queued(client: redis.Redis, prefix: str, queue_name: str) -> int:
+    """Messages waiting in a queue (all four Redis priority sub-lists)."""
+    names = [queue_name] + [f"{queue_name}\x06\x16{p}" for p in (3, 6, 9)]
+    return sum(int(client.llen(f"{prefix}{name}")) for name in names)  # type: ignore[arg-type]
+
+
+def unacked_ids(client: redis.Redis, prefix: str) -> set[str]:
+    """Task ids of the messages delivered to a worker and not acknowledged yet."""
+    ids = set()
+    raw: dict[bytes, bytes] = client.hgetall(f"{prefix}unacked")  # type: ignore[assignment]
+    for value in raw.values():
+        try:
+            message = json.loads(value)[0]
+            ids.add(str(message["headers"]["id"]))
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+    return ids
