@@ -16,7 +16,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import anthropic
 
@@ -67,23 +69,14 @@ async def _async_call(client: anthropic.AsyncAnthropic) -> int:
     return chunks
 
 
-def _threads(url: str, calls: int, inflight: int) -> tuple[float, float, int]:
+def _on_threads(
+    call: Callable[[anthropic.Anthropic], int], url: str, calls: int, inflight: int
+) -> tuple[float, float, int]:
     client = anthropic.Anthropic(api_key="bench", base_url=url, max_retries=0)
-    _sync_call(client)  # warm the connection pool
+    call(client)  # warm the connection pool
     cpu, wall = time.process_time(), time.perf_counter()
     with ThreadPoolExecutor(inflight) as pool:
-        deltas = sum(pool.map(lambda _: _sync_call(client), range(calls)))
-    result = (time.process_time() - cpu, time.perf_counter() - wall, deltas)
-    client.close()
-    return result
-
-
-def _raw_threads(url: str, calls: int, inflight: int) -> tuple[float, float, int]:
-    client = anthropic.Anthropic(api_key="bench", base_url=url, max_retries=0)
-    _raw_call(client)
-    cpu, wall = time.process_time(), time.perf_counter()
-    with ThreadPoolExecutor(inflight) as pool:
-        deltas = sum(pool.map(lambda _: _raw_call(client), range(calls)))
+        deltas = sum(pool.map(lambda _: call(client), range(calls)))
     result = (time.process_time() - cpu, time.perf_counter() - wall, deltas)
     client.close()
     return result
@@ -147,9 +140,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.calls} calls, {args.inflight} in flight, each ~0.5 s (simulator in its own process)")
         print(f"{'client':<28}{'CPU ms/call':>12}{'CPU ms/delta':>14}{'wall s':>9}{'calls/s':>9}")
         variants = (
-            ("sync SDK on threads", _threads),
+            ("sync SDK on threads", partial(_on_threads, _sync_call)),
             ("AsyncAnthropic, one loop", _asyncio),
-            ("raw SSE events on threads", _raw_threads),
+            ("raw SSE events on threads", partial(_on_threads, _raw_call)),
         )
         for name, run in variants:
             cpu, wall, deltas = run(url, args.calls, args.inflight)

@@ -63,6 +63,12 @@ class EmbeddedRedis:
         """
         if self._dir is None:
             raise RuntimeError("embedded redis-server was never started (or was stopped): call start()")
+        self._terminate()
+        self._launch(timeout)
+        return self
+
+    def _terminate(self) -> None:
+        """SIGTERM the server if it runs, SIGKILL it after ten seconds."""
         if self._proc is not None:
             self._proc.terminate()
             try:
@@ -71,8 +77,6 @@ class EmbeddedRedis:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
-        self._launch(timeout)
-        return self
 
     @property
     def running(self) -> bool:
@@ -116,14 +120,7 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Stop the server and delete its directory."""
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+        self._terminate()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
