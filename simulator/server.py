@@ -6,10 +6,12 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from simulator.app import SimConfig, create_app
 from simulator.state import SimState
@@ -45,10 +47,18 @@ class SimServer:
     the app's :class:`SimState`, to script faults and read request counts in-process.
     """
 
-    def __init__(self, config: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        config: SimConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        wrap: Callable[[ASGIApp], ASGIApp] | None = None,
+    ) -> None:
         self.config = config or SimConfig()
         self.host = host
         self.app = create_app(self.config)
+        #: what uvicorn serves: the app, or ``wrap(app)`` (a middleware that tests put around it)
+        self.asgi: ASGIApp = wrap(self.app) if wrap is not None else self.app
         self.state: SimState = self.app.state.sim
         self._requested_port = port
         self._port: int | None = None
@@ -74,7 +84,7 @@ class SimServer:
         sock = _bind(self.host, self._requested_port)
         port: int = sock.getsockname()[1]
         config = uvicorn.Config(
-            self.app,
+            self.asgi,
             log_config=None,
             log_level="warning",
             access_log=False,

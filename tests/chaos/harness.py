@@ -14,7 +14,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from simulator import SimConfig, create_app
-from simulator.state import SimState
+from simulator import SimConfig, SimServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,48 +172,16 @@ async def _drain(receive: Receive) -> None:
             return
 
 
-class ChaosSim:
-    """The simulator app, wrapped in :class:`StreamCounter`, served by uvicorn in a daemon thread."""
+class ChaosSim(SimServer):
+    """The simulator wrapped in :class:`StreamCounter`, served by :class:`SimServer` in a thread."""
 
     def __init__(self, config: SimConfig) -> None:
-        self.app = create_app(config)
-        self.state: SimState = self.app.state.sim
-        self.counter = StreamCounter(self.app)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port: int = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(
-            uvicorn.Config(
-                self.counter,
-                log_config=None,
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                ws="none",
-                timeout_graceful_shutdown=1,
-            )
-        )
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, name="chaos-sim", daemon=True
-        )
+        super().__init__(config, wrap=StreamCounter)
+        self.counter: StreamCounter = self.asgi  # type: ignore[assignment]
 
-    def start(self) -> ChaosSim:
-        self._thread.start()
-        end = time.monotonic() + 15
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > end:
-                self.stop()
-                raise RuntimeError("the chaos simulator did not start")
-            time.sleep(0.01)
+    def start(self) -> ChaosSim:  # type: ignore[override]
+        super().start()
         return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        if self._thread.is_alive():
-            self._thread.join(10)
-        self._sock.close()
 
 
 # ---------------------------------------------------------------------------------------------
