@@ -65,20 +65,23 @@ def _streaming(ax: Axes, r: ScenarioResult) -> None:
 
 def _concurrency(ax: Axes, r: ScenarioResult) -> None:
     s = r.samples
-    ns = [int(n) for n in s.get("n", [])]
+    ns = sorted({int(n) for n in s.get("n", [])})
+    variants = list(dict.fromkeys(s.get("variant", [])))
     x = list(range(len(ns)))
-    ax.bar(
-        [i - 0.2 for i in x], s.get("ideal_jobs_per_s", []), width=0.4, label="ideal (N / 0.5 s)", color="0.8"
-    )
-    ax.bar([i + 0.2 for i in x], s.get("jobs_per_s", []), width=0.4, label="measured", color="tab:blue")
-    for i, frac in zip(x, s.get("fraction", []), strict=False):
-        ax.annotate(f"{frac:.0%}", (i + 0.2, s["jobs_per_s"][i]), ha="center", va="bottom", fontsize=8)
+    width = 0.8 / (len(variants) + 1)
+    ax.bar([i - 0.4 + width / 2 for i in x], [n / 0.5 for n in ns], width=width, label="ideal", color="0.8")
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
+    for k, variant in enumerate(variants):
+        picks = [j for j, v in enumerate(s["variant"]) if v == variant]
+        pos = [ns.index(int(s["n"][j])) - 0.4 + width * (k + 1.5) for j in picks]
+        values = [s["jobs_per_s"][j] for j in picks]
+        ax.bar(pos, values, width=width, label=variant, color=colors[k % len(colors)])
+        for p, j in zip(pos, picks, strict=True):
+            ax.annotate(
+                f"{s['fraction'][j]:.0%}", (p, s["jobs_per_s"][j]), ha="center", va="bottom", fontsize=6
+            )
     ax.set_xticks(x, [f"N={n}" for n in ns])
-    ax.set_ylabel("jobs/s")
-    twin = ax.twinx()
-    twin.plot(x, s.get("cpu_ms_per_job", []), "o-", color="tab:red", label="worker CPU ms/job")
-    twin.set_ylabel("worker CPU ms/job", color="tab:red")
-    twin.set_ylim(bottom=0)
+    ax.set_ylabel("jobs/s (label: share of ideal)")
     ax.legend(fontsize=7, loc="upper left")
 
 

@@ -9,7 +9,8 @@ stamps ``tierq_enqueued_at``; the task returns it with the ``time.time()`` its b
 
 ``app_events`` is the same app with the Celery settings tierq adds on top (task events sent by
 producer and worker, ``task_track_started``), on queue ``bench.raw.events``: it tells Celery's
-share of tierq's overhead from tierq's own code::
+share of tierq's overhead from tierq's own code. ``bench.sleep`` (on ``app``) only sleeps: the
+concurrency scenario's floor, what Celery alone keeps in flight::
 
     python -m celery -A bench.rawapp:app_events worker -E -P threads -c 32 -Q bench.raw.events
 """
@@ -27,15 +28,18 @@ __all__ = [
     "NOOP_TASK",
     "RAW_QUEUE",
     "SENT_AT_HEADER",
+    "SLEEP_TASK",
     "app",
     "app_events",
     "send_noop",
     "send_noop_events",
+    "send_sleep",
 ]
 
 RAW_QUEUE = "bench.raw"
 EVENTS_QUEUE = "bench.raw.events"
 NOOP_TASK = "bench.noop"
+SLEEP_TASK = "bench.sleep"
 SENT_AT_HEADER = "bench_sent_at"
 
 _url = os.environ.get("BENCH_BROKER_URL") or os.environ.get("TIERQ_BROKER_URL", "redis://127.0.0.1:6379/0")
@@ -68,6 +72,13 @@ def _noop(self: Task) -> dict[str, Any]:
     return {"sent_at": sent_at, "started_at": started_at}
 
 
+def _sleep(seconds: float) -> dict[str, float]:
+    """Stand in for an IO-bound call of ``seconds``; say when it started and ended."""
+    started_at = time.time()
+    time.sleep(seconds)
+    return {"started_at": started_at, "done_at": time.time()}
+
+
 app = _make_app("bench_raw", RAW_QUEUE)
 app_events = _make_app(
     "bench_raw_events",
@@ -78,6 +89,7 @@ app_events = _make_app(
 )
 _noop_task = app.task(name=NOOP_TASK, bind=True)(_noop)
 _noop_events_task = app_events.task(name=NOOP_TASK, bind=True)(_noop)
+_sleep_task = app.task(name=SLEEP_TASK)(_sleep)
 
 
 def _stamp(headers: dict[str, Any] | None = None, **_: Any) -> None:
@@ -91,6 +103,11 @@ signals.before_task_publish.connect(_stamp, sender=NOOP_TASK, weak=False, dispat
 def send_noop() -> Any:
     """Publish one no-op; return its ``AsyncResult``."""
     return _noop_task.apply_async(headers={SENT_AT_HEADER: None})
+
+
+def send_sleep(seconds: float) -> Any:
+    """Publish one sleep (the concurrency scenario's floor: Celery alone, no model call)."""
+    return _sleep_task.apply_async((seconds,))
 
 
 def send_noop_events() -> Any:

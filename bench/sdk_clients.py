@@ -2,9 +2,10 @@
 
 ``python -m bench.sdk_clients [--calls 256] [--inflight 64]`` starts the simulator as a separate
 process (each call ~0.5 s, a few tokens per delta, like a short fast-tier reply), then runs the
-same calls both ways in this process and prints CPU-ms per call (``time.process_time``) and
+same calls each way in this process and prints CPU-ms per call (``time.process_time``) and
 wall time. It isolates the SDK's streaming cost from Celery's, to choose how a worker process
-should hold many calls at once.
+should hold many calls at once. The last way, the raw events of ``AsyncAnthropic`` on the SDK's
+aiohttp transport (``anthropic[aiohttp]``), is what ``io = "asyncio"`` tiers do (worker/llm.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -69,6 +70,23 @@ async def _async_call(client: anthropic.AsyncAnthropic) -> int:
     return chunks
 
 
+async def _async_raw_call(client: anthropic.AsyncAnthropic) -> int:
+    """The raw-events call on ``AsyncAnthropic``: what ``worker.llm`` does on its event loop."""
+    chunks = 0
+    raw = await client.messages.with_raw_response.create(
+        model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": PROMPT}], stream=True
+    )
+    response = raw.http_response
+    try:
+        async for sse in anthropic.AsyncStream.raw_events(response):
+            if sse.event == "content_block_delta":
+                json.loads(sse.data)
+                chunks += 1
+    finally:
+        await response.aclose()
+    return chunks
+
+
 def _on_threads(
     call: Callable[[anthropic.Anthropic], int], url: str, calls: int, inflight: int
 ) -> tuple[float, float, int]:
@@ -82,15 +100,22 @@ def _on_threads(
     return result
 
 
-def _asyncio(url: str, calls: int, inflight: int) -> tuple[float, float, int]:
+def _asyncio(
+    call: Callable[[anthropic.AsyncAnthropic], Awaitable[int]],
+    url: str,
+    calls: int,
+    inflight: int,
+    aiohttp: bool = False,
+) -> tuple[float, float, int]:
     async def run() -> tuple[float, float, int]:
-        client = anthropic.AsyncAnthropic(api_key="bench", base_url=url, max_retries=0)
-        await _async_call(client)
+        http = anthropic.DefaultAioHttpClient() if aiohttp else None
+        client = anthropic.AsyncAnthropic(api_key="bench", base_url=url, max_retries=0, http_client=http)
+        await call(client)
         gate = asyncio.Semaphore(inflight)
 
         async def one() -> int:
             async with gate:
-                return await _async_call(client)
+                return await call(client)
 
         cpu, wall = time.process_time(), time.perf_counter()
         deltas = sum(await asyncio.gather(*(one() for _ in range(calls))))
@@ -141,8 +166,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'client':<28}{'CPU ms/call':>12}{'CPU ms/delta':>14}{'wall s':>9}{'calls/s':>9}")
         variants = (
             ("sync SDK on threads", partial(_on_threads, _sync_call)),
-            ("AsyncAnthropic, one loop", _asyncio),
+            ("AsyncAnthropic, one loop", partial(_asyncio, _async_call)),
             ("raw SSE events on threads", partial(_on_threads, _raw_call)),
+            ("raw SSE events, one loop", partial(_asyncio, _async_raw_call)),
+            ("raw SSE, one loop, aiohttp", partial(_asyncio, _async_raw_call, aiohttp=True)),
         )
         for name, run in variants:
             cpu, wall, deltas = run(url, args.calls, args.inflight)

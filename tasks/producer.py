@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,7 +52,7 @@ from worker.spec import (
 )
 from worker.tiers import TierTable, get_tier_table
 
-__all__ = ["SUBMITTED_PREFIX", "Job", "get_job", "replay", "submit"]
+__all__ = ["SUBMITTED_PREFIX", "Job", "Restarted", "get_job", "replay", "submit"]
 
 #: key (after ``TIERQ_KEY_PREFIX``) marking a caller-given job id as submitted, for as long as results live
 SUBMITTED_PREFIX = "tierq:submitted:"
@@ -124,6 +125,18 @@ def _default_app() -> Celery:
     return app
 
 
+@dataclass(frozen=True, slots=True)
+class Restarted:
+    """Yielded by :meth:`Job.stream` when the job started over from the top after text was yielded.
+
+    The worker running it was lost mid-reply and another one took the job again: the text yielded so
+    far belongs to a reply that will never finish; what follows is the new run's, from its start.
+    """
+
+    #: the new run's number (the job's Nth start)
+    run: int
+
+
 class Job:
     """A submitted job: its id, its status and, when it is done, its result."""
 
@@ -180,12 +193,14 @@ class Job:
             raise JobExpiredError(f"job {self.id} expired: {value}", error_type=error_type)
         raise JobFailedError(f"job {self.id} failed: {error_type}: {value}", error_type=error_type)
 
-    def stream(self, timeout: float | None = None) -> Iterator[str | dict[str, Any]]:
+    def stream(self, timeout: float | None = None) -> Iterator[str | Restarted | dict[str, Any]]:
         """Yield the summary's text as the worker produces it, then the result dict as the last item.
 
         A caller that starts reading late still gets the whole text. Jobs submitted with
         ``stream=True`` are streamed delta by delta; others yield their summary in one piece when
         they end. The result's ``timings`` gain ``producer_ttft_ms``: enqueue → first text here.
+        If the job's worker is lost mid-reply and the job runs again, a :class:`Restarted` comes
+        before the new run's text: drop what was yielded before it.
 
         Raises:
             JobTimeoutError: the job did not end within ``timeout`` seconds.
@@ -209,7 +224,9 @@ class Job:
                         continue
                     if entry.end is not None:
                         break
-                    if entry.text:
+                    if entry.restarted:
+                        yield Restarted(entry.run)
+                    elif entry.text:
                         first_at = first_at or time.time()
                         yield entry.text
         left = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -43,6 +43,8 @@ concurrency = 2
 
 [tiers.standard]
 concurrency = 4
+# the other way to make the call (the built-in tiers all use "asyncio"): both stay tested
+io = "threads"
 """
 
 

@@ -68,18 +68,20 @@ def test_overhead_quick(tmp_path: Path) -> None:
 def test_concurrency_quick(tmp_path: Path) -> None:
     doc = run_bench(tmp_path, "concurrency")
     (level,) = doc["config"]["n"]
-    row = doc["summary"][f"n{level}"]
-    for key in (
-        "jobs_per_s",
-        "fraction_of_ideal",
-        "peak_in_flight",
-        "worker_cpu_ms_per_job",
-        "worker_rss_mb",
-    ):
-        assert positive(row[key]), key
-    assert row["failed"] == 0
-    assert set(row["cpu_util"]) == {"worker", "sim", "redis"}
+    for variant in ("asyncio", "threads", "raw sleep"):
+        row = doc["summary"][f"{variant}/n{level}"]
+        for key in (
+            "jobs_per_s",
+            "fraction_of_ideal",
+            "peak_in_flight",
+            "worker_cpu_ms_per_job",
+            "worker_rss_mb",
+        ):
+            assert positive(row[key]), (variant, key)
+        assert row["failed"] == 0, variant
+        assert set(row["cpu_util"]) == {"worker", "sim", "redis"}
     assert all(r["jobs"] == 3 * level for r in doc["runs"])
+    assert {r["output_tokens"] for r in doc["runs"] if r["variant"] != "raw sleep"} <= set(range(1, 65))
 
 
 def test_stats_helpers() -> None:

@@ -5,16 +5,21 @@ LLM calls go through the real SDK over HTTP to the simulator; no worker is neede
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import structlog
 
 from simulator import SimServer
+from worker import aioloop
+from worker.embedded import free_port
 from worker.errors import (
     ConfigError,
     DeadlineExceededError,
@@ -24,9 +29,10 @@ from worker.errors import (
     RequestRejectedError,
     StreamInterruptedError,
     UpstreamServerError,
+    UpstreamUnavailableError,
 )
 from worker.jobs import Attempt, plan_retry, run_attempt
-from worker.llm import LLMRequest, get_client, stream_reply
+from worker.llm import LLMReply, LLMRequest, get_client, stream_reply, stream_reply_on_loop
 from worker.pricing import cost_usd
 from worker.spec import build_job
 from worker.tiers import load_tier_table
@@ -77,6 +83,7 @@ def test_tiers_file_overrides_field_by_field(tmp_path: Path) -> None:
         ('[tiers.fast]\nqueue = "tierq.slow"\n', "share a queue"),
         ("[tierz]\n", "unknown sections"),
         ("[tiers.fast\n", "cannot read"),
+        ('[tiers.fast]\nio = "gevent"\n', "io"),
     ],
 )
 def test_bad_tiers_file_is_a_config_error(tmp_path: Path, toml: str, needle: str) -> None:
@@ -134,8 +141,19 @@ def _request(job_id: str, max_tokens: int = 64) -> LLMRequest:
     return LLMRequest(job_id, "claude-haiku-4-5", "Summarize.", DOC, max_tokens, 0.2)
 
 
-def test_stream_reply_reads_text_usage_and_request_id(sim: SimServer) -> None:
-    reply = stream_reply(get_client(), _request(uuid.uuid4().hex, 256), time.time() + 10)
+#: the two ways a tier can make its call (``Tier.io``)
+WAYS = ("asyncio", "threads")
+
+
+def _call(way: str, request: LLMRequest, deadline: float, on_text: Any = None) -> LLMReply:
+    if way == "asyncio":
+        return stream_reply_on_loop(request, deadline, on_text)
+    return stream_reply(get_client(), request, deadline, on_text)
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_stream_reply_reads_text_usage_and_request_id(sim: SimServer, way: str) -> None:
+    reply = _call(way, _request(uuid.uuid4().hex, 256), time.time() + 10)
     assert reply.text
     assert reply.stop_reason == "end_turn"
     assert reply.input_tokens > 0 and 0 < reply.output_tokens <= 256
@@ -143,12 +161,28 @@ def test_stream_reply_reads_text_usage_and_request_id(sim: SimServer) -> None:
     assert reply.first_token_at is not None and reply.sent_at < reply.first_token_at <= reply.done_at
 
 
-def test_stream_reply_honours_max_tokens(sim: SimServer) -> None:
-    reply = stream_reply(get_client(), _request(uuid.uuid4().hex, 5), time.time() + 10)
+@pytest.mark.parametrize("way", WAYS)
+def test_texts_reach_the_calling_thread_in_order(sim: SimServer, way: str) -> None:
+    seen: list[tuple[str, int]] = []
+    reply = _call(
+        way,
+        _request(uuid.uuid4().hex, 64),
+        time.time() + 10,
+        on_text=lambda text: seen.append((text, threading.get_ident())),
+    )
+    assert len(seen) > 1
+    assert "".join(text for text, _ in seen) == reply.text
+    assert {ident for _, ident in seen} == {threading.get_ident()}  # never on the event loop
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_stream_reply_honours_max_tokens(sim: SimServer, way: str) -> None:
+    reply = _call(way, _request(uuid.uuid4().hex, 5), time.time() + 10)
     assert reply.stop_reason == "max_tokens"
     assert reply.output_tokens <= 5
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize(
     ("fault", "error", "retry_after"),
     [
@@ -162,23 +196,55 @@ def test_stream_reply_honours_max_tokens(sim: SimServer) -> None:
     ],
 )
 def test_sdk_errors_map_into_the_tree(
-    sim: SimServer, fault: str, error: type[Exception], retry_after: float | None
+    sim: SimServer, way: str, fault: str, error: type[Exception], retry_after: float | None
 ) -> None:
     job_id = uuid.uuid4().hex
     sim.state.add_faults([fault], job_id=job_id)
     with pytest.raises(error) as info:
-        stream_reply(get_client(), _request(job_id), time.time() + 10)
+        _call(way, _request(job_id), time.time() + 10)
     assert getattr(info.value, "retry_after", None) == retry_after
     assert sim.state.request_count(job_id) == 1  # the SDK did not retry on its own
 
 
-def test_a_stalled_stream_ends_at_the_deadline(sim: SimServer) -> None:
+@pytest.mark.parametrize("way", WAYS)
+def test_a_stalled_stream_ends_at_the_deadline(sim: SimServer, way: str) -> None:
     job_id = uuid.uuid4().hex
     sim.state.add_faults(["stall:5"], job_id=job_id)
     started = time.monotonic()
     with pytest.raises(DeadlineExceededError):
-        stream_reply(get_client(), _request(job_id), time.time() + 0.5)
+        _call(way, _request(job_id), time.time() + 0.5)
     assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_a_refused_connection_is_upstream_unavailable(way: str) -> None:
+    from worker import llm
+    from worker.settings import Settings
+
+    settings = Settings(anthropic_base_url=f"http://127.0.0.1:{free_port()}")
+    request = _request(uuid.uuid4().hex)
+    if way == "threads":
+        with pytest.raises(UpstreamUnavailableError):
+            stream_reply(llm._make_client(settings), request, time.time() + 5)
+        return
+    client = llm._make_async_client(settings)
+    try:
+        with pytest.raises(UpstreamUnavailableError):
+            aioloop.run(llm.astream_reply(client, request, time.time() + 5))
+    finally:
+        aioloop.run(client.close())
+
+
+def test_the_event_loop_runs_waits_and_gives_up() -> None:
+    async def answer(after: float) -> int:
+        await asyncio.sleep(after)
+        return 42
+
+    assert aioloop.run(answer(0)) == 42
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        aioloop.run(answer(30), timeout=0.2)
+    assert time.monotonic() - started < 2
 
 
 def _attempt(retries: int = 0, deadline_in: float = 15.0) -> Attempt:
@@ -259,3 +325,38 @@ def test_api_key_from_a_secrets_file(tmp_path: Path) -> None:
     assert key is not None and key.get_secret_value() == "sk-ant-from-file"
     assert "sk-ant-from-file" not in repr(settings) and "sk-ant-from-file" not in str(key)
     assert Settings(anthropic_api_key_file=tmp_path / "missing").api_key() is None
+
+
+@pytest.mark.parametrize(
+    ("url", "transport"),
+    [
+        ("redis://127.0.0.1:6379/0", "worker.transport:Transport"),
+        ("rediss://127.0.0.1:6379/0", None),
+        ("amqp://guest:guest@127.0.0.1:5672//", None),
+    ],
+)
+def test_celery_config_transport_and_task_events(url: str, transport: str | None) -> None:
+    from worker.celeryconfig import celery_config
+    from worker.settings import Settings
+
+    config = celery_config(Settings(broker_url=url), load_tier_table(None))
+    assert config.get("broker_transport") == transport
+    assert config["worker_send_task_events"] is False, "off until Flower asks"
+    assert config["task_send_sent_event"] is True, "producers tell Flower each job's queue"
+    on = celery_config(Settings(broker_url=url, task_events=True), load_tier_table(None))
+    assert on["worker_send_task_events"] is True
+
+
+def test_the_transport_keeps_one_client_per_pool(redis_url: str) -> None:
+    from kombu import Connection
+
+    from worker.transport import TRANSPORT
+
+    with Connection(redis_url, transport=TRANSPORT) as conn:
+        channel = conn.default_channel
+        first = channel._create_client()
+        assert channel._create_client() is first
+        channel.client.ping()  # the consumer's own (asynchronous) client still works
+        channel._disconnect_pools()  # as after a reconnect or a fork: a new pool, a new client
+        assert channel._create_client() is not first
+        assert channel._create_client().connection_pool is channel.pool

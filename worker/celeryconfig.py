@@ -8,6 +8,7 @@ from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from worker.settings import Settings
 from worker.tiers import TierTable
+from worker.transport import TRANSPORT
 
 __all__ = ["SUMMARIZE_TASK", "TierRouter", "celery_config"]
 
@@ -38,7 +39,7 @@ class TierRouter:
 
 
 def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
-    """Celery settings: JSON only, explicit queues, late acks, events on for Flower."""
+    """Celery settings: JSON only, explicit queues, late acks, task events when Flower asks."""
     visibility_timeout = settings.visibility_timeout_s or int(tiers.slowest_deadline_s) + VISIBILITY_MARGIN_S
     amqp = settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
     if amqp:
@@ -74,7 +75,7 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
     }
     if settings.key_prefix:
         backend_options["global_keyprefix"] = settings.key_prefix
-    return {
+    config: dict[str, Any] = {
         "broker_url": settings.broker_url,
         "result_backend": settings.backend_url,
         "broker_transport_options": transport_options,
@@ -101,8 +102,9 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
         "task_track_started": False,
         # malformed messages are dead-lettered and logged without their body
         "worker_consumer": "worker.consumer:TierqConsumer",
-        # events for Flower
-        "worker_send_task_events": True,
+        # workers' task events for Flower: off until Flower asks (it enables them on every worker),
+        # unless set; producers always say "task-sent" (after the publish), which tells Flower the queue
+        "worker_send_task_events": settings.task_events,
         "task_send_sent_event": True,
         "result_extended": True,
         "result_expires": settings.result_expires_s,
@@ -114,3 +116,7 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
             "interval_max": 1.0,
         },
     }
+    if settings.broker_url.startswith("redis://"):
+        # kombu's Redis transport, minus a client object per command (worker/transport.py)
+        config["broker_transport"] = TRANSPORT
+    return config

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -82,17 +83,17 @@ def worker(
         _serve_worker_metrics(port, settings.metrics_addr)
     from worker.app import app
 
-    app.worker_main(
-        [
-            "worker",
-            f"--queues={queues}",
-            f"--pool={pool}",
-            f"--concurrency={threads}",
-            f"--hostname={name or '+'.join(chosen) + '@%h'}",
-            f"--loglevel={loglevel}",
-            "--task-events",
-        ]
-    )
+    argv = [
+        "worker",
+        f"--queues={queues}",
+        f"--pool={pool}",
+        f"--concurrency={threads}",
+        f"--hostname={name or '+'.join(chosen) + '@%h'}",
+        f"--loglevel={loglevel}",
+    ]
+    if settings.task_events:
+        argv.append("--task-events")
+    app.worker_main(argv)
 
 
 def _serve_worker_metrics(port: int, addr: str) -> None:
@@ -210,11 +211,17 @@ def result(
 
 def _stream_and_print(job: Any, timeout: float) -> None:
     """Text to stdout as it arrives, then one line of figures to stderr."""
+    from tasks.producer import Restarted
+
     try:
         for item in job.stream(timeout=timeout):
             if isinstance(item, str):
                 sys.stdout.write(item)
                 sys.stdout.flush()
+                continue
+            if isinstance(item, Restarted):
+                sys.stdout.write("\n")
+                _err.print("[yellow]the worker was lost mid-reply; the job started over:[/]", highlight=False)
                 continue
             timings, usage = item["timings"], item["usage"]
             sys.stdout.write("\n")
@@ -297,6 +304,10 @@ def flower(
         os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
     from worker.app import app
 
+    # workers send task events only when asked: ask the running ones now, not at Flower's first
+    # periodic request 5 s from now (it goes on asking, for workers that start later)
+    with suppress(Exception):
+        app.control.enable_events()
     app.start(["flower", f"--port={port}", f"--address={address}"])
 
 

@@ -23,7 +23,7 @@ from worker.errors import (
     TierqError,
 )
 from worker.guard import get_guard
-from worker.llm import LLMReply, LLMRequest, get_client, stream_reply
+from worker.llm import LLMReply, LLMRequest, get_client, stream_reply, stream_reply_on_loop
 from worker.logging import get_logger
 from worker.pricing import cost_usd
 from worker.redisconn import backend_redis
@@ -173,7 +173,7 @@ def run_attempt(
         if time.time() >= deadline:
             raise DeadlineExceededError("deadline passed waiting for another attempt of this job")
     try:
-        result = _call_model(spec, tier, attempt, deadline, settings)
+        result = _call_model(spec, tier, attempt, deadline, settings, run=begin.starts)
     except BaseException:
         guard.release(spec.job_id)
         raise
@@ -182,8 +182,9 @@ def run_attempt(
 
 
 def _call_model(
-    spec: JobSpec, tier: Tier, attempt: Attempt, deadline: float, settings: Settings
+    spec: JobSpec, tier: Tier, attempt: Attempt, deadline: float, settings: Settings, run: int | None = None
 ) -> dict[str, Any]:
+    """Call the model and report success. ``run``: this start's number (streamed with the text)."""
     request = LLMRequest(
         job_id=spec.job_id,
         model=attempt.model(tier),
@@ -192,14 +193,13 @@ def _call_model(
         max_tokens=spec.max_tokens or tier.max_tokens,
         temperature=tier.temperature,
     )
-    publisher = _publisher(spec.job_id, attempt.retries, settings) if spec.stream else None
-    reply = stream_reply(
-        get_client(settings),
-        request,
-        deadline,
-        on_text=None if publisher is None else publisher.text,
-        connect_timeout_s=settings.connect_timeout_s,
-    )
+    run = attempt.retries if run is None else run
+    publisher = _publisher(spec.job_id, run, settings) if spec.stream else None
+    on_text = None if publisher is None else publisher.text
+    if tier.io == "asyncio":
+        reply = stream_reply_on_loop(request, deadline, on_text, settings)
+    else:
+        reply = stream_reply(get_client(settings), request, deadline, on_text, settings.connect_timeout_s)
     result = build_result(spec, tier, attempt, reply, time.time())
     _log.info(COMPLETED, **_log_figures(result), **_content(settings, spec, result))
     metrics.observe_completed(result, attempt.queue)
@@ -300,11 +300,9 @@ def plan_retry(
     return round(delay, 3), "retryable"
 
 
-def _publisher(job_id: str, attempt: int, settings: Settings) -> TokenPublisher | None:
+def _publisher(job_id: str, run: int, settings: Settings) -> TokenPublisher | None:
     client = backend_redis(settings)
-    return (
-        None if client is None else TokenPublisher(client, stream_key(job_id, settings.key_prefix), attempt)
-    )
+    return None if client is None else TokenPublisher(client, stream_key(job_id, settings.key_prefix), run)
 
 
 def _record_stats(

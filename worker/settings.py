@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     stats_maxlen: int = 10_000
     #: ``user:password`` for Flower's UI and API; Flower refuses to start without it unless told
     flower_basic_auth: SecretStr | None = None
+    #: send Celery task events from the start. Off, workers send them only once Flower (or
+    #: ``celery control enable_events``) asks: ``tierq flower`` does as it starts, Flower itself every
+    #: 5 s. Events cost the fast path ~1.5 ms of latency and ~10% of a worker's CPU (docs/latency.md)
+    task_events: bool = False
 
     #: log level for tierq, Celery and kombu
     log_level: str = "INFO"

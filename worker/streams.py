@@ -4,8 +4,13 @@ The worker appends each text delta as it arrives from the model (``XADD``, so a 
 subscribes late still reads everything from the start) and an end marker when the job ends;
 :meth:`tasks.producer.Job.stream` reads them with ``XREAD BLOCK``. Entries::
 
-    {"t": "<text>", "a": "<attempt>"}      text (one or a few deltas) of attempt N (0 for the first)
-    {"end": "succeeded" | "failed"}       the job ended; its result is in the result backend
+    {"t": "<text>", "a": "<run>"}      text (one or a few deltas) of the job's Nth start
+    {"end": "succeeded" | "failed"}   the job ended; its result is in the result backend
+
+A job starts again from the top when its worker was lost mid-reply (a redelivery) or it is retried,
+so a stream can hold an abandoned run's text before the run that finished: :func:`read_entries`
+drops it when it can see the later run in the same read, and the reader is told otherwise
+(:class:`tasks.producer.Restarted`).
 """
 
 from __future__ import annotations
@@ -47,10 +52,10 @@ class TokenPublisher:
     one per delta, which is most of streaming's cost in the worker.
     """
 
-    def __init__(self, client: redis.Redis, key: str, attempt: int = 0) -> None:
+    def __init__(self, client: redis.Redis, key: str, run: int = 0) -> None:
         self._client = client
         self._key = key
-        self._attempt = str(attempt)
+        self._run = str(run)
         self._pending: list[str] = []
         self._last_flush: float | None = None
         self._expiring = False
@@ -77,7 +82,7 @@ class TokenPublisher:
             return []
         text = "".join(self._pending)
         self._pending.clear()
-        return [{"t": text, "a": self._attempt}]
+        return [{"t": text, "a": self._run}]
 
     def text(self, delta: str) -> None:
         """Add a text delta; send what has gathered if the last send is old enough."""
@@ -95,11 +100,13 @@ class TokenPublisher:
 
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
-    """One entry read back: a text delta (``text``) or the end marker (``end``)."""
+    """One entry read back: a text delta (``text``) of a ``run``, the end marker (``end``), or
+    ``restarted``: the job started over after text of an earlier run was read (drop that text)."""
 
     text: str | None = None
-    attempt: int = 0
+    run: int = 0
     end: str | None = None
+    restarted: bool = False
 
 
 def read_entries(
@@ -107,9 +114,13 @@ def read_entries(
 ) -> Iterator[StreamEntry | None]:
     """Entries from the start of the stream as they come; ``None`` after each idle ``BLOCK_MS``.
 
-    Stops after the end marker, or at ``deadline`` (a ``time.monotonic()`` instant).
+    Stops after the end marker, or at ``deadline`` (a ``time.monotonic()`` instant). Text of a run
+    that a later run follows within the same read is skipped: a late reader gets only the text of
+    the run that finished. When a new run's text follows text already yielded, a ``restarted``
+    entry comes first.
     """
     last: bytes | str = "0-0"
+    yielded_run: bytes | None = None
     while True:
         block = BLOCK_MS
         if deadline is not None:
@@ -122,9 +133,18 @@ def read_entries(
         if not reply:
             yield None
             continue
-        for entry_id, fields in reply[0][1]:
+        entries = reply[0][1]
+        runs = [fields.get(b"a", b"0") for _, fields in entries if b"t" in fields]
+        latest = runs[-1] if runs else None
+        for entry_id, fields in entries:
             last = entry_id
             if b"end" in fields:
                 yield StreamEntry(end=fields[b"end"].decode())
                 return
-            yield StreamEntry(text=fields[b"t"].decode(), attempt=int(fields.get(b"a", b"0")))
+            run = fields.get(b"a", b"0")
+            if run != latest:
+                continue  # an abandoned run: a later one starts further on in this read
+            if yielded_run is not None and run != yielded_run:
+                yield StreamEntry(run=int(run), restarted=True)
+            yielded_run = run
+            yield StreamEntry(text=fields[b"t"].decode(), run=int(run))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -20,17 +22,18 @@ from tests.chaos.harness import (
     unacked_ids,
     wait_until,
 )
+from worker.streams import StreamEntry, read_entries
 
 
 def _completed_lines(workers: list[ChaosWorker], job_id: str) -> int:
     return sum(len(w.events_for(job_id, "summarize.completed")) for w in workers)
 
 
-def _long_job(chaos: Chaos, producer: Producer) -> str:
+def _long_job(chaos: Chaos, producer: Producer, stream: bool = False) -> str:
     tag = new_tag()
     text = document(tag, 320)
     chaos.secrets += [tag, text[:200]]
-    submitted = producer.submit(text, "low", max_tokens=LONG_TOKENS)
+    submitted = producer.submit(text, "low", max_tokens=LONG_TOKENS, stream=stream)
     assert submitted["ok"], submitted
     return str(submitted["job_id"])
 
@@ -40,7 +43,15 @@ def test_kill_9_mid_stream_redelivers_and_completes_once(
     chaos: Chaos, pool: Pool, producer: Producer
 ) -> None:
     first = pool.start("slow").wait_ready()
-    ids = [_long_job(chaos, producer) for _ in range(2)]  # the slow pool has 2 threads: both run
+    # the slow pool has 2 threads: both run; the first streams its text to a reader here
+    ids = [_long_job(chaos, producer, stream=True), _long_job(chaos, producer)]
+    live: list[StreamEntry | None] = []
+    tokens_key = chaos.key("tokens", ids[0])
+    reader = threading.Thread(
+        target=lambda: live.extend(read_entries(chaos.client, tokens_key, time.monotonic() + 120)),
+        daemon=True,
+    )
+    reader.start()
     wait_until(
         lambda: all(chaos.sim.counter.streamed_text(j) for j in ids), 30, "both streams to produce text"
     )
@@ -68,6 +79,21 @@ def test_kill_9_mid_stream_redelivers_and_completes_once(
         )
         assert _completed_lines(pool.started, job_id) == 1, "its result is recorded once"
         assert chaos.client.exists(chaos.key("result", job_id))
+
+    # the streamed job: the live reader was told it restarted, then got the finished run's whole text
+    summary = json.loads(chaos.client.get(chaos.key("result", ids[0])))["summary"]  # type: ignore[arg-type]
+    reader.join(timeout=10)
+    entries = [e for e in live if e is not None]
+    assert entries[-1].end == "succeeded"
+    restarts = [i for i, e in enumerate(entries) if e.restarted]
+    assert restarts, "the reader saw text of the killed run, then a restart"
+    assert "".join(e.text or "" for e in entries[restarts[-1] :]) == summary
+    # a reader that comes after the end gets only the finished run's text
+    late = list(read_entries(chaos.client, tokens_key, time.monotonic() + 10))
+    assert not any(e is not None and e.restarted for e in late)
+    assert "".join(e.text or "" for e in late if e is not None) == summary
+    runs = {e[1][b"a"] for e in chaos.client.xrange(tokens_key) if b"a" in e[1]}
+    assert len(runs) == 2, "the stream holds both runs' text"
 
 
 def _kill_after_the_answer(chaos: Chaos, producer: Producer, victim: ChaosWorker) -> tuple[str, bool]:
