@@ -8,7 +8,6 @@ order). CPU time and RSS are read from ``/proc``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -17,22 +16,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
+from worker.embedded import die_with_parent
+
 __all__ = ["Child", "cpu_s", "handle_sigterm", "rss_mb", "wait_until"]
 
-_PR_SET_PDEATHSIG = 1
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-_prctl: Callable[..., int] | None
-try:  # loaded in the parent, so the child only makes one call between fork and exec
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux: children simply do not get the death signal
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Child:
@@ -51,7 +40,7 @@ class Child:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # only calls prctl, loaded before the fork
+            preexec_fn=die_with_parent,  # only calls prctl, loaded before the fork
         )
 
     @property

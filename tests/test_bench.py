@@ -25,18 +25,36 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV_KEYS = {"python", "celery", "kombu", "redis-py", "anthropic", "cores"}
 
 
-def run_bench(tmp_path: Path, scenario: str) -> dict[str, Any]:
+def run_bench(tmp_path: Path, scenario: str, timeout: float = 90) -> dict[str, Any]:
     out_json, out_png = tmp_path / f"{scenario}.json", tmp_path / f"{scenario}.png"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", scenario, "--quick", "--json", str(out_json), "--png", str(out_png)],
-        cwd=ROOT,
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=100,
+    argv = [
+        sys.executable,
+        "-m",
+        "bench",
+        scenario,
+        "--quick",
+        "--json",
+        str(out_json),
+        "--png",
+        str(out_png),
+    ]
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "environment" in proc.stdout
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # Ctrl-C first: the bench stops what it started; SIGKILL only if it will not
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        tail = stdout[-3000:] + stderr[-3000:]
+        raise AssertionError(f"bench {scenario} ran past {timeout} s:\n{tail}") from None
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "environment" in stdout
     assert out_png.stat().st_size > 1000
     document: dict[str, Any] = json.loads(out_json.read_text())
     assert set(document["environment"]) >= ENV_KEYS
@@ -65,8 +83,9 @@ def test_overhead_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 def test_concurrency_quick(tmp_path: Path) -> None:
-    doc = run_bench(tmp_path, "concurrency")
+    doc = run_bench(tmp_path, "concurrency", timeout=180)
     (level,) = doc["config"]["n"]
     for variant in ("asyncio", "threads", "raw sleep"):
         row = doc["summary"][f"{variant}/n{level}"]

