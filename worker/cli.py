@@ -268,14 +268,14 @@ def tiers() -> None:
     except TierqError as exc:
         raise _fail(str(exc)) from None
     table = Table(title="tierq tiers")
-    for column in ("tier", "urgencies", "queue", "model", "max_tokens", "temp", "deadline", "threads"):
+    for column in ("tier", "urgencies", "queue", "model", "max_tokens", "temp", "deadline", "threads", "io"):
         table.add_column(column)
     for tier in table_data.tiers.values():
         urgencies = ", ".join(u for u, t in table_data.urgencies.items() if t == tier.name) or "-"
         table.add_row(
             tier.name, urgencies, tier.queue, tier.model, str(tier.max_tokens),
             "-" if tier.temperature is None else str(tier.temperature),
-            f"{tier.deadline_s:g} s", str(tier.concurrency),
+            f"{tier.deadline_s:g} s", str(tier.concurrency), tier.io,
         )  # fmt: skip
     _console().print(table)
 
