@@ -175,6 +175,17 @@ def test_texts_reach_the_calling_thread_in_order(sim: SimServer, way: str) -> No
     assert {ident for _, ident in seen} == {threading.get_ident()}  # never on the event loop
 
 
+def test_the_loop_hands_texts_over_gathered(sim: SimServer) -> None:
+    seen: list[str] = []
+    reply = stream_reply_on_loop(
+        _request(uuid.uuid4().hex, 256), time.time() + 10, seen.append, gather_s=0.05
+    )
+    assert "".join(seen) == reply.text
+    assert reply.first_token_at is not None
+    streaming_s = reply.done_at - reply.first_token_at
+    assert 1 < len(seen) <= 2 + streaming_s / 0.05, "the first text at once, then one hand-off per 50 ms"
+
+
 @pytest.mark.parametrize("way", WAYS)
 def test_stream_reply_honours_max_tokens(sim: SimServer, way: str) -> None:
     reply = _call(way, _request(uuid.uuid4().hex, 5), time.time() + 10)

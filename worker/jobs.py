@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ from worker.spec import (
     resolve_tier,
 )
 from worker.stats import get_stream
-from worker.streams import TokenPublisher, stream_key
+from worker.streams import FLUSH_INTERVAL_S, TokenPublisher, stream_key
 from worker.tiers import Tier, TierTable
 
 __all__ = [
@@ -195,10 +196,13 @@ def _call_model(
     )
     run = attempt.retries if run is None else run
     publisher = _publisher(spec.job_id, run, settings) if spec.stream else None
-    on_text = None if publisher is None else publisher.text
+    on_text: Callable[[str], None] | None
     if tier.io == "asyncio":
-        reply = stream_reply_on_loop(request, deadline, on_text, settings)
+        # texts are gathered on the loop and written as they come here, in this job's thread
+        on_text = None if publisher is None else publisher.send
+        reply = stream_reply_on_loop(request, deadline, on_text, settings, gather_s=FLUSH_INTERVAL_S)
     else:
+        on_text = None if publisher is None else publisher.text
         reply = stream_reply(get_client(settings), request, deadline, on_text, settings.connect_timeout_s)
     result = build_result(spec, tier, attempt, reply, time.time())
     _log.info(COMPLETED, **_log_figures(result), **_content(settings, spec, result))

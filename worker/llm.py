@@ -298,43 +298,74 @@ async def astream_reply(
     return reader.reply()
 
 
+class _TextHandoff:
+    """Texts from the event loop to the thread waiting on the call: the first at once, then what
+    gathered every ``gather_s`` (each hand-off wakes that thread; one per delta cost ~1 ms a job)."""
+
+    def __init__(self, gather_s: float) -> None:
+        self.texts: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._gather_s = gather_s
+        self._pending: list[str] = []
+        self._last: float | None = None
+
+    def put(self, text: str) -> None:
+        """On the loop: one delta."""
+        self._pending.append(text)
+        now = time.monotonic()
+        if self._last is None or now - self._last >= self._gather_s:
+            self._last = now
+            self._hand_over()
+
+    def close(self, _: object = None) -> None:
+        """On the loop, after the call's last delta: what is left, then the end (``None``)."""
+        self._hand_over()
+        self.texts.put_nowait(None)
+
+    def _hand_over(self) -> None:
+        if self._pending:
+            self.texts.put_nowait("".join(self._pending))
+            self._pending.clear()
+
+
 def stream_reply_on_loop(
     request: LLMRequest,
     deadline: float,
     on_text: Callable[[str], None] | None = None,
     settings: Settings | None = None,
+    gather_s: float = 0.0,
 ) -> LLMReply:
     """:func:`astream_reply` on the process's event loop (:mod:`worker.aioloop`), waited for here.
 
     ``on_text`` runs in this (the calling) thread, never on the loop: what it does (a Redis write
-    for a streamed job) must not hold up every other call the loop is reading.
+    for a streamed job) must not hold up every other call the loop is reading. It gets the first
+    text as soon as it arrives, then the texts gathered every ``gather_s`` seconds, joined.
     """
     settings = settings or get_settings()
-    texts: queue.SimpleQueue[str | None] | None = None if on_text is None else queue.SimpleQueue()
+    handoff = None if on_text is None else _TextHandoff(gather_s)
     call = astream_reply(
         get_async_client(settings),
         request,
         deadline,
-        None if texts is None else texts.put_nowait,
+        None if handoff is None else handoff.put,
         settings.connect_timeout_s,
     )
     # the reply's own timeouts end it first; this only keeps a thread from waiting on a lost loop
     limit = max(0.0, deadline - time.time()) + settings.connect_timeout_s + _LOOP_GRACE_S
-    if texts is None or on_text is None:
+    if handoff is None or on_text is None:
         try:
             return aioloop.run(call, timeout=limit)
         except TimeoutError:
             raise DeadlineExceededError("deadline passed waiting for the event loop") from None
     future = aioloop.submit(call)
-    future.add_done_callback(lambda _: texts.put_nowait(None))
+    future.add_done_callback(handoff.close)  # runs on the loop, after the call's last text
     end = time.monotonic() + limit
     while True:
         try:
-            text = texts.get(timeout=max(0.0, end - time.monotonic()))
+            text = handoff.texts.get(timeout=max(0.0, end - time.monotonic()))
         except queue.Empty:
             future.cancel()
             raise DeadlineExceededError("deadline passed waiting for the event loop") from None
-        if text is None:  # put after the call's last text: the call is done
+        if text is None:
             return future.result()
         on_text(text)
 

@@ -92,6 +92,12 @@ class TokenPublisher:
             self._last_flush = now
             self._write(self._batch())
 
+    def send(self, text: str) -> None:
+        """Write text gathered elsewhere (``stream_reply_on_loop``) at once, after anything pending."""
+        self._pending.append(text)
+        self._last_flush = time.monotonic()
+        self._write(self._batch())
+
     def end(self, outcome: str) -> None:
         """Send what is left, mark the job ended (``succeeded`` or ``failed``), renew the expiry."""
         self._expiring = False
