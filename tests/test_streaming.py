@@ -94,3 +94,28 @@ def test_cli_submit_stream_prints_text_then_figures() -> None:
         env=dict(os.environ),
     )
     assert bad.returncode == 2 and "--stream" in bad.stderr
+
+
+def test_a_reader_is_told_when_the_job_starts_over() -> None:
+    from tasks.producer import Restarted
+    from worker.redisconn import backend_redis
+    from worker.settings import get_settings
+    from worker.streams import TokenPublisher, stream_key
+
+    settings = get_settings()
+    client = backend_redis(settings)
+    assert client is not None
+    job_id = f"restart-{uuid.uuid4()}"
+    # what a worker that died mid-reply leaves behind: text of a run that will never finish
+    TokenPublisher(client, stream_key(job_id, settings.key_prefix), run=0).send("lost words ")
+    reader = get_job(job_id).stream(timeout=30)
+    assert next(reader) == "lost words "  # a reader already holds the lost run's text...
+    submit(LONG_DOC[:4000], urgency="critical", job_id=job_id, stream=True)
+    rest = list(reader)
+    assert rest[0] == Restarted(run=1), "...so it is told, before the new run's text"
+    *chunks, result = rest[1:]
+    assert all(isinstance(c, str) for c in chunks) and len(chunks) > 1
+    assert "".join(chunks) == result["summary"]  # type: ignore[index]
+    # a reader that comes later reads both runs at once: it gets the finished run's text only
+    chunks, late = _split(list(get_job(job_id).stream(timeout=10)))
+    assert "".join(chunks) == late["summary"]
