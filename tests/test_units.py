@@ -371,3 +371,13 @@ def test_the_transport_keeps_one_client_per_pool(redis_url: str) -> None:
         channel._disconnect_pools()  # as after a reconnect or a fork: a new pool, a new client
         assert channel._create_client() is not first
         assert channel._create_client().connection_pool is channel.pool
+
+
+def test_text_batcher_lets_the_first_through_then_gathers() -> None:
+    from worker.batching import TextBatcher
+
+    batcher = TextBatcher(interval_s=60.0)
+    assert batcher.add("a") == "a", "the first delta goes at once"
+    assert batcher.add("b") is None and batcher.add("c") is None
+    assert batcher.drain() == "bc" and batcher.drain() is None
+    assert TextBatcher(interval_s=0.0).add("x") == "x"

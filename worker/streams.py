@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import redis
 
+from worker.batching import TextBatcher
 from worker.logging import get_logger
 
 __all__ = ["STREAM_PREFIX", "StreamEntry", "TokenPublisher", "read_entries", "stream_key"]
@@ -56,8 +57,7 @@ class TokenPublisher:
         self._client = client
         self._key = key
         self._run = str(run)
-        self._pending: list[str] = []
-        self._last_flush: float | None = None
+        self._batcher = TextBatcher(FLUSH_INTERVAL_S)
         self._expiring = False
         self._broken = False
 
@@ -77,31 +77,21 @@ class TokenPublisher:
             self._broken = True
             _log.warning("stream.publish_failed", error=str(exc))
 
-    def _batch(self) -> list[dict[str, str]]:
-        if not self._pending:
-            return []
-        text = "".join(self._pending)
-        self._pending.clear()
-        return [{"t": text, "a": self._run}]
+    def _entries(self, text: str | None) -> list[dict[str, str]]:
+        return [] if not text else [{"t": text, "a": self._run}]
 
     def text(self, delta: str) -> None:
         """Add a text delta; send what has gathered if the last send is old enough."""
-        self._pending.append(delta)
-        now = time.monotonic()
-        if self._last_flush is None or now - self._last_flush >= FLUSH_INTERVAL_S:
-            self._last_flush = now
-            self._write(self._batch())
+        self._write(self._entries(self._batcher.add(delta)))
 
     def send(self, text: str) -> None:
-        """Write text gathered elsewhere (``stream_reply_on_loop``) at once, after anything pending."""
-        self._pending.append(text)
-        self._last_flush = time.monotonic()
-        self._write(self._batch())
+        """Write text gathered elsewhere (``stream_reply_on_loop``) at once, after anything held."""
+        self._write(self._entries((self._batcher.drain() or "") + text))
 
     def end(self, outcome: str) -> None:
         """Send what is left, mark the job ended (``succeeded`` or ``failed``), renew the expiry."""
         self._expiring = False
-        self._write([*self._batch(), {"end": outcome}])
+        self._write([*self._entries(self._batcher.drain()), {"end": outcome}])
 
 
 @dataclass(frozen=True, slots=True)
