@@ -204,6 +204,11 @@ def test_flower_lists_jobs_with_their_queues_behind_auth(flower: tuple[str, str]
     status, body = _get(f"{url}/api/workers", auth=auth)
     assert status == 200
     assert any(name.startswith("fast-") for name in json.loads(body))
+    status, body = _get(f"{url}/api/queues/length", auth=auth)  # Flower's broker view of the queues
+    assert status == 200
+    assert {"tierq.fast", "tierq.standard", "tierq.slow"} <= {
+        q["name"] for q in json.loads(body)["active_queues"]
+    }
 
     assert _get(f"{url}/api/tasks")[0] == 401
     assert _get(f"{url}/api/tasks", auth="ops:wrong")[0] == 401

@@ -8,7 +8,7 @@ from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from worker.settings import Settings
 from worker.tiers import TierTable
-from worker.transport import TRANSPORT
+from worker.transport import use_for_redis_urls
 
 __all__ = ["SUMMARIZE_TASK", "TierRouter", "celery_config"]
 
@@ -118,5 +118,5 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
     }
     if settings.broker_url.startswith("redis://"):
         # kombu's Redis transport, minus a client object per command (worker/transport.py)
-        config["broker_transport"] = TRANSPORT
+        use_for_redis_urls()
     return config

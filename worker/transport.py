@@ -7,17 +7,20 @@ worker's CPU (py-spy, docs/latency.md). A ``redis.Redis`` object is a thread-saf
 channel's connection pool, so one per pool is enough; a new pool (after a reconnect or a fork)
 gets a new client.
 
-Used for ``redis://`` brokers (``broker_transport`` in :mod:`worker.celeryconfig`); everything
-else, including ``driver_type == "redis"`` that Celery checks, is kombu's.
+Used for ``redis://`` brokers: :func:`use_for_redis_urls` (called by :mod:`worker.celeryconfig`)
+points kombu's alias ``redis`` at it, so URLs, Celery and Flower still see the scheme ``redis``
+(a ``broker_transport`` class path would show in every URL, and Flower's broker page knows brokers
+by scheme). Everything else, including ``driver_type == "redis"`` that Celery checks, is kombu's.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import kombu.transport
 from kombu.transport import redis as kombu_redis
 
-__all__ = ["TRANSPORT", "Channel", "Transport"]
+__all__ = ["TRANSPORT", "Channel", "Transport", "use_for_redis_urls"]
 
 #: the value of Celery's ``broker_transport`` that selects this module
 TRANSPORT = "worker.transport:Transport"
@@ -42,3 +45,12 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with :class:`Channel`."""
 
     Channel = Channel
+
+
+def use_for_redis_urls() -> None:
+    """Make kombu resolve ``redis://`` URLs to :class:`Transport` in this process.
+
+    Takes effect for connections made afterwards (kombu caches a resolved alias): call it before
+    the first connection, as building tierq's Celery config does.
+    """
+    kombu.transport.TRANSPORT_ALIASES["redis"] = TRANSPORT
