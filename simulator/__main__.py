@@ -4,6 +4,7 @@
 :class:`~simulator.app.SimConfig` (jitter, fixed TTFT, fixed call duration)::
 
     python -m simulator --port 8765 --fixed-total-s 0.5 --jitter 0
+    python -m simulator --limits rpm=50,itpm=30000,otpm=8000
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 from collections.abc import Sequence
 
 from simulator.app import SimConfig
+from simulator.ratelimit import DEFAULT_LIMITS, Limits
 from simulator.server import serve
 
 __all__ = ["main", "parse_args"]
@@ -30,15 +32,25 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[str, int, SimConfig]:
     parser.add_argument(
         "--fixed-total-s", type=float, default=None, help="fixed duration of a call, seconds (not scaled)"
     )
+    parser.add_argument(
+        "--limits",
+        default=str(DEFAULT_LIMITS),
+        help=f"per-model rate limits per minute, rpm=N,itpm=N,otpm=N (default {DEFAULT_LIMITS})",
+    )
     args = parser.parse_args(argv)
     if args.time_scale < 0:
         parser.error("--time-scale must be >= 0")
+    try:
+        limits = Limits.parse(args.limits)
+    except ValueError as exc:
+        parser.error(f"--limits: {exc}")
     config = SimConfig(
         time_scale=args.time_scale,
         seed=args.seed,
         jitter=args.jitter,
         fixed_ttft_s=args.fixed_ttft_s,
         fixed_total_s=args.fixed_total_s,
+        limits=limits,
     )
     return args.host, args.port, config
 

@@ -1,8 +1,12 @@
-"""The simulator's ASGI app: an Anthropic-compatible ``/v1/messages`` plus ``/_sim/`` admin endpoints.
+"""The simulator's ASGI app: an Anthropic-compatible API (Messages, token counting, Models) and admin.
 
-API endpoints (what the official SDK calls):
+API endpoints (what the official SDK calls), each needing an ``anthropic-version`` header:
     ``POST /v1/messages``               summarize the user messages, whole or streamed (SSE)
     ``POST /v1/messages/count_tokens``  ``{"input_tokens": N}``
+    ``GET  /v1/models``                 the catalogue, newest first, paginated (``limit``,
+                                        ``after_id``, ``before_id``; ``data``, ``first_id``,
+                                        ``last_id``, ``has_more``)
+    ``GET  /v1/models/{model_id}``      one ``ModelInfo`` (an alias answers with its model)
 
 Admin endpoints:
     ``POST /_sim/faults``               append to a job's (or the global) fault script:
@@ -14,12 +18,20 @@ Admin endpoints:
     ``GET  /_sim/timings``              ``{"by_job": {job_id: [timing, ...]}}``
     ``GET  /_sim/timings/{job_id}``     ``{"job_id": ..., "requests": [timing, ...]}``, each timing
                                         ``{"arrived_at", "first_delta_at", "ttft_ms"}``
-    ``POST /_sim/reset``                clear scripts, rates, counts and timings
+    ``POST /_sim/reset``                clear scripts, rates, counts, timings, the prompt cache and
+                                        the rate-limit buckets
     ``GET  /_sim/health``               ``{"ok": true}``
 
-Every response carries a ``request-id`` header (``req_sim_<hex>``). Requests with an
-``x-tierq-job-id`` header are timed (``time.time()`` when the request reached the app, and when
-its first text delta was sent); see :class:`~simulator.state.RequestTiming`.
+Every response carries a ``request-id`` header (``req_sim_<hex>``); every ``/v1/`` response also
+carries the ``anthropic-ratelimit-*`` headers (:mod:`simulator.ratelimit`), and every error
+``x-should-retry`` and a top-level ``request_id`` equal to the header (:mod:`simulator.errors`).
+Requests with an ``x-tierq-job-id`` header are timed (``time.time()`` when the request reached the
+app, and when its first text delta was sent); see :class:`~simulator.state.RequestTiming`.
+
+What a ``/v1/messages`` request goes through, in order: body size (413), ``anthropic-version``
+(400), API key (401, when required), the injected fault, the body schema of its version (400),
+the model (404 unknown or retired), the model's limits (400), the prompt cache, the rate-limit
+buckets (429), then the answer.
 """
 
 from __future__ import annotations
@@ -28,10 +40,11 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -40,15 +53,29 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from simulator.errors import error_response
-from simulator.faults import FAULT_HEADER, JOB_HEADER, fault_response
+from simulator.catalogue import Catalogue, ModelEntry, load_catalogue
+from simulator.errors import SHOULD_RETRY_HEADER, ApiError, api_error_response, error_response, should_retry
+from simulator.faults import FAULT_HEADER, JOB_HEADER, fault_error
 from simulator.latency import LatencyModel
-from simulator.messages import Reply, new_message_id, stream_reply
+from simulator.messages import PING_INTERVAL_S, StreamProgress, build_reply, stream_reply
+from simulator.ratelimit import DEFAULT_LIMITS, Limits, RateLimited, RateLimiter
 from simulator.state import DEFAULT_MAX_TIMED_JOBS, RequestTiming, SimState
-from simulator.text import summarize
-from simulator.validation import InvalidRequest, parse_messages_request
+from simulator.validation import (
+    API_VERSIONS,
+    InvalidRequest,
+    check_against_model,
+    parse_count_tokens_request,
+    parse_messages_request,
+    peek_model,
+)
 
-__all__ = ["SimConfig", "create_app"]
+__all__ = ["MAX_REQUEST_BYTES", "SimConfig", "create_app"]
+
+#: Largest request body of the Messages and token counting APIs; larger is 413 ``request_too_large``
+#: (https://platform.claude.com/docs/en/api/errors, "Request size limits": 32 MB; read as 32 * 10^6
+#: bytes, the stricter of the two readings of "MB").
+MAX_REQUEST_BYTES: Final = 32_000_000
+VERSION_HEADER: Final = "anthropic-version"
 
 
 @dataclass
@@ -59,13 +86,13 @@ class SimConfig:
     time_scale: float = 1.0
     #: Seed for latency jitter, delta splitting and fault probabilities; ``None`` for a random one.
     seed: int | None = None
-    #: Answer 401 to requests without an ``x-api-key`` (or ``authorization``) header.
+    #: Answer 401 to requests without an ``x-api-key`` or ``Authorization: Bearer`` header.
     require_api_key: bool = False
-    #: ``retry-after`` of a simulated 429, in seconds.
+    #: ``retry-after`` of an injected ``429`` fault, in seconds.
     retry_after_s: float = 1.0
     #: How long a ``stall`` fault sends nothing, in seconds (not scaled by ``time_scale``).
     stall_s: float = 30.0
-    #: Text deltas a ``midstream`` fault sends before its error event.
+    #: Text deltas a ``midstream`` (or ``refusal``) fault sends before it strikes.
     midstream_deltas: int = 2
     #: Fault probabilities for chaos runs, e.g. ``{"529": 0.1, "429": 0.05}``.
     fault_rates: dict[str, float] = field(default_factory=dict)
@@ -77,6 +104,14 @@ class SimConfig:
     fixed_total_s: float | None = None
     #: Jobs whose request timings are kept (the oldest are dropped beyond).
     max_timed_jobs: int = DEFAULT_MAX_TIMED_JOBS
+    #: Per-model rate limits (requests, input and output tokens per minute); generous by default.
+    limits: Limits = DEFAULT_LIMITS
+    #: Wall clock (seconds) of the rate-limit buckets and cache TTLs; tests inject a fake one.
+    clock: Callable[[], float] | None = None
+    #: The model catalogue; ``None`` reads the packaged ``simulator/catalogue.toml``.
+    catalogue: Catalogue | None = None
+    #: Longest silence in a stream before a ``ping`` (seconds, real time).
+    ping_interval_s: float = PING_INTERVAL_S
 
 
 def new_request_id() -> str:
@@ -84,11 +119,13 @@ def new_request_id() -> str:
     return f"req_sim_{uuid.uuid4().hex[:24]}"
 
 
-class RequestIdMiddleware:
-    """Give every HTTP response a ``request-id`` header, as the API does; note when a request arrived."""
+class ApiHeadersMiddleware:
+    """Give every response a ``request-id``; give ``/v1/`` responses the rate-limit headers and
+    errors ``x-should-retry`` when the handler did not set them; note when a request arrived."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
         self.app = app
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,16 +136,26 @@ class RequestIdMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["arrived_at"] = arrived_at
+        api = str(scope.get("path", "")).startswith("/v1/")
 
-        async def send_with_id(message: Message) -> None:
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                if not any(name.lower() == b"request-id" for name, _ in headers):
-                    headers.append((b"request-id", request_id.encode()))
+                names = {name.lower() for name, _ in headers}
+                extra: dict[str, str] = {}
+                if b"request-id" not in names:
+                    extra["request-id"] = request_id
+                if api:
+                    status = int(message["status"])
+                    if status >= 400 and SHOULD_RETRY_HEADER.encode() not in names:
+                        extra[SHOULD_RETRY_HEADER] = "true" if should_retry(status) else "false"
+                    if b"anthropic-ratelimit-requests-limit" not in names:
+                        extra.update(self.limiter.headers(None))
+                headers.extend((k.encode(), v.encode()) for k, v in extra.items())
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        await self.app(scope, receive, send_with_headers)
 
 
 def _state(request: Request) -> SimState:
@@ -121,19 +168,105 @@ def _config(request: Request) -> SimConfig:
     return config
 
 
-def _unauthorized(request: Request) -> Response | None:
+def _catalogue(request: Request) -> Catalogue:
+    catalogue: Catalogue = request.app.state.catalogue
+    return catalogue
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def _check_version(request: Request) -> str:
+    """The request's ``anthropic-version`` (https://platform.claude.com/docs/en/api/versioning:
+    "you must send an anthropic-version request header"); only the served versions pass."""
+    version = request.headers.get(VERSION_HEADER)
+    if version is None:
+        raise ApiError("invalid_request_error", f"{VERSION_HEADER}: header is required")
+    if version not in API_VERSIONS:
+        raise ApiError(
+            "invalid_request_error",
+            f"{VERSION_HEADER}: invalid version {version!r}; "
+            f"supported versions are {', '.join(API_VERSIONS)}",
+        )
+    return version
+
+
+def _check_api_key(request: Request) -> None:
+    """With ``require_api_key``: an ``x-api-key``, or ``Authorization: Bearer <key>`` as SDK 2.x sends
+    it (https://platform.claude.com/docs/en/api/versioning, 2026-10-21 SDKs)."""
     if not _config(request).require_api_key:
-        return None
-    if request.headers.get("x-api-key") or request.headers.get("authorization"):
-        return None
-    return error_response("authentication_error", "x-api-key header is required")
+        return
+    if request.headers.get("x-api-key"):
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return
+    raise ApiError("authentication_error", "x-api-key or Authorization: Bearer header is required")
+
+
+async def _read_body(request: Request) -> bytes:
+    """Read the body, refusing one over :data:`MAX_REQUEST_BYTES` (by ``Content-Length`` first, and
+    by counting while reading); an oversized body is drained so the client sees the 413."""
+    declared = request.headers.get("content-length")
+    too_large = False
+    if declared is not None:
+        try:
+            too_large = int(declared) > MAX_REQUEST_BYTES
+        except ValueError:
+            raise ApiError("invalid_request_error", "content-length: invalid header value") from None
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > MAX_REQUEST_BYTES:
+            too_large = True
+        if not too_large:
+            chunks.append(chunk)
+    if too_large:
+        raise ApiError(
+            "request_too_large",
+            f"Request exceeds the maximum allowed number of bytes ({MAX_REQUEST_BYTES}).",
+        )
+    return b"".join(chunks)
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(
+            "invalid_request_error", "There was an error parsing the body of your request: invalid JSON"
+        ) from None
 
 
 async def _json_body(request: Request) -> Any:
-    try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("There was an error parsing the body of your request: invalid JSON") from None
+    return _json(await _read_body(request))
+
+
+def _model_entry(request: Request, model: str) -> ModelEntry:
+    """The model a request names: unknown or retired is 404 ``model: <id>``
+    (https://platform.claude.com/docs/en/api/errors; retired models "fail",
+    https://platform.claude.com/docs/en/about-claude/model-deprecations)."""
+    entry = _catalogue(request).resolve(model)
+    if entry is None or entry.lifecycle == "retired":
+        raise ApiError("not_found_error", f"model: {model}")
+    return entry
+
+
+def _known_model(request: Request, model: str | None) -> str | None:
+    """The canonical id of ``model`` when the catalogue knows it (rate-limit buckets are keyed by it)."""
+    if model is None:
+        return None
+    entry = _catalogue(request).resolve(model)
+    return entry.id if entry is not None else None
+
+
+def _fail(request: Request, exc: ApiError, model: str | None) -> Response:
+    headers = _state(request).limiter.headers(model)
+    headers.update(exc.headers)
+    exc.headers = headers
+    return api_error_response(exc, _request_id(request))
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -162,52 +295,102 @@ async def create_message(request: Request) -> Response:
     timed: RequestTiming | None = None
     if job_id is not None:
         timed = state.record_arrival(job_id, getattr(request.state, "arrived_at", None) or time.time())
-    if (denied := _unauthorized(request)) is not None:
-        return denied
+    bucket: str | None = None
     try:
-        fault = state.next_fault(job_id, request.headers.get(FAULT_HEADER))
-    except ValueError as exc:
-        return error_response("invalid_request_error", f"{FAULT_HEADER}: {exc}")
-    if (failed := fault_response(fault, retry_after_s=config.retry_after_s)) is not None:
-        return failed
+        raw = await _read_body(request)
+        version = _check_version(request)
+        _check_api_key(request)
+        body = _json(raw)
+        bucket = _known_model(request, peek_model(body))
+        try:
+            fault = state.next_fault(job_id, request.headers.get(FAULT_HEADER))
+        except ValueError as exc:
+            raise ApiError("invalid_request_error", f"{FAULT_HEADER}: {exc}") from None
+        rate_headers = (
+            state.limiter.exhausted_headers(
+                bucket, fault.arg if fault.arg is not None else config.retry_after_s
+            )
+            if fault.kind == "429"
+            else state.limiter.headers(bucket)
+        )
+        failed = fault_error(fault, retry_after_s=config.retry_after_s, rate_headers=rate_headers)
+        if failed is not None:
+            raise failed
+        try:
+            entry = _catalogue(request).resolve(peek_model(body) or "")
+            prompt = parse_messages_request(body, version, entry)
+            entry = _model_entry(request, prompt.model)
+            check_against_model(prompt, entry, entry.id)
+        except InvalidRequest as exc:
+            raise ApiError("invalid_request_error", str(exc)) from None
+        plan = state.cache.plan(prompt, entry.id, entry.min_cacheable_tokens)
+        try:
+            admission, headers = state.limiter.admit(
+                entry.id, plan.input_tokens + plan.creation_tokens, prompt.max_tokens
+            )
+        except RateLimited as exc:
+            raise ApiError("rate_limit_error", exc.message, headers=exc.headers) from None
+        state.cache.commit(plan)
+    except ApiError as exc:
+        return _fail(request, exc, bucket)
 
-    try:
-        body = parse_messages_request(await _json_body(request))
-    except InvalidRequest as exc:
-        return error_response("invalid_request_error", str(exc))
-
-    text, output_tokens, stop_reason = summarize(body.user_text, "", body.max_tokens)
-    reply = Reply(
-        message_id=new_message_id(),
-        model=body.model,
-        text=text,
-        input_tokens=body.input_tokens,
-        output_tokens=output_tokens,
-        stop_reason=stop_reason,
+    refusal_after: int | None = None
+    if fault.kind == "refusal":
+        refusal_after = int(fault.arg) if fault.arg is not None else config.midstream_deltas
+    reply = build_reply(
+        model=prompt.model,
+        document=prompt.user_text,
+        max_tokens=prompt.max_tokens,
+        input_usage=plan.usage(),
+        thinks=prompt.thinks,
+        thinking_budget=prompt.thinking_budget,
+        thinking_display=prompt.thinking_display,
+        refusal_after=refusal_after,
+        unknown_block=fault.kind == "unknown_block",
     )
     timing: LatencyModel = request.app.state.latency
-    drawn = timing.timing_for(body.model, output_tokens)
+    drawn = timing.timing_for(prompt.model, reply.output_tokens)
     stall_s = 0.0
     if fault.kind == "stall":
         stall_s = fault.arg if fault.arg is not None else config.stall_s
 
-    if body.stream:
+    if prompt.stream:
         fail_after: int | None = None
         if fault.kind == "midstream":
             fail_after = int(fault.arg) if fault.arg is not None else config.midstream_deltas
         on_first_delta = None if timed is None else _marker(state, timed)
+        progress = StreamProgress()
+        frames = stream_reply(
+            reply,
+            drawn,
+            stall_s=stall_s,
+            fail_after=fail_after,
+            on_first_delta=on_first_delta,
+            unknown_events=fault.kind == "unknown_event",
+            ping_interval_s=config.ping_interval_s,
+            progress=progress,
+        )
+
+        async def settled() -> AsyncIterator[bytes]:
+            try:
+                async for frame in frames:
+                    yield frame
+            finally:
+                admission.settle(progress.output_tokens)
+
         return StreamingResponse(
-            stream_reply(reply, drawn, stall_s=stall_s, fail_after=fail_after, on_first_delta=on_first_delta),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache"},
+            settled(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
         )
 
     if fault.kind == "midstream":
         # A request that does not stream cannot fail mid-stream: it gets the whole-request form.
-        return error_response("overloaded_error", "Overloaded")
-    if not await _sleep_unless_disconnected(request, stall_s + drawn.total(output_tokens)):
+        admission.settle(0)
+        return _fail(request, ApiError("overloaded_error", "Overloaded"), entry.id)
+    if not await _sleep_unless_disconnected(request, stall_s + drawn.total(reply.output_tokens)):
+        admission.settle(reply.output_tokens)
         return Response(status_code=499)
-    return JSONResponse(reply.message())
+    admission.settle(reply.output_tokens)
+    return JSONResponse(reply.message(), headers=state.limiter.headers(entry.id))
 
 
 def _marker(state: SimState, timed: RequestTiming) -> Callable[[], None]:
@@ -219,13 +402,89 @@ def _marker(state: SimState, timed: RequestTiming) -> Callable[[], None]:
 
 async def count_tokens(request: Request) -> Response:
     """``POST /v1/messages/count_tokens``."""
-    if (denied := _unauthorized(request)) is not None:
-        return denied
+    bucket: str | None = None
     try:
-        body = parse_messages_request(await _json_body(request), count_only=True)
-    except InvalidRequest as exc:
-        return error_response("invalid_request_error", str(exc))
-    return JSONResponse({"input_tokens": body.input_tokens})
+        raw = await _read_body(request)
+        version = _check_version(request)
+        _check_api_key(request)
+        body = _json(raw)
+        bucket = _known_model(request, peek_model(body))
+        try:
+            entry = _catalogue(request).resolve(peek_model(body) or "")
+            prompt = parse_count_tokens_request(body, version, entry)
+            entry = _model_entry(request, prompt.model)
+        except InvalidRequest as exc:
+            raise ApiError("invalid_request_error", str(exc)) from None
+    except ApiError as exc:
+        return _fail(request, exc, bucket)
+    return JSONResponse(
+        {"input_tokens": prompt.input_tokens}, headers=_state(request).limiter.headers(entry.id)
+    )
+
+
+class _ListModelsQuery(BaseModel):
+    """Query of ``GET /v1/models`` (https://platform.claude.com/docs/en/api/models-list)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit: int = Field(default=20, ge=1, le=1000)
+    after_id: str | None = None
+    before_id: str | None = None
+
+
+def _page(models: list[ModelEntry], query: _ListModelsQuery) -> dict[str, Any]:
+    ids = [m.id for m in models]
+    for name in ("after_id", "before_id"):
+        cursor = getattr(query, name)
+        if cursor is not None and cursor not in ids:
+            raise ApiError("invalid_request_error", f"{name}: no model with id {cursor!r}")
+    if query.after_id is not None and query.before_id is not None:
+        raise ApiError("invalid_request_error", "Only one of after_id and before_id may be given")
+    if query.before_id is not None:
+        end = ids.index(query.before_id)
+        begin = max(0, end - query.limit)
+        chosen, has_more = models[begin:end], begin > 0
+    else:
+        begin = ids.index(query.after_id) + 1 if query.after_id is not None else 0
+        chosen = models[begin : begin + query.limit]
+        has_more = begin + query.limit < len(models)
+    return {
+        "data": [m.model_info() for m in chosen],
+        "first_id": chosen[0].id if chosen else None,
+        "last_id": chosen[-1].id if chosen else None,
+        "has_more": has_more,
+    }
+
+
+async def list_models(request: Request) -> Response:
+    """``GET /v1/models``: the catalogue, most recently released first (aliases not listed)."""
+    try:
+        _check_version(request)
+        _check_api_key(request)
+        try:
+            query = _ListModelsQuery.model_validate(dict(request.query_params))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise ApiError("invalid_request_error", f"{loc}: {first['msg']}") from None
+        page = _page(_catalogue(request).models(), query)
+    except ApiError as exc:
+        return _fail(request, exc, None)
+    return JSONResponse(page)
+
+
+async def get_model(request: Request) -> Response:
+    """``GET /v1/models/{model_id}``: one ``ModelInfo``; an alias answers with the model it names."""
+    model_id: str = request.path_params["model_id"]
+    try:
+        _check_version(request)
+        _check_api_key(request)
+        entry = _catalogue(request).resolve(model_id)
+        if entry is None:
+            raise ApiError("not_found_error", f"model: {model_id}")
+    except ApiError as exc:
+        return _fail(request, exc, None)
+    return JSONResponse(entry.model_info())
 
 
 async def _admin_json(request: Request) -> dict[str, Any]:
@@ -233,6 +492,10 @@ async def _admin_json(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object")
     return body
+
+
+def _admin_error(request: Request, message: str) -> Response:
+    return error_response("invalid_request_error", message, request_id=_request_id(request))
 
 
 async def add_faults(request: Request) -> Response:
@@ -246,8 +509,10 @@ async def add_faults(request: Request) -> Response:
         if not isinstance(faults, list) or not all(isinstance(f, str) for f in faults):
             raise InvalidRequest("faults: Input should be a list of fault names")
         _state(request).add_faults(faults, job_id)
+    except ApiError as exc:
+        return api_error_response(exc, _request_id(request))
     except ValueError as exc:
-        return error_response("invalid_request_error", str(exc))
+        return _admin_error(request, str(exc))
     return JSONResponse({"ok": True, **_state(request).scripts()})
 
 
@@ -265,8 +530,10 @@ async def set_rates(request: Request) -> Response:
         if not isinstance(rates, dict):
             raise InvalidRequest("rates: Input should be a valid dictionary")
         _state(request).set_rates(rates)
+    except ApiError as exc:
+        return api_error_response(exc, _request_id(request))
     except ValueError as exc:
-        return error_response("invalid_request_error", str(exc))
+        return _admin_error(request, str(exc))
     return JSONResponse({"ok": True, "rates": _state(request).rates()})
 
 
@@ -303,7 +570,11 @@ async def health(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
-_HTTP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+_HTTP_ERROR_TYPES: Mapping[int, str] = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+}
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -311,16 +582,30 @@ async def http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     error_type = _HTTP_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
     detail = exc.detail if isinstance(exc, HTTPException) else "Internal server error"
-    return error_response(error_type, f"{request.method} {request.url.path}: {detail}", status=status)
+    return error_response(
+        error_type,
+        f"{request.method} {request.url.path}: {detail}",
+        status=status,
+        request_id=_request_id(request),
+    )
 
 
 def create_app(config: SimConfig | None = None) -> Starlette:
     """Build the simulator app; its :class:`SimState` is ``app.state.sim``."""
     config = config or SimConfig()
+    state = SimState(
+        fault_rates=config.fault_rates,
+        seed=config.seed,
+        max_timed_jobs=config.max_timed_jobs,
+        limits=config.limits,
+        clock=config.clock,
+    )
     app = Starlette(
         routes=[
             Route("/v1/messages", create_message, methods=["POST"]),
             Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/_sim/faults", add_faults, methods=["POST"]),
             Route("/_sim/faults", get_faults, methods=["GET"]),
             Route("/_sim/rates", set_rates, methods=["POST"]),
@@ -331,13 +616,12 @@ def create_app(config: SimConfig | None = None) -> Starlette:
             Route("/_sim/reset", reset, methods=["POST"]),
             Route("/_sim/health", health, methods=["GET"]),
         ],
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[Middleware(ApiHeadersMiddleware, limiter=state.limiter)],
         exception_handlers={HTTPException: http_error},
     )
     app.state.config = config
-    app.state.sim = SimState(
-        fault_rates=config.fault_rates, seed=config.seed, max_timed_jobs=config.max_timed_jobs
-    )
+    app.state.sim = state
+    app.state.catalogue = config.catalogue if config.catalogue is not None else load_catalogue()
     app.state.latency = LatencyModel(
         time_scale=config.time_scale,
         seed=config.seed,

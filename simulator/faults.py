@@ -6,7 +6,7 @@ A fault is written as ``KIND`` or ``KIND:ARG``:
     no fault.
 ``429`` / ``429:SECONDS``
     HTTP 429 ``rate_limit_error`` with ``retry-after`` (default ``SimConfig.retry_after_s``)
-    and ``anthropic-ratelimit-*`` headers.
+    and ``anthropic-ratelimit-*`` headers showing the requests and tokens exhausted until then.
 ``529``
     HTTP 529 ``overloaded_error``.
 ``500``
@@ -21,8 +21,29 @@ A fault is written as ``KIND`` or ``KIND:ARG``:
     gets a 529 instead.
 ``stall`` / ``stall:SECONDS``
     HTTP 200, the stream sends ``message_start``, ``content_block_start`` and ``ping``, then
-    nothing for SECONDS (default ``SimConfig.stall_s``, not scaled by ``time_scale``), then
-    goes on normally. A non-streaming request waits as long before its answer.
+    nothing for SECONDS (default ``SimConfig.stall_s``, not scaled by ``time_scale``; no pings
+    either: a stall is a dead connection), then goes on normally. A non-streaming request waits
+    as long before its answer.
+``spend_limit``
+    HTTP 429 ``rate_limit_error`` with ``error.details.error_code: "enforced_spend_limit_reached"``,
+    ``x-should-retry: false`` and no ``retry-after``: the organization's monthly spend limit
+    (https://platform.claude.com/docs/en/api/rate-limits, "Spend limits").
+``refusal`` / ``refusal:N``
+    HTTP 200; the text stops after N text deltas (default ``SimConfig.midstream_deltas``) and the
+    message ends with ``stop_reason: "refusal"`` and ``stop_details`` (type, category,
+    explanation). A non-streaming request gets the same cut text and stop reason.
+``unknown_event``
+    HTTP 200, a normal stream with events of a type clients do not know (``event: future_event``)
+    after ``message_start`` and between text deltas; clients must ignore them
+    (https://platform.claude.com/docs/en/build-with-claude/streaming, "Other events").
+    A non-streaming request is answered normally.
+``unknown_block``
+    HTTP 200; before the text comes a content block of a type clients do not know
+    (``future_block``) with its own ``future_delta`` deltas. A non-streaming answer has it in
+    ``content`` before the text block.
+
+Every HTTP-error fault carries the headers every response has (``request-id``,
+``anthropic-ratelimit-*``, ``x-should-retry``) and a top-level ``request_id`` in its body.
 
 Where a request's fault comes from (first match wins): the ``x-sim-fault`` header, the FIFO
 script of its job id (header ``x-tierq-job-id``), the global FIFO script, the probability table.
@@ -34,12 +55,9 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Final, Literal, get_args
 
-from starlette.responses import JSONResponse
-
-from simulator.errors import error_response
+from simulator.errors import ApiError
 
 __all__ = [
     "FAULT_HEADER",
@@ -47,15 +65,29 @@ __all__ = [
     "HTTP_FAULTS",
     "JOB_HEADER",
     "OK",
+    "SPEND_LIMIT_CODE",
+    "STREAM_FAULTS",
     "Fault",
     "FaultKind",
     "draw_fault",
-    "fault_response",
-    "rate_limit_headers",
+    "fault_error",
     "validate_rates",
 ]
 
-FaultKind = Literal["ok", "429", "529", "500", "400", "401", "midstream", "stall"]
+FaultKind = Literal[
+    "ok",
+    "429",
+    "529",
+    "500",
+    "400",
+    "401",
+    "midstream",
+    "stall",
+    "spend_limit",
+    "refusal",
+    "unknown_event",
+    "unknown_block",
+]
 
 #: Every fault kind, in the order the module docstring lists them.
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
@@ -72,13 +104,21 @@ HTTP_FAULTS: Final[Mapping[str, tuple[int, str, str]]] = {
     "500": (500, "api_error", "Internal server error"),
     "400": (400, "invalid_request_error", "Invalid request (simulated)."),
     "401": (401, "authentication_error", "invalid x-api-key"),
+    "spend_limit": (
+        429,
+        "rate_limit_error",
+        "You have reached your specified API usage limits. You will regain access on the first "
+        "day of next month at 00:00 UTC.",
+    ),
 }
 
-_ARG_KINDS: Final = frozenset({"429", "midstream", "stall"})
+#: Kinds played inside a 200 answer.
+STREAM_FAULTS: Final = frozenset({"midstream", "stall", "refusal", "unknown_event", "unknown_block"})
 
-#: Simulated account limits reported in the ``anthropic-ratelimit-*`` headers of a 429.
-RATE_LIMIT_REQUESTS: Final = 50
-RATE_LIMIT_TOKENS: Final = 50_000
+#: ``error.details.error_code`` of a spend-limit 429.
+SPEND_LIMIT_CODE: Final = "enforced_spend_limit_reached"
+
+_ARG_KINDS: Final = frozenset({"429", "midstream", "stall", "refusal"})
 
 
 @dataclass(frozen=True)
@@ -140,36 +180,21 @@ def draw_fault(rates: Mapping[Fault, float], rng: random.Random) -> Fault:
     return OK
 
 
-def _rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+def fault_error(fault: Fault, *, retry_after_s: float, rate_headers: Mapping[str, str]) -> ApiError | None:
+    """The HTTP error of ``fault`` (``None`` when it is not an HTTP-error fault).
 
-
-def rate_limit_headers(retry_after_s: float, now: datetime | None = None) -> dict[str, str]:
-    """Headers of a simulated 429: ``retry-after`` plus the ``anthropic-ratelimit-*`` family."""
-    moment = now or datetime.now(UTC)
-    reset = _rfc3339(moment + timedelta(seconds=retry_after_s))
-    return {
-        "retry-after": f"{retry_after_s:g}",
-        "anthropic-ratelimit-requests-limit": str(RATE_LIMIT_REQUESTS),
-        "anthropic-ratelimit-requests-remaining": "0",
-        "anthropic-ratelimit-requests-reset": reset,
-        "anthropic-ratelimit-tokens-limit": str(RATE_LIMIT_TOKENS),
-        "anthropic-ratelimit-tokens-remaining": "0",
-        "anthropic-ratelimit-tokens-reset": reset,
-    }
-
-
-def fault_response(
-    fault: Fault,
-    *,
-    retry_after_s: float,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse | None:
-    """Return the HTTP error response of ``fault``, or ``None`` when it is not an HTTP-error fault."""
+    ``rate_headers`` are the ``anthropic-ratelimit-*`` headers to send; a ``429`` fault passes
+    headers showing the limits exhausted, plus its ``retry-after``.
+    """
     if fault.kind not in HTTP_FAULTS:
         return None
     status, error_type, message = HTTP_FAULTS[fault.kind]
-    all_headers = dict(headers or {})
+    headers = dict(rate_headers)
+    details = None
     if fault.kind == "429":
-        all_headers.update(rate_limit_headers(fault.arg if fault.arg is not None else retry_after_s))
-    return error_response(error_type, message, status=status, headers=all_headers)
+        headers["retry-after"] = f"{fault.arg if fault.arg is not None else retry_after_s:g}"
+    elif fault.kind == "spend_limit":
+        # No retry-after, and the API says not to retry (issue 9; developersdigest's Anthropic 429 page).
+        headers["x-should-retry"] = "false"
+        details = {"error_code": SPEND_LIMIT_CODE}
+    return ApiError(error_type, message, status=status, headers=headers, details=details)

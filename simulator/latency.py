@@ -30,10 +30,23 @@ class LatencyProfile:
 # Third-party published measurements (Artificial Analysis model pages, as summarized in the
 # project's shared FINDINGS.md), good to about +-50%:
 #   claude-haiku-4-5   TTFT ~0.5 s, ~100 output tok/s (53 first-party API .. 110)
-#   claude-sonnet-4-5  TTFT ~1.8 s, ~60 output tok/s (55-63)
+#   claude-sonnet-4-x  TTFT ~1.8 s, ~60 output tok/s (55-63)
 #   claude-opus-4-x    TTFT ~2.7 s, ~42 output tok/s (39-45)
-#: Profile per model family; the key is a substring of the model name.
+# ASSUMED (no published measurement was found in the stored docs, 2026-11-30): the 5.x models and
+# the Fable and Mythos lines. They think by default (simulator/catalogue.toml), and their thinking
+# tokens are paced like any output token, so the profiles below are only the per-token speed:
+#   haiku 5.x   as Haiku 4.5 (same size class)
+#   sonnet 5.x  as Sonnet 4.x
+#   opus 5.x    as Opus 4.x
+#   fable       between Sonnet and Opus (TTFT 2.2 s, 50 tok/s): assumed
+#   mythos      the largest line: slower than Opus (TTFT 3.5 s, 30 tok/s): assumed
+#: Profile per model family; the key is a substring of the model name, the first match wins.
 PROFILES: dict[str, LatencyProfile] = {
+    "haiku-5": LatencyProfile(ttft_s=0.5, tokens_per_s=100.0),
+    "sonnet-5": LatencyProfile(ttft_s=1.8, tokens_per_s=60.0),
+    "opus-5": LatencyProfile(ttft_s=2.7, tokens_per_s=42.0),
+    "fable": LatencyProfile(ttft_s=2.2, tokens_per_s=50.0),
+    "mythos": LatencyProfile(ttft_s=3.5, tokens_per_s=30.0),
     "haiku": LatencyProfile(ttft_s=0.5, tokens_per_s=100.0),
     "sonnet": LatencyProfile(ttft_s=1.8, tokens_per_s=60.0),
     "opus": LatencyProfile(ttft_s=2.7, tokens_per_s=42.0),

@@ -1,4 +1,5 @@
-"""The simulator's mutable state: fault scripts, the fault probability table, request counts and timings.
+"""The simulator's mutable state: fault scripts, the fault probability table, request counts and timings,
+the prompt cache and the rate-limit buckets.
 
 Timings are wall-clock (``time.time()``) marks of each ``/v1/messages`` request that carries a job id:
 when it reached the app and when its first text delta was sent, for benchmarks that compare them
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from simulator.cache import PromptCache
 from simulator.faults import OK, Fault, draw_fault, validate_rates
+from simulator.ratelimit import DEFAULT_LIMITS, Limits, RateLimiter
 
 __all__ = ["DEFAULT_MAX_TIMED_JOBS", "RequestTiming", "SimState"]
 
@@ -43,14 +47,24 @@ class RequestTiming:
 
 
 class SimState:
-    """Fault scripts, fault probabilities and per-job request counts, behind one lock."""
+    """Fault scripts, fault probabilities and per-job request counts, behind one lock.
+
+    ``cache`` (the prompt cache) and ``limiter`` (the rate-limit buckets) read ``clock``
+    (wall seconds, ``time.time`` unless a test injects its own); each has its own lock.
+    """
 
     def __init__(
         self,
         fault_rates: Mapping[str, float] | None = None,
         seed: int | None = None,
         max_timed_jobs: int = DEFAULT_MAX_TIMED_JOBS,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        self.clock: Callable[[], float] = clock or time.time
+        self.cache = PromptCache(self.clock)
+        self.limiter = RateLimiter(limits, self.clock)
         self._lock = threading.Lock()
         self._timings: dict[str, list[RequestTiming]] = {}
         self._max_timed_jobs = max_timed_jobs
@@ -157,7 +171,9 @@ class SimState:
             return {job: [t.as_dict() for t in ts] for job, ts in self._timings.items()}
 
     def reset(self) -> None:
-        """Clear scripts, the probability table, counts and timings."""
+        """Clear scripts, the probability table, counts, timings, the prompt cache and the buckets."""
+        self.cache.reset()
+        self.limiter.reset()
         with self._lock:
             self._timings.clear()
             self._job_scripts.clear()

@@ -36,7 +36,9 @@ from worker.errors import (
     InvalidJobError,
     JobExpiredError,
     JobFailedError,
+    JobRefusedError,
     JobTimeoutError,
+    RefusedError,
 )
 from worker.spec import (
     CONTEXT_HEADER,
@@ -67,6 +69,11 @@ _STATUS = {
     "FAILURE": "failed",
     "REVOKED": "revoked",
 }
+
+
+def _refused(outcome: object) -> bool:
+    """Whether a stored failure is the model's refusal (the worker's ``RefusedError``)."""
+    return isinstance(outcome, RefusedError)
 
 
 @contextmanager
@@ -159,11 +166,13 @@ class Job:
         return f"Job(id={self.id!r})"
 
     def status(self) -> str:
-        """One of pending, running, retrying, succeeded, failed, expired, revoked."""
+        """One of pending, running, retrying, succeeded, failed, refused, expired, revoked."""
         with _reachable("result backend unavailable"):
             state = str(self._async.state)
             if state in ("FAILURE", "REVOKED") and _expired(self._async.result):
                 return "expired"
+            if state == "FAILURE" and _refused(self._async.result):
+                return "refused"
             if state == "PENDING" and _running(self.id):
                 return "running"
         return _STATUS.get(state, state.lower())
@@ -179,6 +188,7 @@ class Job:
         Raises:
             JobTimeoutError: the job did not end in time (it may still end later).
             JobFailedError: the job ended in failure; ``error_type`` names why.
+            JobRefusedError: the model refused (a JobFailedError; ``category`` and ``explanation``).
         """
         try:
             with _reachable("result backend unavailable"):
@@ -191,6 +201,10 @@ class Job:
         error_type = type(value).__name__ if isinstance(value, BaseException) else str(state)
         if _expired(value):
             raise JobExpiredError(f"job {self.id} expired: {value}", error_type=error_type)
+        if isinstance(value, RefusedError):
+            raise JobRefusedError(
+                f"job {self.id} refused: {value}", error_type, value.category, value.explanation
+            )
         raise JobFailedError(f"job {self.id} failed: {error_type}: {value}", error_type=error_type)
 
     def stream(self, timeout: float | None = None) -> Iterator[str | Restarted | dict[str, Any]]:

@@ -122,7 +122,7 @@ def queue_length(client: redis.Redis, queue: str) -> int:
 class WorkerProcess:
     """A ``tierq worker`` subprocess; its stdout (JSON log lines) goes to a file."""
 
-    def __init__(self, tiers: list[str], log_path: Path) -> None:
+    def __init__(self, tiers: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.tiers = tiers
         self.log_path = log_path
         self.node = f"{'+'.join(tiers)}-{RUN_TAG}@test"
@@ -133,7 +133,9 @@ class WorkerProcess:
         argv += ["--metrics-port", str(self.metrics_port)]
         for tier in tiers:
             argv += ["--tier", tier]
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
     def log_events(self) -> list[dict[str, Any]]:
         """Every JSON line the worker has written so far."""

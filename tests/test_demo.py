@@ -60,8 +60,8 @@ def test_demo_runs_to_the_end_on_embedded_defaults() -> None:
     assert "tierq demo: per tier" in out and "12 jobs in" in out
     for tier, model in (
         ("fast", "claude-haiku-4-5"),
-        ("standard", "claude-sonnet-4-6"),
-        ("slow", "claude-opus-4-5"),
+        ("standard", "claude-sonnet-5-5"),
+        ("slow", "claude-opus-5-5"),
     ):
         assert re.search(rf"│ {tier}\s+│\s+0 │\s+0 │\s+\d+ │\s+0 │", out), (
             f"{tier} row: all done, none failed"

@@ -45,8 +45,8 @@ def _wait_for_event(worker: WorkerProcess, job_id: str, event: str, timeout: flo
     [
         ("critical", "fast", "claude-haiku-4-5"),
         ("high", "fast", "claude-haiku-4-5"),
-        ("normal", "standard", "claude-sonnet-4-6"),
-        ("low", "slow", "claude-opus-4-5"),
+        ("normal", "standard", "claude-sonnet-5-5"),
+        ("low", "slow", "claude-opus-5-5"),
     ],
 )
 def test_each_urgency_runs_on_its_tier(

@@ -226,3 +226,57 @@ def test_flower_refuses_to_start_without_auth() -> None:
     )
     assert done.returncode == 2
     assert "TIERQ_FLOWER_BASIC_AUTH" in done.stderr
+
+
+def _tierq(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+def test_doctor_checks_what_tierq_needs(sim: SimServer) -> None:
+    done = _tierq(["doctor"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    for row in (
+        "broker",
+        "redis maxmemory-policy",
+        "API",
+        "model claude-haiku-4-5",
+        "price claude-sonnet-5-5",
+    ):
+        assert row in done.stdout, row
+    assert "reachable, key accepted" in done.stdout
+    assert "FAIL" not in done.stdout
+
+
+def _tiers_file(tmp_dir: Path, model: str) -> str:
+    path = tmp_dir / f"tiers-{uuid.uuid4().hex[:8]}.toml"
+    path.write_text(f'[tiers.fast]\nmodel = "{model}"\n', encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("model", "word"), [("claude-sonnet-4-20250514", "retired"), ("claude-nope-1", "unknown")]
+)
+def test_a_worker_refuses_to_start_on_a_retired_or_unknown_model(
+    sim: SimServer, tmp_dir: Path, model: str, word: str
+) -> None:
+    env = {"TIERQ_TIERS_FILE": _tiers_file(tmp_dir, model)}
+    done = _tierq(["worker", "--tier", "fast"], env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.strip()]
+    assert f"model {model} is {word}" in line and "tier fast" in line
+    doctor = _tierq(["doctor"], env)
+    assert doctor.returncode == 1 and "FAIL" in doctor.stdout
+
+
+def test_doctor_warns_on_a_deprecated_model_with_its_retirement_date(sim: SimServer, tmp_dir: Path) -> None:
+    done = _tierq(["doctor"], {"TIERQ_TIERS_FILE": _tiers_file(tmp_dir, "claude-opus-4-5")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "claude-opus-4-5 is deprecated (retires 2027-01-22)" in done.stdout

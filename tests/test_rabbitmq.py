@@ -113,8 +113,8 @@ def amqp(tmp_dir: Path) -> Iterator[Amqp]:
     ("urgency", "tier", "model"),
     [
         ("critical", "fast", "claude-haiku-4-5"),
-        ("normal", "standard", "claude-sonnet-4-6"),
-        ("low", "slow", "claude-opus-4-5"),
+        ("normal", "standard", "claude-sonnet-5-5"),
+        ("low", "slow", "claude-opus-5-5"),
     ],
 )
 def test_routing_over_rabbitmq(amqp: Amqp, urgency: str, tier: str, model: str) -> None:

@@ -110,7 +110,7 @@ def test_the_slow_tier_waits_out_overloads_on_its_own_model(sim: SimServer) -> N
     job_id = f"patient-{uuid.uuid4()}"
     sim.state.add_faults(["529", "529"], job_id=job_id)
     result = submit(DOC, urgency="low", job_id=job_id).result(timeout=60)
-    assert (result["model"], result["fallback"], result["retries"]) == ("claude-opus-4-5", None, 2)
+    assert (result["model"], result["fallback"], result["retries"]) == ("claude-opus-5-5", None, 2)
 
 
 def test_status_follows_a_job_through_its_life(sim: SimServer) -> None:

@@ -67,9 +67,8 @@ def job_headers(job_id: str) -> dict[str, str]:
 def http(sim: SimServer, method: str, path: str, body: object | None = None) -> tuple[int, dict[str, Any]]:
     """Call the simulator with the standard library; return (status, JSON body)."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        sim.url + path, data=data, method=method, headers={"content-type": "application/json"}
-    )
+    headers = {"content-type": "application/json", "anthropic-version": "2026-10-21"}
+    request = urllib.request.Request(sim.url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, json.load(response)
@@ -112,7 +111,8 @@ def test_summary_is_deterministic_and_ignores_system(client: anthropic.Anthropic
         client,
         system="You are a terse summarizer.",
         metadata={"user_id": "u1"},
-        extra_body={"temperature": 0.2},  # this SDK version has no `temperature` argument
+        output_config={"effort": "low"},
+        model="claude-sonnet-4-6",
     )
     assert first.content == second.content
     assert second.usage.input_tokens == first.usage.input_tokens + count_tokens("You are a terse summarizer.")
@@ -177,11 +177,13 @@ def test_request_id_header(client: anthropic.Anthropic) -> None:
 @pytest.mark.parametrize(
     "params",
     [
-        {"max_tokens": 0},
+        {"max_tokens": -1},
         {"messages": []},
         {"messages": [{"role": "system", "content": "hi"}]},
         {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
-        {"extra_body": {"temperature": 3}},
+        {"extra_body": {"temperature": 0.5}},
+        {"extra_body": {"temperature": 3}, "extra_headers": {"anthropic-version": "2023-06-01"}},
+        {"extra_body": {"top_k": -1}, "extra_headers": {"anthropic-version": "2023-06-01"}},
     ],
 )
 def test_bad_body_is_bad_request(client: anthropic.Anthropic, params: dict[str, Any]) -> None:

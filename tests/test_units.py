@@ -33,7 +33,7 @@ from worker.errors import (
 )
 from worker.jobs import Attempt, plan_retry, run_attempt
 from worker.llm import LLMReply, LLMRequest, get_client, stream_reply, stream_reply_on_loop
-from worker.pricing import cost_usd
+from worker.pricing import PRICES, Usage, cost_usd
 from worker.spec import build_job
 from worker.tiers import load_tier_table
 
@@ -46,14 +46,10 @@ DOC = " ".join(
 def test_default_tiers_match_the_spec() -> None:
     table = load_tier_table(None)
     fast, standard, slow = table.tiers["fast"], table.tiers["standard"], table.tiers["slow"]
-    assert (fast.model, fast.max_tokens, fast.temperature, fast.deadline_s) == (
-        "claude-haiku-4-5",
-        256,
-        0.2,
-        15,
-    )
-    assert (standard.model, standard.max_tokens, standard.deadline_s) == ("claude-sonnet-4-6", 1024, 300)
-    assert (slow.model, slow.max_tokens, slow.deadline_s) == ("claude-opus-4-5", 4096, 1800)
+    assert (fast.model, fast.max_tokens, fast.effort, fast.deadline_s) == ("claude-haiku-4-5", 256, None, 15)
+    assert fast.retry_after_text and not standard.retry_after_text
+    assert (standard.model, standard.max_tokens, standard.deadline_s) == ("claude-sonnet-5-5", 1024, 300)
+    assert (slow.model, slow.max_tokens, slow.deadline_s) == ("claude-opus-5-5", 4096, 1800)
     assert {u: table.urgencies[u] for u in ("critical", "high", "normal", "low")} == {
         "critical": "fast",
         "high": "fast",
@@ -138,7 +134,7 @@ def test_max_tokens_at_the_cap_is_accepted() -> None:
 
 
 def _request(job_id: str, max_tokens: int = 64) -> LLMRequest:
-    return LLMRequest(job_id, "claude-haiku-4-5", "Summarize.", DOC, max_tokens, 0.2)
+    return LLMRequest(job_id, "claude-haiku-4-5", "Summarize.", DOC, max_tokens)
 
 
 #: the two ways a tier can make its call (``Tier.io``)
@@ -156,7 +152,7 @@ def test_stream_reply_reads_text_usage_and_request_id(sim: SimServer, way: str) 
     reply = _call(way, _request(uuid.uuid4().hex, 256), time.time() + 10)
     assert reply.text
     assert reply.stop_reason == "end_turn"
-    assert reply.input_tokens > 0 and 0 < reply.output_tokens <= 256
+    assert reply.usage.input_tokens > 0 and 0 < reply.usage.output_tokens <= 256
     assert reply.request_id and reply.request_id.startswith("req_")
     assert reply.first_token_at is not None and reply.sent_at < reply.first_token_at <= reply.done_at
 
@@ -190,7 +186,7 @@ def test_the_loop_hands_texts_over_gathered(sim: SimServer) -> None:
 def test_stream_reply_honours_max_tokens(sim: SimServer, way: str) -> None:
     reply = _call(way, _request(uuid.uuid4().hex, 5), time.time() + 10)
     assert reply.stop_reason == "max_tokens"
-    assert reply.output_tokens <= 5
+    assert reply.usage.output_tokens <= 5
 
 
 @pytest.mark.parametrize("way", WAYS)
@@ -290,7 +286,8 @@ def test_run_attempt_logs_one_completed_line_without_text(sim: SimServer) -> Non
     for key in ("queue_wait_ms", "ttft_ms", "llm_ms", "total_ms", "output_tokens_per_s", "input_tokens"):
         assert isinstance(line[key], int | float), key
     assert line["output_tokens"] == result["usage"]["output_tokens"]
-    assert line["cost_usd"] == cost_usd("claude-haiku-4-5", line["input_tokens"], line["output_tokens"])
+    assert line["cost_usd"] == cost_usd("claude-haiku-4-5", Usage.model_validate(result["usage"]))
+    assert line["truncated"] is False and result["truncated"] is False
     assert DOC[:40] not in repr(logs)
     assert result["summary"][:20] not in repr(logs)
 
@@ -305,10 +302,67 @@ def test_malformed_job_is_a_permanent_invalid_job() -> None:
 
 
 def test_cost_table() -> None:
-    assert cost_usd("claude-haiku-4-5", 1_000_000, 1_000_000) == 6.0
-    assert cost_usd("claude-sonnet-4-5", 1000, 1000) == 0.018
-    assert cost_usd("claude-opus-4-5", 0, 1_000_000) == 25.0
-    assert cost_usd("gpt-x", 1, 1) is None
+    million = 1_000_000
+    assert cost_usd("claude-haiku-4-5", Usage(input_tokens=million, output_tokens=million)) == 6.0
+    assert cost_usd("claude-sonnet-4-5", Usage(input_tokens=1000, output_tokens=1000)) == 0.018
+    assert cost_usd("claude-opus-4-5", Usage(output_tokens=million)) == 25.0
+    # Opus 4.7 and 4.8 are priced as Opus 4.5 (not the Opus 4 row of $15/$75), matched by exact id
+    assert cost_usd("claude-opus-4-7", Usage(input_tokens=million)) == 5.0
+    assert cost_usd("claude-opus-4-8", Usage(output_tokens=million)) == 25.0
+    with structlog.testing.capture_logs() as logs:
+        assert cost_usd("gpt-x", Usage(input_tokens=1)) is None
+        assert cost_usd("gpt-x", Usage(input_tokens=1)) is None
+    assert [e["event"] for e in logs] == ["pricing.unknown_model"], "one warning per unknown model"
+
+
+def test_cache_tokens_are_billed_at_their_own_prices() -> None:
+    # Haiku 4.5: $1 in, $5 out, 5-minute write $1.25, 1-hour write $2, read $0.10 per MTok
+    usage = Usage.from_api(
+        {
+            "input_tokens": 50,
+            "output_tokens": 60,
+            "cache_read_input_tokens": 4000,
+            "cache_creation_input_tokens": 3000,
+            "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
+        }
+    )
+    by_hand = (50 * 1.0 + 60 * 5.0 + 4000 * 0.10 + 1000 * 1.25 + 2000 * 2.0) / 1e6
+    assert cost_usd("claude-haiku-4-5", usage) == pytest.approx(by_hand, abs=1e-12)
+    assert cost_usd("claude-haiku-4-5", usage, batch=True) == pytest.approx(by_hand / 2, abs=1e-12)
+    # a total without its breakdown is billed at the default 5-minute write price
+    total_only = Usage.from_api({"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 1000})
+    assert cost_usd("claude-haiku-4-5", total_only) == pytest.approx(1000 * 1.25 / 1e6, abs=1e-12)
+
+
+def test_long_context_band_prices_the_whole_request() -> None:
+    band = PRICES.get("claude-haiku-5-5")
+    assert band is not None and band.long_context is not None
+    above = band.long_context.above_input_tokens
+    small = Usage(input_tokens=above, output_tokens=1000)
+    large = Usage(input_tokens=above - 10, cache_read_input_tokens=20, output_tokens=1000)
+    assert cost_usd("claude-haiku-5-5", small) == pytest.approx(
+        (above * band.input + 1000 * band.output) / 1e6, abs=1e-12
+    )
+    lc = band.long_context
+    assert cost_usd("claude-haiku-5-5", large) == pytest.approx(
+        ((above - 10) * lc.input + 20 * lc.cache_read + 1000 * lc.output) / 1e6, abs=1e-12
+    )
+
+
+def test_thinking_tokens_are_read_from_output_tokens_details() -> None:
+    usage = Usage.from_api(
+        {"input_tokens": 5, "output_tokens": 90, "output_tokens_details": {"thinking_tokens": 70}}
+    )
+    assert (usage.output_tokens, usage.thinking_tokens) == (90, 70)
+    assert Usage.from_api({"input_tokens": 5, "output_tokens": 9}).thinking_tokens is None
+
+
+def test_a_tiers_file_cannot_set_sampling_parameters(tmp_path: Path) -> None:
+    for field in ("temperature", "top_p", "top_k"):
+        path = tmp_path / f"{field}.toml"
+        path.write_text(f"[tiers.fast]\n{field} = 0.2\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=f"{field}: not a tier setting.*2026-10-21"):
+            load_tier_table(path)
 
 
 def test_eviction_warning_names_the_policy() -> None:

@@ -8,13 +8,17 @@ import sys
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from worker.errors import TierqError
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
+    from worker.tiers import Tier
 
 __all__ = ["cli", "main"]
 
@@ -74,8 +78,10 @@ def worker(
 
     warning = redis_eviction_warning(settings.broker_url)
     if warning:
-        _err.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        _warn(warning)
     chosen = list(dict.fromkeys(tier))
+    if settings.check_models:
+        _check_models([tiers.tiers[t] for t in chosen], settings)
     queues = ",".join(tiers.tiers[t].queue for t in chosen)
     threads = concurrency or sum(tiers.tiers[t].concurrency for t in chosen)
     port = metrics_port if metrics_port is not None else settings.metrics_port
@@ -94,6 +100,48 @@ def worker(
     if settings.task_events:
         argv.append("--task-events")
     app.worker_main(argv)
+
+
+def _warn(message: str) -> None:
+    _err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def _tier_models(tiers: list[Tier]) -> dict[str, list[str]]:
+    """model id → the tiers that call it (their model and fallback model)."""
+    models: dict[str, list[str]] = {}
+    for one in tiers:
+        for model in (one.model, one.fallback_model):
+            if model:
+                models.setdefault(model, []).append(one.name)
+    return models
+
+
+def _check_models(tiers: list[Tier], settings: Settings) -> None:
+    """Ask the Models API about each served model: warn on deprecated, refuse a retired or unknown one."""
+    import anthropic
+
+    from worker.checks import DEPRECATED, model_status
+    from worker.llm import get_client
+
+    client = get_client(settings)
+    try:
+        client.with_options(timeout=5.0, max_retries=1).models.list(limit=1)
+    except anthropic.NotFoundError:
+        _warn("the API at ANTHROPIC_BASE_URL serves no Models API (GET /v1/models: 404); models not checked")
+        return
+    except anthropic.APIError as exc:
+        _warn(f"cannot reach the Models API ({type(exc).__name__}); models not checked")
+        return
+    for model, names in _tier_models(tiers).items():
+        try:
+            status = model_status(client, model)
+        except anthropic.APIError as exc:
+            _warn(f"cannot ask the Models API about {model} ({type(exc).__name__}); not checked")
+            return
+        if status.blocking:
+            raise _fail(f"tier {', '.join(names)}: {status.describe()} (TIERQ_CHECK_MODELS=false skips this)")
+        if status.lifecycle == DEPRECATED:
+            _warn(f"tier {', '.join(names)}: {status.describe()}")
 
 
 def _serve_worker_metrics(port: int, addr: str) -> None:
@@ -268,13 +316,22 @@ def tiers() -> None:
     except TierqError as exc:
         raise _fail(str(exc)) from None
     table = Table(title="tierq tiers")
-    for column in ("tier", "urgencies", "queue", "model", "max_tokens", "temp", "deadline", "threads", "io"):
+    for column in (
+        "tier",
+        "urgencies",
+        "queue",
+        "model",
+        "max_tokens",
+        "effort",
+        "deadline",
+        "threads",
+        "io",
+    ):
         table.add_column(column)
     for tier in table_data.tiers.values():
         urgencies = ", ".join(u for u, t in table_data.urgencies.items() if t == tier.name) or "-"
         table.add_row(
-            tier.name, urgencies, tier.queue, tier.model, str(tier.max_tokens),
-            "-" if tier.temperature is None else str(tier.temperature),
+            tier.name, urgencies, tier.queue, tier.model, str(tier.max_tokens), tier.effort or "-",
             f"{tier.deadline_s:g} s", str(tier.concurrency), tier.io,
         )  # fmt: skip
     _console().print(table)
@@ -335,6 +392,7 @@ def stats(
         "tier",
         "jobs",
         "failed",
+        "refused",
         "queue p50",
         "queue p95",
         "TTFT p50",
@@ -346,7 +404,7 @@ def stats(
         table.add_column(column, justify="left" if column == "tier" else "right")
     for tier, row in summary.items():
         table.add_row(
-            tier, str(row["jobs"]), str(row["failed"]),
+            tier, str(row["jobs"]), str(row["failed"]), str(row["refused"]),
             *(_ms(row[k]) for k in ("queue_wait_p50_ms", "queue_wait_p95_ms", "ttft_p50_ms", "ttft_p95_ms",
                                     "total_p50_ms", "total_p95_ms")),
             _ms(row["output_tokens_per_s_p50"]), f"{row['cost_usd']:.4f}",
@@ -371,14 +429,24 @@ def sim(
         float, typer.Option(min=0.0, help="Multiplies every delay: 1 real speed, 0.1 ten times faster.")
     ] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for the latency jitter.")] = None,
+    limits: Annotated[
+        str | None,
+        typer.Option(help="Per-model rate limits per minute, rpm=N,itpm=N,otpm=N (default: generous)."),
+    ] = None,
 ) -> None:
     """Run the Anthropic-compatible simulator (point ANTHROPIC_BASE_URL at it)."""
     from simulator import SimConfig, serve
+    from simulator.ratelimit import DEFAULT_LIMITS, Limits
 
+    try:
+        parsed = Limits.parse(limits) if limits is not None else DEFAULT_LIMITS
+    except ValueError as exc:
+        raise _fail(f"--limits: {exc}") from None
     _err.print(
-        f"simulator on http://{host}:{port} (time scale {time_scale}); ANTHROPIC_BASE_URL=http://{host}:{port}"
+        f"simulator on http://{host}:{port} (time scale {time_scale}, limits {parsed}); "
+        f"ANTHROPIC_BASE_URL=http://{host}:{port}"
     )
-    serve(host, port, SimConfig(time_scale=time_scale, seed=seed))
+    serve(host, port, SimConfig(time_scale=time_scale, seed=seed, limits=parsed))
 
 
 @cli.command()
@@ -490,6 +558,89 @@ def dlq_replay(
             failed += 1
             _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     if failed:
+        raise typer.Exit(1)
+
+
+#: doctor's verdicts, worst last
+_OK, _WARN, _FAIL = "ok", "warn", "FAIL"
+_STYLE = {_OK: "green", _WARN: "yellow", _FAIL: "bold red"}
+
+
+def _redis_check(url: str) -> tuple[str, str]:
+    import redis
+
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return _OK, "not Redis: not checked here"
+    client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return _FAIL, f"unreachable: {type(exc).__name__}"
+    finally:
+        client.close()
+    return _OK, "answers"
+
+
+@cli.command()
+def doctor() -> None:
+    """Check what tierq needs: broker, backend, Redis policy, the API and key, each tier's model and price."""
+    import anthropic
+
+    from worker.checks import DEPRECATED, model_status, redis_eviction_warning
+    from worker.llm import get_client
+    from worker.pricing import PRICES
+    from worker.settings import get_settings
+    from worker.tiers import get_tier_table
+
+    rows: list[tuple[str, str, str]] = []
+    settings = get_settings()
+    try:
+        table_data = get_tier_table()
+    except TierqError as exc:
+        raise _fail(str(exc)) from None
+    rows.append(("broker", *_redis_check(settings.broker_url)))
+    if settings.backend_url != settings.broker_url:
+        rows.append(("result backend", *_redis_check(settings.backend_url)))
+    if rows[0][1] == _OK:
+        warning = redis_eviction_warning(settings.broker_url)
+        policy = "redis maxmemory-policy"
+        rows.append((policy, _WARN, warning) if warning else (policy, _OK, "noeviction"))
+    where = settings.anthropic_base_url or "https://api.anthropic.com"
+    api_ok = False
+    if settings.api_key() is None and not settings.anthropic_base_url:
+        rows.append(("API", _FAIL, "no ANTHROPIC_API_KEY (or its _FILE), no ANTHROPIC_BASE_URL"))
+    else:
+        client = get_client(settings)
+        try:
+            client.with_options(timeout=5.0, max_retries=1).models.list(limit=1)
+            rows.append(("API", _OK, f"{where}: reachable, key accepted"))
+            api_ok = True
+        except anthropic.AuthenticationError:
+            rows.append(("API", _FAIL, f"{where}: the API key was rejected (401)"))
+        except anthropic.APIError as exc:
+            rows.append(("API", _FAIL, f"{where}: {type(exc).__name__}"))
+    models = _tier_models(list(table_data.tiers.values()))
+    for model, names in models.items():
+        label = f"model {model} ({', '.join(names)})"
+        if api_ok:
+            try:
+                status = model_status(get_client(settings), model)
+                verdict = _FAIL if status.blocking else _WARN if status.lifecycle == DEPRECATED else _OK
+                rows.append((label, verdict, status.describe()))
+            except anthropic.APIError as exc:
+                rows.append((label, _WARN, f"not checked: {type(exc).__name__}"))
+        price = PRICES.get(model)
+        if price is None:
+            rows.append((f"price {model}", _WARN, "not in worker/prices.toml: cost_usd will be null"))
+        else:
+            rows.append((f"price {model}", _OK, f"${price.input:g} in / ${price.output:g} out per MTok"))
+    table = Table(title="tierq doctor")
+    for column in ("check", "status", "detail"):
+        table.add_column(column)
+    for check, verdict, detail in rows:
+        table.add_row(check, f"[{_STYLE[verdict]}]{verdict}[/]", detail)
+    _console().print(table)
+    if any(verdict == _FAIL for _, verdict, _ in rows):
         raise typer.Exit(1)
 
 

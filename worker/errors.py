@@ -9,7 +9,8 @@
     ├── PoisonJobError               a job kept crashing its worker; given up unrun
     ├── JobError                     a job ended without a summary (producer side)
     │   ├── JobFailedError
-    │   │   └── JobExpiredError      its deadline passed, queued or running
+    │   │   ├── JobExpiredError      its deadline passed, queued or running
+    │   │   └── JobRefusedError      the model refused (stop_reason "refusal")
     │   └── JobTimeoutError
     └── LLMError                     a call to the model failed
         ├── RetryableLLMError        worth another attempt
@@ -18,13 +19,17 @@
         │   ├── UpstreamServerError      other 5xx
         │   └── UpstreamUnavailableError connection refused, reset or timed out
         └── PermanentLLMError        retrying cannot help
-            ├── RequestRejectedError     400/401/403/404/413/422 and other 4xx
-            ├── StreamInterruptedError   the stream broke after text was produced
+            ├── RequestRejectedError     400/401/403/404/413/422 and other 4xx, or x-should-retry: false
+            │   └── SpendLimitError          429 enforced_spend_limit_reached: the spend limit is reached
+            ├── RefusedError             the model refused to answer (stop_reason "refusal")
+            ├── StreamInterruptedError   the stream broke after text was produced (retried only
+            │                            where the tier says ``retry_after_text``)
             └── DeadlineExceededError    the job's deadline passed
 
 The SDK's typed errors are mapped into this tree in one place, :func:`worker.llm.map_sdk_error`.
-Every class can be rebuilt from its message alone, because Celery stores a failed task's
-exception as ``(type, args)`` in JSON and the producer rebuilds it from that.
+An error the API answered keeps its ``error.type`` and message (bounded) in the exception's
+message. Every class can be rebuilt from its ``args``, because Celery stores a failed task's
+exception as ``(type, args)`` in JSON and the producer rebuilds it with ``cls(*args)``.
 """
 
 from __future__ import annotations
@@ -37,14 +42,17 @@ __all__ = [
     "JobError",
     "JobExpiredError",
     "JobFailedError",
+    "JobRefusedError",
     "JobTimeoutError",
     "LLMError",
     "OverloadedError",
     "PermanentLLMError",
     "PoisonJobError",
     "RateLimitedError",
+    "RefusedError",
     "RequestRejectedError",
     "RetryableLLMError",
+    "SpendLimitError",
     "StreamInterruptedError",
     "TierqError",
     "UpstreamServerError",
@@ -90,6 +98,17 @@ class JobFailedError(JobError):
 
 class JobExpiredError(JobFailedError):
     """Raised when a job's deadline passed before it produced a summary."""
+
+
+class JobRefusedError(JobFailedError):
+    """Raised when the model refused to summarize; ``category`` and ``explanation`` say why, when given."""
+
+    def __init__(
+        self, message: str, error_type: str = "", category: str | None = None, explanation: str | None = None
+    ) -> None:
+        super().__init__(message, error_type)
+        self.category = category
+        self.explanation = explanation
 
 
 class JobTimeoutError(JobError, TimeoutError):
@@ -146,6 +165,30 @@ class PermanentLLMError(LLMError):
 
 class RequestRejectedError(PermanentLLMError):
     """Raised when the API rejected the request (400, 401, 403, 404, 413, 422 and other 4xx)."""
+
+
+class SpendLimitError(RequestRejectedError):
+    """Raised on a 429 whose ``error.details.error_code`` is ``enforced_spend_limit_reached``."""
+
+
+class RefusedError(PermanentLLMError):
+    """Raised when the reply ended with ``stop_reason: "refusal"``; a retry would be refused again."""
+
+    def __init__(
+        self,
+        message: str,
+        category: str | None = None,
+        explanation: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message, None, request_id)
+        self.category = category
+        self.explanation = explanation
+        # what Celery stores, to rebuild this error with ``cls(*args)`` on the producer side
+        self.args = (message, category, explanation, request_id)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class StreamInterruptedError(PermanentLLMError):

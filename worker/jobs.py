@@ -20,7 +20,10 @@ from worker.errors import (
     LLMError,
     OverloadedError,
     PoisonJobError,
+    RefusedError,
     RetryableLLMError,
+    SpendLimitError,
+    StreamInterruptedError,
     TierqError,
 )
 from worker.guard import get_guard
@@ -48,6 +51,7 @@ from worker.tiers import Tier, TierTable
 __all__ = [
     "COMPLETED",
     "FAILED",
+    "REFUSED",
     "RETRYING",
     "Attempt",
     "build_result",
@@ -61,6 +65,8 @@ __all__ = [
 COMPLETED = "summarize.completed"
 FAILED = "summarize.failed"
 RETRYING = "summarize.retrying"
+#: the job's end when the model refused: neither a summary nor a failure of tierq or the API
+REFUSED = "summarize.refused"
 
 DEDUPLICATED = "summarize.deduplicated"
 
@@ -192,7 +198,7 @@ def _call_model(
         system=tier.system_prompt,
         prompt=build_prompt(spec),
         max_tokens=spec.max_tokens or tier.max_tokens,
-        temperature=tier.temperature,
+        effort=tier.effort,
     )
     run = attempt.retries if run is None else run
     publisher = _publisher(spec.job_id, run, settings) if spec.stream else None
@@ -204,6 +210,14 @@ def _call_model(
     else:
         on_text = None if publisher is None else publisher.text
         reply = stream_reply(get_client(settings), request, deadline, on_text, settings.connect_timeout_s)
+    if reply.refusal is not None:
+        category, explanation = reply.refusal
+        raise RefusedError(
+            f"the model refused to summarize (category: {category or 'none given'})",
+            category,
+            explanation,
+            reply.request_id,
+        )
     result = build_result(spec, tier, attempt, reply, time.time())
     _log.info(COMPLETED, **_log_figures(result), **_content(settings, spec, result))
     metrics.observe_completed(result, attempt.queue)
@@ -218,13 +232,16 @@ def build_result(spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, n
     ttft_s = reply.first_token_at - reply.sent_at if reply.first_token_at is not None else None
     llm_s = reply.done_at - reply.sent_at
     gen_s = reply.done_at - reply.first_token_at if reply.first_token_at is not None else None
-    tokens_per_s = round(reply.output_tokens / gen_s, 1) if gen_s and gen_s > 0 else None
+    usage = reply.usage
+    tokens_per_s = round(usage.output_tokens / gen_s, 1) if gen_s and gen_s > 0 else None
     return {
         "job_id": spec.job_id,
         "tier": tier.name,
         "model": reply.model,
         "stop_reason": reply.stop_reason,
-        "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
+        # the summary stopped at max_tokens: it may end mid-sentence
+        "truncated": reply.stop_reason == "max_tokens",
+        "usage": usage.model_dump(),
         "timings": {
             "queue_wait_ms": attempt.queue_wait_ms,
             # this attempt's start → its request sent: the worker's own overhead before the model
@@ -234,7 +251,7 @@ def build_result(spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, n
             "total_ms": attempt.total_ms(now),
             "output_tokens_per_s": tokens_per_s,
         },
-        "cost_usd": cost_usd(reply.model, reply.input_tokens, reply.output_tokens),
+        "cost_usd": cost_usd(reply.model, usage),
         # the tier's model was overloaded this many times and this one answered instead
         "fallback": {"from": tier.model, "after_overloads": attempt.overloads}
         if attempt.model(tier) != tier.model
@@ -251,6 +268,7 @@ def _log_figures(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": result["model"],
         "stop_reason": result["stop_reason"],
+        "truncated": result["truncated"],
         **result["usage"],
         **result["timings"],
         "cost_usd": result["cost_usd"],
@@ -287,15 +305,21 @@ def plan_retry(
     """
     if isinstance(exc, DeadlineExceededError):
         return None, "expired"
-    if not isinstance(exc, RetryableLLMError):
-        return None, "not retryable"
+    if isinstance(exc, RefusedError):
+        return None, "refused"
+    if isinstance(exc, SpendLimitError):
+        return None, "spend_limit"
     tier = tiers.tiers.get(job.get("tier", "")) if isinstance(job, dict) else None
+    after_text = isinstance(exc, StreamInterruptedError) and tier is not None and tier.retry_after_text
+    if not isinstance(exc, RetryableLLMError) and not after_text:
+        return None, "not retryable"
     if tier is None:
         return None, "unknown tier"
     if attempt.retries >= tier.max_retries:
         return None, f"retries exhausted ({tier.max_retries})"
-    if exc.retry_after is not None:
-        delay = exc.retry_after
+    retry_after = exc.retry_after if isinstance(exc, RetryableLLMError) else None
+    if retry_after is not None:
+        delay = retry_after
     else:
         ceiling = min(tier.retry_backoff_max_s, tier.retry_backoff_s * 2**attempt.retries)
         delay = (rng or random).uniform(ceiling / 2, ceiling)
@@ -319,6 +343,9 @@ def _record_stats(
 
 def report_failure(exc: BaseException, attempt: Attempt, job: object, delay: float | None, why: str) -> None:
     """Log and count ``summarize.retrying`` if another attempt follows, else the one ``summarize.failed``."""
+    if isinstance(exc, RefusedError):
+        _report_refused(exc, attempt, job)
+        return
     figures: dict[str, Any] = {
         "error_type": type(exc).__name__,
         "error": str(exc),
@@ -350,3 +377,26 @@ def report_failure(exc: BaseException, attempt: Attempt, job: object, delay: flo
         publisher = _publisher(job_id, attempt.retries, get_settings())
         if publisher is not None:
             publisher.end("failed")
+
+
+def _report_refused(exc: RefusedError, attempt: Attempt, job: object) -> None:
+    """The one ``summarize.refused`` line, a metric and the stream's end; no dead letter: a replay
+    would be refused again, and the job's result (the stored error) says why."""
+    tier = str(job.get("tier")) if isinstance(job, dict) else "?"
+    job_id = str(job.get("job_id") or attempt.task_id) if isinstance(job, dict) else attempt.task_id
+    timings = {"queue_wait_ms": attempt.queue_wait_ms, "total_ms": attempt.total_ms(time.time())}
+    _log.warning(
+        REFUSED,
+        tier=tier,
+        job_id=job_id,
+        category=exc.category,
+        request_id=exc.request_id,
+        retries=attempt.retries,
+        **timings,
+    )
+    metrics.observe_refused(tier, attempt.queue)
+    _record_stats(tier, None, "refused", timings, None)
+    if isinstance(job, dict) and job.get("stream") is True:
+        publisher = _publisher(job_id, attempt.retries, get_settings())
+        if publisher is not None:
+            publisher.end("refused")

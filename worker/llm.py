@@ -38,11 +38,14 @@ from worker.errors import (
     OverloadedError,
     RateLimitedError,
     RequestRejectedError,
+    SpendLimitError,
     StreamInterruptedError,
     UpstreamServerError,
     UpstreamUnavailableError,
 )
+from worker.pricing import Usage
 from worker.settings import Settings, get_settings
+from worker.tiers import Effort
 
 if TYPE_CHECKING:
     from anthropic._streaming import ServerSentEvent
@@ -66,6 +69,12 @@ JOB_ID_HEADER = "x-tierq-job-id"
 _LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
 #: seconds a pool thread waits for the loop past the call's own timeouts
 _LOOP_GRACE_S = 5.0
+#: characters of the API's error message (or a refusal's explanation) kept in errors and results
+MAX_API_MESSAGE_CHARS = 300
+#: response header by which the API says whether a retry can succeed
+SHOULD_RETRY_HEADER = "x-should-retry"
+#: ``error.details.error_code`` of a 429 that no retry can fix: the organisation's spend limit
+SPEND_LIMIT_CODE = "enforced_spend_limit_reached"
 
 _client: anthropic.Anthropic | None = None
 _async_client: anthropic.AsyncAnthropic | None = None
@@ -81,8 +90,9 @@ class LLMRequest:
     system: str
     prompt: str
     max_tokens: int
-    #: None leaves the model's default; the SDK has no typed parameter, so it goes in ``extra_body``
-    temperature: float | None
+    #: ``output_config.effort``; None leaves the model's default (no sampling parameters: API
+    #: 2026-10-21 rejects them)
+    effort: Effort | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +102,15 @@ class LLMReply:
     text: str
     model: str
     stop_reason: str | None
-    input_tokens: int
-    output_tokens: int
+    usage: Usage
     request_id: str | None
     sent_at: float
     first_token_at: float | None
     done_at: float
     #: ``time.time()`` as the request was sent, to set against the job's other wall-clock marks
     sent_wall: float
+    #: ``stop_details`` of a refusal: its ``category`` and ``explanation`` (each may be None)
+    refusal: tuple[str | None, str | None] | None = None
 
 
 def get_client(settings: Settings | None = None) -> anthropic.Anthropic:
@@ -165,7 +176,9 @@ class _ReplyReader:
         self.request_id: str | None = None
         self.response: httpx2.Response | None = None
         self.model, self.stop_reason = request.model, None
-        self.input_tokens = self.output_tokens = 0
+        self.refusal: tuple[str | None, str | None] | None = None
+        #: the reply's usage so far: from ``message_start``, then each (cumulative) ``message_delta``
+        self.usage: dict[str, Any] = {}
         self.sent_wall, self.sent_at = time.time(), time.perf_counter()
 
     def start(self, response: httpx2.Response) -> None:
@@ -173,9 +186,12 @@ class _ReplyReader:
         self.request_id = response.headers.get("request-id")
 
     def feed(self, sse: ServerSentEvent) -> None:
+        """Fold one event in; event and block types this reader does not know are skipped, as the
+        API reference asks (https://platform.claude.com/docs/en/build-with-claude/streaming)."""
         kind = sse.event
         if kind == "content_block_delta":
             delta = json.loads(sse.data)["delta"]
+            # text only: thinking, signature and unknown block types' deltas are not the summary
             if delta.get("type") == "text_delta":
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
@@ -185,12 +201,18 @@ class _ReplyReader:
         elif kind == "message_start":
             message = json.loads(sse.data)["message"]
             self.model = message.get("model", self.model)
-            self.input_tokens = message["usage"]["input_tokens"]
-            self.output_tokens = message["usage"]["output_tokens"]
+            self._usage(message.get("usage"))
         elif kind == "message_delta":
             data = json.loads(sse.data)
             self.stop_reason = data["delta"].get("stop_reason")
-            self.output_tokens = data["usage"]["output_tokens"]
+            details = data["delta"].get("stop_details")
+            if self.stop_reason == "refusal":
+                details = details if isinstance(details, dict) else {}
+                self.refusal = (
+                    _str_or_none(details.get("category")),
+                    _str_or_none(details.get("explanation")),
+                )
+            self._usage(data.get("usage"))
         elif kind == "error":
             # an error event after HTTP 200: the SDK's own error type, mapped like any other
             assert self.response is not None
@@ -199,6 +221,11 @@ class _ReplyReader:
             )
         if time.time() > self.deadline:
             raise DeadlineExceededError("deadline passed while the reply was streaming")
+
+    def _usage(self, usage: object) -> None:
+        """Take the fields a usage object reports (``message_delta``'s are cumulative; nulls are unset)."""
+        if isinstance(usage, dict):
+            self.usage.update({k: v for k, v in usage.items() if v is not None})
 
     @contextmanager
     def mapping_errors(self) -> Iterator[None]:
@@ -228,13 +255,13 @@ class _ReplyReader:
             text="".join(self.parts),
             model=self.model,
             stop_reason=self.stop_reason,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
+            usage=Usage.from_api(self.usage),
             request_id=self.request_id,
             sent_at=self.sent_at,
             first_token_at=self.first_token_at,
             done_at=time.perf_counter(),
             sent_wall=self.sent_wall,
+            refusal=self.refusal,
         )
 
 
@@ -250,7 +277,7 @@ def _create_args(request: LLMRequest, deadline: float, connect_timeout_s: float)
         "stream": True,
         "timeout": anthropic.Timeout(remaining, connect=min(connect_timeout_s, remaining)),
         "extra_headers": {JOB_ID_HEADER: request.job_id},
-        "extra_body": None if request.temperature is None else {"temperature": request.temperature},
+        **({} if request.effort is None else {"output_config": {"effort": request.effort}}),
     }
 
 
@@ -381,8 +408,21 @@ def _retry_after(response: object) -> float | None:
     return None
 
 
+def _api_label(exc: anthropic.APIStatusError) -> str:
+    """``HTTP <status> <error.type>: <error.message>``, the message bounded (never document text:
+    the API's messages name fields and limits, not content)."""
+    kind = exc.type or ""
+    label = f"HTTP {exc.status_code} {kind}".strip()
+    message = exc.api_message
+    if isinstance(message, str) and message:
+        cut = message if len(message) <= MAX_API_MESSAGE_CHARS else message[:MAX_API_MESSAGE_CHARS] + "…"
+        label = f"{label}: {cut}"
+    return label
+
+
 def map_sdk_error(exc: anthropic.APIError, produced_text: bool, deadline: float | None = None) -> LLMError:
-    """Map an SDK error into tierq's tree: retryable or permanent, with status and request id."""
+    """Map an SDK error into tierq's tree: retryable or permanent, with status, request id and the
+    API's own error type and message."""
     if isinstance(exc, anthropic.APIConnectionError):  # includes APITimeoutError
         if deadline is not None and time.time() >= deadline:
             return DeadlineExceededError(f"deadline passed waiting for the model ({type(exc).__name__})")
@@ -394,9 +434,14 @@ def map_sdk_error(exc: anthropic.APIError, produced_text: bool, deadline: float 
     status, request_id = exc.status_code, exc.request_id
     # an `error` event inside a 200 stream carries its kind only in the body
     kind = exc.type or ""
-    label = f"HTTP {status} {kind}".strip()
+    label = _api_label(exc)
+    if exc.error_code == SPEND_LIMIT_CODE:
+        return SpendLimitError(label, status, request_id)
     if produced_text:
         return StreamInterruptedError(f"stream broke after text was produced: {label}", status, request_id)
+    # the API's own word on whether a retry can help (https://platform.claude.com/docs/en/api/errors)
+    if exc.response.headers.get(SHOULD_RETRY_HEADER) == "false":
+        return RequestRejectedError(f"{label} ({SHOULD_RETRY_HEADER}: false)", status, request_id)
     if status == 429 or kind == "rate_limit_error":
         return RateLimitedError(label, status, request_id, _retry_after(exc.response))
     if status == 529 or kind == "overloaded_error":
@@ -406,3 +451,7 @@ def map_sdk_error(exc: anthropic.APIError, produced_text: bool, deadline: float 
     if status in (408, 409):
         return UpstreamUnavailableError(label, status, request_id, _retry_after(exc.response))
     return RequestRejectedError(label, status, request_id)
+
+
+def _str_or_none(value: object, limit: int = MAX_API_MESSAGE_CHARS) -> str | None:
+    return value[:limit] if isinstance(value, str) else None

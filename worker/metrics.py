@@ -29,6 +29,7 @@ __all__ = [
     "JOB_SECONDS",
     "QUEUE_WAIT",
     "TASKS_FAILED",
+    "TASKS_REFUSED",
     "TASKS_RETRIED",
     "TASKS_SUCCEEDED",
     "TOKENS",
@@ -37,6 +38,7 @@ __all__ = [
     "QueueDepthCollector",
     "observe_completed",
     "observe_failed",
+    "observe_refused",
     "observe_retried",
     "serve_metrics",
 ]
@@ -65,6 +67,11 @@ TASKS_RETRIED = Counter(
     "Attempts that failed and were retried.",
     ["name", "hostname", "queue_name", "tier", "exception"],
 )
+TASKS_REFUSED = Counter(
+    "tierq_jobs_refused",
+    "Jobs that ended because the model refused (stop_reason refusal).",
+    ["queue_name", "tier"],
+)
 RUNTIME = Histogram(
     "celery_task_runtime",
     "Seconds the successful attempt ran in the worker.",
@@ -92,7 +99,15 @@ TOKENS_PER_S = Histogram(
     ["tier", "model"],
     buckets=_RATE_BUCKETS,
 )
-TOKENS = Counter("tierq_tokens", "Tokens billed.", ["tier", "model", "direction"])
+TOKENS = Counter("tierq_tokens", "Tokens billed, by kind (direction).", ["tier", "model", "direction"])
+#: ``direction`` label of ``tierq_tokens`` → the result's usage field
+_TOKEN_KINDS = (
+    ("input", "input_tokens"),
+    ("output", "output_tokens"),
+    ("cache_write", "cache_creation_input_tokens"),
+    ("cache_read", "cache_read_input_tokens"),
+    ("thinking", "thinking_tokens"),
+)
 COST = Counter("tierq_cost_usd", "Dollars spent, from the price table.", ["tier", "model"])
 
 
@@ -114,10 +129,17 @@ def observe_completed(result: dict[str, Any], queue: str | None) -> None:
     ):
         if value is not None:
             histogram.labels(tier, model).observe(value)
-    TOKENS.labels(tier, model, "input").inc(result["usage"]["input_tokens"])
-    TOKENS.labels(tier, model, "output").inc(result["usage"]["output_tokens"])
+    usage = result["usage"]
+    for direction, field in _TOKEN_KINDS:
+        if usage.get(field):
+            TOKENS.labels(tier, model, direction).inc(usage[field])
     if result.get("cost_usd"):
         COST.labels(tier, model).inc(result["cost_usd"])
+
+
+def observe_refused(tier: str, queue: str | None) -> None:
+    """Record a job the model refused."""
+    TASKS_REFUSED.labels(queue or "", tier).inc()
 
 
 def observe_failed(tier: str, queue: str | None, exception: str) -> None:

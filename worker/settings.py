@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     )
     #: seconds allowed to open a connection to the API
     connect_timeout_s: float = 5.0
+    #: ask the Models API about each served tier's model as a worker starts (refuse a retired or
+    #: unknown one, warn on a deprecated one); off for gateways that do not serve ``/v1/models``
+    check_models: bool = True
 
     #: port of each worker's Prometheus ``/metrics`` (unset: not served); 0 picks a free one
     metrics_port: int | None = None

@@ -105,7 +105,13 @@ def summarize(entries: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for tier, rows in sorted(by_tier.items()):
         done = [r for r in rows if r.get("outcome") == "succeeded"]
-        summary: dict[str, Any] = {"jobs": len(rows), "succeeded": len(done), "failed": len(rows) - len(done)}
+        refused = sum(1 for r in rows if r.get("outcome") == "refused")
+        summary: dict[str, Any] = {
+            "jobs": len(rows),
+            "succeeded": len(done),
+            "refused": refused,
+            "failed": len(rows) - len(done) - refused,
+        }
         for field in ("queue_wait_ms", "ttft_ms", "total_ms"):
             values = _floats(done, field)
             for q in (50, 95, 99):

@@ -5,7 +5,7 @@ subscribes late still reads everything from the start) and an end marker when th
 :meth:`tasks.producer.Job.stream` reads them with ``XREAD BLOCK``. Entries::
 
     {"t": "<text>", "a": "<run>"}      text (one or a few deltas) of the job's Nth start
-    {"end": "succeeded" | "failed"}   the job ended; its result is in the result backend
+    {"end": "succeeded" | "failed" | "refused"}   the job ended; its result is in the result backend
 
 A job starts again from the top when its worker was lost mid-reply (a redelivery) or it is retried,
 so a stream can hold an abandoned run's text before the run that finished: :func:`read_entries`
@@ -89,7 +89,7 @@ class TokenPublisher:
         self._write(self._entries((self._batcher.drain() or "") + text))
 
     def end(self, outcome: str) -> None:
-        """Send what is left, mark the job ended (``succeeded`` or ``failed``), renew the expiry."""
+        """Send what is left, mark the job ended (succeeded, failed or refused), renew the expiry."""
         self._expiring = False
         self._write([*self._entries(self._batcher.drain()), {"end": outcome}])
 

@@ -29,7 +29,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from worker.errors import ConfigError
 from worker.settings import get_settings
 
-__all__ = ["DEFAULT_TIERS", "URGENCIES", "Tier", "TierTable", "get_tier_table", "load_tier_table"]
+__all__ = [
+    "DEFAULT_TIERS",
+    "SAMPLING_FIELDS",
+    "URGENCIES",
+    "Effort",
+    "Tier",
+    "TierTable",
+    "get_tier_table",
+    "load_tier_table",
+]
+
+#: request fields API version 2026-10-21 rejects (https://platform.claude.com/docs/en/api/versioning);
+#: a tiers file that sets one is refused at load
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+
+#: values of ``output_config.effort`` (the SDK's ``OutputConfigParam``)
+Effort = Literal["low", "medium", "high", "xhigh", "max"]
 
 #: the urgency words a producer may use, most urgent first
 URGENCIES = ("critical", "high", "normal", "low")
@@ -51,9 +67,10 @@ class Tier(BaseModel):
     model: str
     #: the cap on output tokens; a producer may ask for less, never more
     max_tokens: int = Field(ge=1, le=64_000)
-    #: sampling temperature; unset leaves the model's default (sent as an extra body field: SDK 2.x
-    #: has no typed parameter for it)
-    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
+    #: ``output_config.effort`` for models that take it (how hard the model thinks: fewer thinking
+    #: tokens, sooner text); unset leaves the model's default. Haiku 4.5 takes none. There is no
+    #: sampling knob: API 2026-10-21 rejects ``temperature``, ``top_p`` and ``top_k`` (see below)
+    effort: Effort | None = None
     system_prompt: str = _SUMMARIZE
     #: seconds a job may take from enqueue to result, retries included
     deadline_s: float = Field(gt=0)
@@ -73,6 +90,23 @@ class Tier(BaseModel):
     #: a model to switch to after ``fallback_after`` attempts ended overloaded (529); unset: keep waiting
     fallback_model: str | None = None
     fallback_after: int = Field(default=2, ge=1)
+    #: retry a reply that broke after its first text (the text so far is billed again, and a live
+    #: ``Job.stream()`` reader is told ``Restarted``); off: such a job fails ``StreamInterruptedError``
+    retry_after_text: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_sampling(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in SAMPLING_FIELDS:
+                if name in data:
+                    raise ValueError(
+                        f"{name}: not a tier setting. Anthropic API version 2026-10-21 (sent by the "
+                        f"anthropic SDK 2.x) rejects {', '.join(SAMPLING_FIELDS)} with HTTP 400, even at "
+                        "their defaults; shape a summary with a tight max_tokens and a short instruction, "
+                        "and speed with effort"
+                    )
+        return data
 
 
 #: the built-in tiers (fields as in :class:`Tier`)
@@ -81,18 +115,22 @@ DEFAULT_TIERS: dict[str, dict[str, Any]] = {
         "queue": "tierq.fast",
         "model": "claude-haiku-4-5",
         "max_tokens": 256,
-        "temperature": 0.2,
         "deadline_s": 15.0,
         "concurrency": 32,
         "max_input_chars": 50_000,
         "max_retries": 2,
         "retry_backoff_s": 0.5,
         "retry_backoff_max_s": 4.0,
+        # a broken stream re-billed costs at most 256 output tokens: worth it for a 15 s deadline
+        "retry_after_text": True,
     },
     "standard": {
         "queue": "tierq.standard",
-        # not claude-sonnet-4-5: the SDK lists it as deprecated, end of life 2026-11-30
-        "model": "claude-sonnet-4-6",
+        # the current Sonnet (claude-sonnet-4-5 is deprecated, end of life 2026-11-30; 4.6 and 5 are
+        # legacy); it thinks by default and thinking tokens count toward max_tokens: low effort
+        # keeps a summary's thinking short
+        "model": "claude-sonnet-5-5",
+        "effort": "low",
         "max_tokens": 1024,
         "deadline_s": 300.0,
         "concurrency": 16,
@@ -101,7 +139,9 @@ DEFAULT_TIERS: dict[str, dict[str, Any]] = {
     },
     "slow": {
         "queue": "tierq.slow",
-        "model": "claude-opus-4-5",
+        # the current Opus (claude-opus-4-5 is deprecated, end of life 2027-01-22); it always thinks
+        "model": "claude-opus-5-5",
+        "effort": "medium",
         "max_tokens": 4096,
         "deadline_s": 1800.0,
         "concurrency": 8,

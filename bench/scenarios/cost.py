@@ -23,6 +23,9 @@ from bench.procs import Child
 from bench.result import Options, ScenarioResult, Target
 from bench.stats import median, ratio
 
+#: the API version the SDK sends by default (``anthropic._constants.ANTHROPIC_API_VERSION`` in 2.x)
+API_VERSION = "2026-10-21"
+
 __all__ = ["TITLE", "run"]
 
 TITLE = "cost: worker CPU per fast job vs raw Celery no-op + SDK stream parse"
@@ -125,8 +128,8 @@ def _request_body(doc: str) -> dict[str, Any]:
         "messages": [{"role": "user", "content": build_prompt(spec)}],
         "stream": True,
     }
-    if tier.temperature is not None:
-        body["temperature"] = tier.temperature
+    if tier.effort is not None:
+        body["output_config"] = {"effort": tier.effort}
     return body
 
 
@@ -138,7 +141,12 @@ def _record_sse(sim: Sim, doc: str) -> tuple[bytes, dict[str, Any]]:
     request = urllib.request.Request(
         sim.url + "/v1/messages",
         data=json.dumps(body).encode(),
-        headers={"content-type": "application/json", "x-api-key": "bench", JOB_HEADER: "bench-sse"},
+        headers={
+            "content-type": "application/json",
+            "x-api-key": "bench",
+            "anthropic-version": API_VERSION,
+            JOB_HEADER: "bench-sse",
+        },
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=60) as response:
@@ -175,8 +183,8 @@ def _sdk_cpu(client: anthropic.Anthropic, body: dict[str, Any], calls: int) -> d
         "extra_headers": {JOB_HEADER: "bench-sse"},
         "timeout": anthropic.Timeout(15.0, connect=5.0),
     }
-    if "temperature" in body:
-        kwargs["extra_body"] = {"temperature": body["temperature"]}
+    if "output_config" in body:
+        kwargs["output_config"] = body["output_config"]
     deltas = 0
 
     def one_call() -> int:

@@ -135,7 +135,8 @@ class StreamCounter:
             chunk = tail + bytes(message.get("body", b""))
             tail = chunk[-64:]
             with self._lock:
-                if not seen["text"] and b"event: content_block_delta" in chunk:
+                # text, not thinking: the slow tier's model thinks before it writes
+                if not seen["text"] and b"text_delta" in chunk:
                     seen["text"] = True
                     self._texts[job_id] += 1
                 if not seen["stop"] and b"event: message_stop" in chunk:

@@ -1,0 +1,1 @@
+"""Contract tests: tierq against recorded-style API transcripts, served by an independent replay server."""
