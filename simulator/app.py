@@ -287,6 +287,16 @@ async def _sleep_unless_disconnected(request: Request, seconds: float) -> bool:
     return sleeper in done
 
 
+async def _accepted(request: Request) -> tuple[str, Any, str | None]:
+    """The checks every Messages endpoint makes first, in order: body size, API version, key, JSON,
+    ``(version, body, model id)``, the model id (when the catalogue knows it) naming its rate-limit bucket."""
+    raw = await _read_body(request)
+    version = _check_version(request)
+    _check_api_key(request)
+    body = _json(raw)
+    return version, body, _known_model(request, peek_model(body))
+
+
 async def create_message(request: Request) -> Response:
     """``POST /v1/messages``."""
     state, config = _state(request), _config(request)
@@ -297,11 +307,7 @@ async def create_message(request: Request) -> Response:
         timed = state.record_arrival(job_id, getattr(request.state, "arrived_at", None) or time.time())
     bucket: str | None = None
     try:
-        raw = await _read_body(request)
-        version = _check_version(request)
-        _check_api_key(request)
-        body = _json(raw)
-        bucket = _known_model(request, peek_model(body))
+        version, body, bucket = await _accepted(request)
         try:
             fault = state.next_fault(job_id, request.headers.get(FAULT_HEADER))
         except ValueError as exc:
@@ -404,11 +410,7 @@ async def count_tokens(request: Request) -> Response:
     """``POST /v1/messages/count_tokens``."""
     bucket: str | None = None
     try:
-        raw = await _read_body(request)
-        version = _check_version(request)
-        _check_api_key(request)
-        body = _json(raw)
-        bucket = _known_model(request, peek_model(body))
+        version, body, bucket = await _accepted(request)
         try:
             entry = _catalogue(request).resolve(peek_model(body) or "")
             prompt = parse_count_tokens_request(body, version, entry)

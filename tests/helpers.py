@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["wait_until"]
+__all__ = ["FakeClock", "wait_until"]
 
 T = TypeVar("T")
 
@@ -30,3 +30,16 @@ def wait_until(
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+class FakeClock:
+    """A wall clock (``time.time()`` seconds) that moves only when told: for rate-limit buckets and TTLs."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -16,25 +16,12 @@ from typer.testing import CliRunner
 from simulator import SimConfig, SimServer
 from simulator.__main__ import parse_args
 from simulator.ratelimit import DEFAULT_LIMITS, Limits
-from tests.helpers import wait_until
+from tests.helpers import FakeClock, wait_until
 
 MODEL = "claude-haiku-4-5"
 DOC = "Tierq runs Celery workers. Each tier has its own pool. Redis is the broker. Haiku is fast."
 MESSAGES: list[Any] = [{"role": "user", "content": DOC}]
 PREFIX = "anthropic-ratelimit-"
-
-
-class FakeClock:
-    """A wall clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def limited_sim(limits: Limits, clock: FakeClock) -> SimServer:

@@ -18,6 +18,7 @@ from pydantic import TypeAdapter
 
 from simulator import SimConfig, SimServer
 from simulator.text import count_tokens
+from tests.helpers import FakeClock
 
 MODEL = "claude-haiku-4-5"
 THINKER = "claude-opus-5"
@@ -39,19 +40,6 @@ KNOWN_EVENTS = {
     "message_stop",
 }
 EVENTS: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
-
-
-class FakeClock:
-    """A wall clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture(scope="module")
