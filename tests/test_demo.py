@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from worker.demo import parse_mix, plan_urgencies
-from worker.errors import ConfigError
+from tasks.errors import ConfigError
+from worker.ops.demo import parse_mix, plan_urgencies
 
 URGENCIES = ["critical", "high", "normal", "low"]
 

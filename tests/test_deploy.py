@@ -26,8 +26,8 @@ import typer.main
 import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 
-from worker.cli import cli
-from worker.tiers import TierTable, load_tier_table
+from tasks.tiers import TierTable, load_tier_table
+from worker.ops.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -79,7 +79,7 @@ def cli_commands() -> dict[str, Any]:
     """The ``tierq`` subcommands (click commands; typer may vendor its own click)."""
     group = typer.main.get_command(cli)
     commands = getattr(group, "commands", None)
-    assert isinstance(commands, dict), "worker.cli:cli is not a command group"
+    assert isinstance(commands, dict), "worker.ops.cli:cli is not a command group"
     return dict(commands)
 
 
@@ -93,8 +93,8 @@ def check_tierq_argv(argv: list[str]) -> tuple[str, dict[str, Any]]:
     commands = cli_commands()
     if sub not in commands:
         if sub in LATE_COMMANDS:
-            pytest.xfail(f"`tierq {sub}` is not in worker.cli yet (being added)")
-        pytest.fail(f"`tierq {sub}` is not a command of worker.cli: {sorted(commands)}")
+            pytest.xfail(f"`tierq {sub}` is not in worker.ops.cli yet (being added)")
+        pytest.fail(f"`tierq {sub}` is not a command of worker.ops.cli: {sorted(commands)}")
     error = None
     try:
         ctx = commands[sub].make_context(f"tierq {sub}", list(argv[2:]))
@@ -245,7 +245,7 @@ def test_tier_table_has_the_deployed_tiers() -> None:
 def test_exported_metric_names_match_the_dashboard_list() -> None:
     from prometheus_client.metrics import MetricWrapperBase
 
-    import worker.metrics as metrics
+    import worker.observe.metrics as metrics
 
     exported = set()
     for value in vars(metrics).values():
@@ -271,7 +271,8 @@ def test_dockerfile() -> None:
     users = dockerfile("USER")
     assert users and users[-1].split(":")[0] not in {"root", "0"}
     runs = " ".join(dockerfile("RUN"))
-    assert re.search(r"pip install (--\S+ )*\.(\s|$)", runs), "the project is not installed with pip"
+    installs = re.search(r"pip install (--\S+ )*'?\.(\[[a-z,]+\])?'?(\s|$)", runs)
+    assert installs, "the project is not installed with pip"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     packages = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
     copied = {src for c in dockerfile("COPY") if not c.startswith("--from") for src in c.split()[:-1]}
@@ -291,7 +292,8 @@ def test_dockerignore_keeps_the_build_inputs() -> None:
     ]
     for excluded in (".venv", ".git", ".pytest_cache", "**/__pycache__", ".env"):
         assert excluded in patterns
-    for needed in ("pyproject.toml", "README.md", "worker", "tasks", "simulator", "worker/cli.py"):
+    needs = ("pyproject.toml", "README.md", "worker", "tasks", "simulator", "tierq", "worker/ops/cli.py")
+    for needed in needs:
         hits = [p for p in patterns if not p.startswith("!") and fnmatch.fnmatch(needed, p)]
         assert not hits, f".dockerignore drops {needed} ({hits})"
 
@@ -370,7 +372,7 @@ def test_compose_worker(tier: str) -> None:
     raw = hc["test"][1]
     assert "$$HOSTNAME" in raw, "escape $HOSTNAME as $$HOSTNAME, or compose substitutes it"
     argv = shlex.split(raw.replace("$$", "$"))
-    assert argv[:5] == ["celery", "-A", "worker.app", "inspect", "ping"]
+    assert argv[:5] == ["celery", "-A", "worker.celery.app", "inspect", "ping"]
     assert argv[argv.index("-d") + 1] == f"{tier}@$HOSTNAME"
     assert parse_duration(hc["interval"]) >= 30, "the ping is costly: check rarely"
     assert parse_duration(hc["start_period"]) > 0
@@ -478,7 +480,7 @@ def test_k8s_worker_deployment(tier: str) -> None:
         argv = probe["exec"]["command"]
         assert argv[:2] == ["sh", "-c"]
         ping = shlex.split(argv[2])
-        assert ping[:5] == ["celery", "-A", "worker.app", "inspect", "ping"]
+        assert ping[:5] == ["celery", "-A", "worker.celery.app", "inspect", "ping"]
         assert ping[ping.index("-d") + 1] == f"{tier}@$HOSTNAME"
         assert probe["timeoutSeconds"] > float(ping[ping.index("--timeout") + 1])
     if "readinessProbe" in container:

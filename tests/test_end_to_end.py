@@ -17,10 +17,10 @@ import pytest
 import redis
 
 from simulator import SimServer
-from tasks.producer import get_job, submit
+from tasks.errors import InvalidJobError, JobFailedError
 from tests.conftest import WorkerProcess, queue_length
-from worker.errors import InvalidJobError, JobFailedError
-from worker.tiers import get_tier_table
+from tierq.producer import get_job, submit
+from worker.core.settings import get_tier_table
 
 DOC = " ".join(
     f"Paragraph {i} says that tiered queues keep urgent work fast while slow work waits its turn."
@@ -219,7 +219,7 @@ def test_cli_bad_input_fails_fast_with_one_line(
 
 
 def test_submit_with_the_broker_down_fails_fast_with_one_line() -> None:
-    from worker.embedded import free_port
+    from worker.ops.embedded import free_port
 
     env = {**os.environ, "TIERQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
     started = time.monotonic()

@@ -1,6 +1,6 @@
 """The product's model facts against the simulator's catalogue and the SDK's model list.
 
-``worker/prices.toml`` (what tierq bills) and ``simulator/catalogue.toml`` (what the simulated API
+``worker/llm/prices.toml`` (what tierq bills) and ``simulator/catalogue.toml`` (what the simulated API
 knows) are written independently on purpose; these tests are where they must agree.
 """
 
@@ -12,8 +12,8 @@ import pytest
 from anthropic.types import Model
 
 from simulator.catalogue import load_catalogue
-from worker.pricing import PRICES
-from worker.tiers import load_tier_table
+from tasks.tiers import load_tier_table
+from worker.llm.pricing import PRICES
 
 CATALOGUE = load_catalogue()
 

@@ -20,11 +20,11 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulator import SimServer
-from tasks.producer import get_job, submit
 from tests.conftest import WorkerProcess
-from worker.embedded import free_port
-from worker.request import redact_result_repr
-from worker.stats import percentile, summarize
+from tierq.producer import get_job, submit
+from worker.celery.request import redact_result_repr
+from worker.ops.embedded import free_port
+from worker.store.stats import percentile, summarize
 
 DOC = " ".join(
     f"Line {i} of a report about queues, tiers and the latency that users feel." for i in range(30)
@@ -105,12 +105,13 @@ def test_stats_reports_per_tier_percentiles() -> None:
 
 def test_stats_stream_is_bounded(redis_client: Any) -> None:
     from tests.conftest import KEY_PREFIX
-    from worker.stats import STREAM_KEY, StatsStream
+    from worker.store.keys import Keys
+    from worker.store.stats import StatsStream
 
     stream = StatsStream(redis_client, KEY_PREFIX + "bounded-", maxlen=100)
     for i in range(1000):
         stream.record({"tier": "fast", "outcome": "succeeded", "ttft_ms": i})
-    assert redis_client.xlen(KEY_PREFIX + "bounded-" + STREAM_KEY) < 300  # MAXLEN ~ trims in whole nodes
+    assert redis_client.xlen(Keys(KEY_PREFIX + "bounded-").stats) < 300  # MAXLEN ~ trims in whole nodes
     assert len(stream.recent(10)) == 10
 
 

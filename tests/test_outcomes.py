@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from simulator import SimServer
-from tasks.producer import Restarted, submit
+from tasks.errors import JobFailedError, JobRefusedError
 from tests.conftest import WorkerProcess
 from tests.helpers import wait_until
-from worker.deadletter import DeadLetterStore
-from worker.errors import JobFailedError, JobRefusedError
+from tierq.producer import Restarted, submit
+from worker.store.deadletter import DeadLetterStore
 
 DOC = " ".join(f"Point {i}: the summary must say what the API really answered, and why." for i in range(30))
 

@@ -19,12 +19,12 @@ import pytest
 from celery import Celery
 
 from simulator import SimServer
-from tasks.producer import get_job, submit
+from tasks.errors import InvalidJobError, JobFailedError
+from tasks.tiers import TierTable, load_tier_table
 from tests.conftest import KEY_PREFIX, RUN_TAG, WorkerProcess
-from worker.celeryconfig import celery_config
-from worker.errors import InvalidJobError, JobFailedError
-from worker.settings import Settings
-from worker.tiers import TierTable, load_tier_table
+from tierq.producer import get_job, submit
+from worker.celery.config import celery_config
+from worker.core.settings import Settings
 
 AMQP_URL = os.environ.get("TIERQ_TEST_AMQP_URL")
 DOC = " ".join(

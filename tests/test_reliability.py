@@ -9,9 +9,9 @@ import pytest
 import redis
 
 from simulator import SimServer
-from tasks.producer import get_job, submit
+from tasks.errors import InvalidJobError, JobExpiredError
 from tests.conftest import WorkerProcess
-from worker.errors import InvalidJobError, JobExpiredError
+from tierq.producer import get_job, submit
 
 DOC = " ".join(
     f"Clause {i} says the job must end before its deadline or say why it did not." for i in range(30)

@@ -152,7 +152,7 @@ def test_limits_option_parsing() -> None:
 
 
 def test_tierq_sim_refuses_bad_limits() -> None:
-    from worker.cli import cli
+    from worker.ops.cli import cli
 
     result = CliRunner().invoke(cli, ["sim", "--limits", "rpm=lots"])
     assert result.exit_code == 2

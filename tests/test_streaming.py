@@ -11,8 +11,8 @@ import uuid
 import pytest
 
 from simulator import SimServer
-from tasks.producer import get_job, submit
-from worker.errors import JobFailedError
+from tasks.errors import JobFailedError
+from tierq.producer import get_job, submit
 
 #: long enough that the slow tier's model writes for most of a second at the tests' time scale
 LONG_DOC = " ".join(
@@ -97,10 +97,10 @@ def test_cli_submit_stream_prints_text_then_figures() -> None:
 
 
 def test_a_reader_is_told_when_the_job_starts_over() -> None:
-    from tasks.producer import Restarted
-    from worker.redisconn import backend_redis
-    from worker.settings import get_settings
-    from worker.streams import TokenPublisher, stream_key
+    from tierq.producer import Restarted
+    from worker.core.settings import get_settings
+    from worker.store.clients import backend_redis
+    from worker.store.streams import TokenPublisher, stream_key
 
     settings = get_settings()
     client = backend_redis(settings)

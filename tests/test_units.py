@@ -18,9 +18,7 @@ import redis
 import structlog
 
 from simulator import SimServer
-from worker import aioloop
-from worker.embedded import free_port
-from worker.errors import (
+from tasks.errors import (
     ConfigError,
     DeadlineExceededError,
     InvalidJobError,
@@ -31,11 +29,23 @@ from worker.errors import (
     UpstreamServerError,
     UpstreamUnavailableError,
 )
-from worker.jobs import Attempt, plan_retry, run_attempt
-from worker.llm import LLMReply, LLMRequest, get_client, stream_reply, stream_reply_on_loop
-from worker.pricing import PRICES, Usage, cost_usd
-from worker.spec import build_job
-from worker.tiers import load_tier_table
+from tasks.job import build_job
+from tasks.tiers import load_tier_table
+from worker.core.settings import Settings
+from worker.llm import aioloop
+from worker.llm.client import (
+    LLMReply,
+    LLMRequest,
+    astream_reply,
+    get_client,
+    make_async_client,
+    make_client,
+    stream_reply,
+    stream_reply_on_loop,
+)
+from worker.llm.pricing import PRICES, Usage, cost_usd
+from worker.ops.embedded import free_port
+from worker.runtime.jobs import Attempt, plan_retry, run_attempt
 
 DOC = " ".join(
     f"Sentence {i} explains how queue number {i} keeps its latency under control with care."
@@ -225,19 +235,16 @@ def test_a_stalled_stream_ends_at_the_deadline(sim: SimServer, way: str) -> None
 
 @pytest.mark.parametrize("way", WAYS)
 def test_a_refused_connection_is_upstream_unavailable(way: str) -> None:
-    from worker import llm
-    from worker.settings import Settings
-
     settings = Settings(anthropic_base_url=f"http://127.0.0.1:{free_port()}")
     request = _request(uuid.uuid4().hex)
     if way == "threads":
         with pytest.raises(UpstreamUnavailableError):
-            stream_reply(llm._make_client(settings), request, time.time() + 5)
+            stream_reply(make_client(settings), request, time.time() + 5)
         return
-    client = llm._make_async_client(settings)
+    client = make_async_client(settings)
     try:
         with pytest.raises(UpstreamUnavailableError):
-            aioloop.run(llm.astream_reply(client, request, time.time() + 5))
+            aioloop.run(astream_reply(client, request, time.time() + 5))
     finally:
         aioloop.run(client.close())
 
@@ -366,8 +373,8 @@ def test_a_tiers_file_cannot_set_sampling_parameters(tmp_path: Path) -> None:
 
 
 def test_eviction_warning_names_the_policy() -> None:
-    from worker.checks import redis_eviction_warning
-    from worker.embedded import EmbeddedRedis, free_port
+    from worker.ops.checks import redis_eviction_warning
+    from worker.ops.embedded import EmbeddedRedis, free_port
 
     with EmbeddedRedis() as server:
         assert redis_eviction_warning(server.url) is None  # started with noeviction
@@ -381,7 +388,7 @@ def test_eviction_warning_names_the_policy() -> None:
 
 
 def test_api_key_from_a_secrets_file(tmp_path: Path) -> None:
-    from worker.settings import Settings
+    from worker.core.settings import Settings
 
     path = tmp_path / "key"
     path.write_text("sk-ant-from-file\n")
@@ -398,9 +405,9 @@ def test_api_key_from_a_secrets_file(tmp_path: Path) -> None:
 def test_celery_config_transport_and_task_events(url: str) -> None:
     from kombu import Connection
 
-    from worker.celeryconfig import celery_config
-    from worker.settings import Settings
-    from worker.transport import Transport
+    from worker.celery.config import celery_config
+    from worker.celery.transport import Transport
+    from worker.core.settings import Settings
 
     config = celery_config(Settings(broker_url=url), load_tier_table(None))
     assert "broker_transport" not in config, "URLs keep their scheme (Flower knows brokers by it)"
@@ -417,7 +424,7 @@ def test_celery_config_transport_and_task_events(url: str) -> None:
 def test_the_transport_keeps_one_client_per_pool(redis_url: str) -> None:
     from kombu import Connection
 
-    from worker.transport import TRANSPORT
+    from worker.celery.transport import TRANSPORT
 
     with Connection(redis_url, transport=TRANSPORT) as conn:
         channel = conn.default_channel
@@ -430,7 +437,7 @@ def test_the_transport_keeps_one_client_per_pool(redis_url: str) -> None:
 
 
 def test_text_batcher_lets_the_first_through_then_gathers() -> None:
-    from worker.batching import TextBatcher
+    from worker.core.batching import TextBatcher
 
     batcher = TextBatcher(interval_s=60.0)
     assert batcher.add("a") == "a", "the first delta goes at once"

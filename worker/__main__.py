@@ -1,5 +1,5 @@
 """``python -m worker``: the ``tierq`` command."""
 
-from worker.cli import main
+from worker.ops.cli import main
 
 main()

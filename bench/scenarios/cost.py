@@ -110,15 +110,15 @@ def _paced(child: Child, send: Callable[[], Any], count: int, idle_s: float) -> 
 
 def _get(handle: Any) -> Any:
     """The value of a tierq ``Job`` or of a Celery ``AsyncResult``."""
-    from tasks.producer import Job
+    from tierq.producer import Job
 
     return handle.result(timeout=30) if isinstance(handle, Job) else handle.get(timeout=30)
 
 
 def _request_body(doc: str) -> dict[str, Any]:
     """The Messages request a fast-tier worker sends for ``doc`` (same model, limits, prompt)."""
-    from worker.spec import build_job, build_prompt
-    from worker.tiers import get_tier_table
+    from tasks.job import build_job, build_prompt
+    from worker.core.settings import get_tier_table
 
     spec, tier = build_job(get_tier_table(), doc, "high", None, None, "bench-sse", None)
     body: dict[str, Any] = {

@@ -30,7 +30,7 @@ from tests.chaos.harness import (
     Tally,
     clean_env,
 )
-from worker.embedded import EmbeddedRedis
+from worker.ops.embedded import EmbeddedRedis
 
 #: one row per scenario, printed as a table at the end of the run
 ROWS: list[Tally] = []

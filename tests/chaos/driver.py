@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Any
 
-from tasks.producer import get_job, submit
-from worker.errors import BrokerUnavailableError, JobExpiredError, JobFailedError, JobTimeoutError, TierqError
+from tasks.errors import BrokerUnavailableError, JobExpiredError, JobFailedError, JobTimeoutError, TierqError
+from tierq.producer import get_job, submit
 
 
 def _submit(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,7 +80,7 @@ def _outcome(ids: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _publish(body_b64: str, content_type: str, headers: dict[str, Any], queue: str) -> None:
-    from worker.app import app
+    from worker.celery.app import app
 
     with app.connection_for_write() as conn:
         conn.Producer().publish(
@@ -94,7 +94,7 @@ def _publish(body_b64: str, content_type: str, headers: dict[str, Any], queue: s
 
 
 def _dead_letters(ids: list[str]) -> dict[str, dict[str, Any] | None]:
-    from worker.deadletter import DeadLetterStore
+    from worker.store.deadletter import DeadLetterStore
 
     store = DeadLetterStore.from_settings()
     if store is None:

@@ -2,7 +2,7 @@
 completed streams, real worker subprocesses that may be killed, and a producer subprocess.
 
 Nothing here touches the main test session's Redis or simulator: this process's settings
-(``worker.settings.get_settings`` is read once) belong to the main session, so every tierq call on
+(``worker.core.settings.get_settings`` is read once) belong to the main session, so every tierq call on
 the producer side runs in a subprocess (``tests/chaos/driver.py``) with the chaos environment.
 """
 
@@ -320,7 +320,7 @@ class Producer:
         return reply["value"]
 
     def submit(self, text: str, urgency: str, **kwargs: Any) -> dict[str, Any]:
-        """``{"job_id", "ok", "error_type", "field", "elapsed_s"}`` of one ``tasks.producer.submit``."""
+        """``{"job_id", "ok", "error_type", "field", "elapsed_s"}`` of one ``tierq.producer.submit``."""
         [one] = self.call("submit", jobs=[{"text": text, "urgency": urgency, **kwargs}])
         return dict(one)
 

@@ -22,7 +22,7 @@ from tests.chaos.harness import (
     unacked_ids,
     wait_until,
 )
-from worker.streams import StreamEntry, read_entries
+from worker.store.streams import StreamEntry, read_entries
 
 
 def _completed_lines(workers: list[ChaosWorker], job_id: str) -> int:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.chaos.conftest import Chaos, Pool
 from tests.chaos.harness import ROOT, Producer, document, new_id, new_tag, queued, tally, wait_until
-from worker.jobs import MAX_CRASHES
+from worker.runtime.jobs import MAX_CRASHES
 
 #: the chaos tiers file gives the standard tier max_retries = 1: a job may start 1 + 1 + MAX_CRASHES
 #: times; the next start gives it up

@@ -45,7 +45,7 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 
 def _dead_letter(job_id: str, wait_s: float) -> dict[str, Any] | None:
-    from worker.deadletter import DeadLetterStore
+    from worker.store.deadletter import DeadLetterStore
 
     store = DeadLetterStore.from_settings()
     if store is None:
@@ -64,7 +64,7 @@ def _dead_letter(job_id: str, wait_s: float) -> dict[str, Any] | None:
 
 def run(specs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Submit every job, then wait for each; the outcomes by job id."""
-    from tasks.producer import submit
+    from tierq.producer import submit
 
     jobs = [(spec, submit(spec["text"], urgency=spec["urgency"], job_id=spec["job_id"])) for spec in specs]
     outcomes: dict[str, dict[str, Any]] = {}
@@ -84,7 +84,7 @@ def run(specs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def ping(nodes: list[str], timeout: float = PING_TIMEOUT_S) -> bool:
     """Whether every node answered a ping within ``timeout`` seconds."""
-    from worker.app import app
+    from worker.celery.app import app
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:

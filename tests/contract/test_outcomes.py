@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 
 from simulator import SimServer
-from tasks.producer import submit
+from tasks import errors
 from tests.conftest import WorkerProcess
 from tests.contract.conftest import DOC, TEXTS, Outcome, wait_for
 from tests.contract.replay import ReplayServer
-from worker import errors
+from tierq.producer import submit
 
 #: Haiku 4.5, US dollars per million tokens: $1 in, $5 out, cache reads 0.1x input (FINDINGS.md, pricing page)
 HAIKU_IN, HAIKU_OUT, HAIKU_CACHE_READ = 1.00, 5.00, 0.10

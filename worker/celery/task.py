@@ -1,4 +1,4 @@
-"""The summarize task: a thin shell over ``worker.jobs``, with Celery's retry as the one retry loop."""
+"""The summarize task: a thin shell over :mod:`worker.runtime.jobs`; Celery's retry is the one retry loop."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from typing import Any
 
 from celery import Task, signals
 
-from worker.app import app
-from worker.celeryconfig import SUMMARIZE_TASK
-from worker.jobs import Attempt, plan_retry, report_expired, report_failure, run_attempt
-from worker.spec import kwargs_repr
-from worker.tiers import get_tier_table
+from tasks.job import SUMMARIZE_TASK, kwargs_repr
+from worker.celery.app import app
+from worker.core.settings import get_tier_table
+from worker.runtime.jobs import Attempt, plan_retry, report_expired, report_failure, run_attempt
 
 __all__ = ["summarize"]
 
@@ -21,7 +20,7 @@ __all__ = ["summarize"]
     name=SUMMARIZE_TASK,
     max_retries=None,
     acks_late=True,
-    Request="worker.request:RedactedRequest",
+    Request="worker.celery.request:RedactedRequest",
 )  # type: ignore[untyped-decorator]
 def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     """Summarize ``job["text"]`` with its tier's model; retry what is worth retrying, in time."""

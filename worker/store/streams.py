@@ -2,7 +2,7 @@
 
 The worker appends each text delta as it arrives from the model (``XADD``, so a reader that
 subscribes late still reads everything from the start) and an end marker when the job ends;
-:meth:`tasks.producer.Job.stream` reads them with ``XREAD BLOCK``. Entries::
+:meth:`tierq.producer.Job.stream` reads them with ``XREAD BLOCK``. Entries::
 
     {"t": "<text>", "a": "<run>"}      text (one or a few deltas) of the job's Nth start
     {"end": "succeeded" | "failed" | "refused"}   the job ended; its result is in the result backend
@@ -10,7 +10,7 @@ subscribes late still reads everything from the start) and an end marker when th
 A job starts again from the top when its worker was lost mid-reply (a redelivery) or it is retried,
 so a stream can hold an abandoned run's text before the run that finished: :func:`read_entries`
 drops it when it can see the later run in the same read, and the reader is told otherwise
-(:class:`tasks.producer.Restarted`).
+(:class:`tierq.producer.Restarted`).
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from dataclasses import dataclass
 
 import redis
 
-from worker.batching import TextBatcher
-from worker.logging import get_logger
+from worker.core.batching import TextBatcher
+from worker.observe.logging import get_logger
+from worker.store.keys import Keys
 
-__all__ = ["STREAM_PREFIX", "StreamEntry", "TokenPublisher", "read_entries", "stream_key"]
+__all__ = ["StreamEntry", "TokenPublisher", "read_entries", "stream_key"]
 
-#: key of a job's stream, after ``TIERQ_KEY_PREFIX``: ``tierq:tokens:<job_id>``
-STREAM_PREFIX = "tierq:tokens:"
 #: entries kept per stream (a reply of 64k tokens in deltas of a few tokens fits)
 MAXLEN = 50_000
 #: seconds a stream lives after its last write
@@ -42,7 +41,7 @@ _log = get_logger("tierq.streams")
 
 def stream_key(job_id: str, key_prefix: str = "") -> str:
     """The Redis key of a job's token stream."""
-    return f"{key_prefix}{STREAM_PREFIX}{job_id}"
+    return Keys(key_prefix).tokens(job_id)
 
 
 class TokenPublisher:

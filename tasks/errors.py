@@ -26,7 +26,7 @@
             │                            where the tier says ``retry_after_text``)
             └── DeadlineExceededError    the job's deadline passed
 
-The SDK's typed errors are mapped into this tree in one place, :func:`worker.llm.map_sdk_error`.
+The SDK's typed errors are mapped into this tree in one place, :func:`worker.llm.client.map_sdk_error`.
 An error the API answered keeps its ``error.type`` and message (bounded) in the exception's
 message. Every class can be rebuilt from its ``args``, because Celery stores a failed task's
 exception as ``(type, args)`` in JSON and the producer rebuilds it with ``cls(*args)``.

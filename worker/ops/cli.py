@@ -1,4 +1,9 @@
-"""The ``tierq`` command: run a tier's worker pool, submit jobs, fetch results, run the simulator."""
+"""The ``tierq`` command: run a tier's worker pool, submit jobs, fetch results, run the simulator.
+
+The top layer: it may import anything below. Each command imports what it runs when it runs, so
+``tierq --help`` and a mistyped argument answer without loading Celery or the SDK, and ``tierq sim``
+and ``tierq demo`` can say which extra is missing.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import json
 import os
 import sys
 import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -14,11 +20,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from worker.errors import TierqError
+from tasks.errors import TierqError
 
 if TYPE_CHECKING:
-    from worker.settings import Settings
-    from worker.tiers import Tier
+    from tasks.tiers import Tier
+    from worker.core.settings import Settings
 
 __all__ = ["cli", "main"]
 
@@ -36,6 +42,15 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     """Print a one-line error to stderr and return the exit to raise."""
     _err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+@contextmanager
+def _extra(name: str) -> Iterator[None]:
+    """A command whose optional dependencies are missing says which extra installs them."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        raise _fail(f"this command needs {exc.name}: pip install 'tierq[{name}]'") from None
 
 
 def _print_json(value: Any) -> None:
@@ -59,8 +74,7 @@ def worker(
     ] = None,
 ) -> None:
     """Run a Celery worker pool that consumes only the given tiers' queues."""
-    from worker.settings import get_settings
-    from worker.tiers import get_tier_table
+    from worker.core.settings import get_settings, get_tier_table
 
     try:
         tiers = get_tier_table()
@@ -74,7 +88,7 @@ def worker(
         raise _fail(
             "set ANTHROPIC_API_KEY (or TIERQ_ANTHROPIC_API_KEY_FILE), or ANTHROPIC_BASE_URL to a simulator"
         )
-    from worker.checks import redis_eviction_warning
+    from worker.ops.checks import redis_eviction_warning
 
     warning = redis_eviction_warning(settings.broker_url)
     if warning:
@@ -87,7 +101,7 @@ def worker(
     port = metrics_port if metrics_port is not None else settings.metrics_port
     if port is not None:
         _serve_worker_metrics(port, settings.metrics_addr)
-    from worker.app import app
+    from worker.celery.app import app
 
     argv = [
         "worker",
@@ -120,8 +134,8 @@ def _check_models(tiers: list[Tier], settings: Settings) -> None:
     """Ask the Models API about each served model: warn on deprecated, refuse a retired or unknown one."""
     import anthropic
 
-    from worker.checks import DEPRECATED, model_status
-    from worker.llm import get_client
+    from worker.llm.client import get_client
+    from worker.ops.checks import DEPRECATED, model_status
 
     client = get_client(settings)
     try:
@@ -145,9 +159,8 @@ def _check_models(tiers: list[Tier], settings: Settings) -> None:
 
 
 def _serve_worker_metrics(port: int, addr: str) -> None:
-    from worker.metrics import QueueDepthCollector, serve_metrics
-    from worker.settings import get_settings
-    from worker.tiers import get_tier_table
+    from worker.core.settings import get_settings, get_tier_table
+    from worker.observe.metrics import QueueDepthCollector, serve_metrics
 
     settings = get_settings()
     extra = []
@@ -202,8 +215,8 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Submit one job; print its id, with --wait its result, with --stream its text as it comes."""
-    from tasks.producer import submit as submit_job
-    from worker.tiers import get_tier_table
+    from tierq.producer import submit as submit_job
+    from worker.core.settings import get_tier_table
 
     if stream and (wait or as_json):
         raise _fail("--stream prints text as it comes; use --wait --json for the result as JSON")
@@ -244,7 +257,7 @@ def result(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Print a job's result, or its status if it has not ended."""
-    from tasks.producer import get_job
+    from tierq.producer import get_job
 
     job = get_job(job_id)
     if not wait and not job.ready():
@@ -259,7 +272,7 @@ def result(
 
 def _stream_and_print(job: Any, timeout: float) -> None:
     """Text to stdout as it arrives, then one line of figures to stderr."""
-    from tasks.producer import Restarted
+    from tierq.producer import Restarted
 
     try:
         for item in job.stream(timeout=timeout):
@@ -286,7 +299,7 @@ def _stream_and_print(job: Any, timeout: float) -> None:
 
 
 def _wait_and_print(job_id: str, timeout: float, as_json: bool) -> None:
-    from tasks.producer import get_job
+    from tierq.producer import get_job
 
     try:
         value = get_job(job_id).result(timeout=timeout)
@@ -309,7 +322,7 @@ def _wait_and_print(job_id: str, timeout: float, as_json: bool) -> None:
 @cli.command()
 def tiers() -> None:
     """Show the tier table and which urgencies each tier serves."""
-    from worker.tiers import get_tier_table
+    from worker.core.settings import get_tier_table
 
     try:
         table_data = get_tier_table()
@@ -346,7 +359,7 @@ def flower(
     ] = False,
 ) -> None:
     """Run Flower for tierq, behind basic auth from TIERQ_FLOWER_BASIC_AUTH (user:password)."""
-    from worker.settings import get_settings
+    from worker.core.settings import get_settings
 
     auth = get_settings().flower_basic_auth
     if auth is None and not unauthenticated:
@@ -359,7 +372,7 @@ def flower(
         os.environ["FLOWER_BASIC_AUTH"] = value
     else:
         os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
-    from worker.app import app
+    from worker.celery.app import app
 
     # workers send task events only when asked: ask the running ones now, not at Flower's first
     # periodic request 5 s from now (it goes on asking, for workers that start later)
@@ -374,8 +387,8 @@ def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Per-tier percentiles of recent jobs, from the bounded stream the workers write."""
-    from worker.settings import get_settings
-    from worker.stats import StatsStream, summarize
+    from worker.core.settings import get_settings
+    from worker.store.stats import StatsStream, summarize
 
     stream = StatsStream.from_settings(get_settings())
     if stream is None:
@@ -435,8 +448,9 @@ def sim(
     ] = None,
 ) -> None:
     """Run the Anthropic-compatible simulator (point ANTHROPIC_BASE_URL at it)."""
-    from simulator import SimConfig, serve
-    from simulator.ratelimit import DEFAULT_LIMITS, Limits
+    with _extra("sim"):
+        from simulator import SimConfig, serve
+        from simulator.ratelimit import DEFAULT_LIMITS, Limits
 
     try:
         parsed = Limits.parse(limits) if limits is not None else DEFAULT_LIMITS
@@ -468,7 +482,8 @@ def demo(
     svg: Annotated[Path | None, typer.Option(help="Also save what the demo printed as SVG.")] = None,
 ) -> None:
     """Start Redis, the simulator, one pool per tier and Flower; run a mixed workload; watch it live."""
-    from worker.demo import run_demo
+    with _extra("demo"):
+        from worker.ops.demo import run_demo
 
     console = _console(record=svg is not None)
     try:
@@ -488,7 +503,7 @@ cli.add_typer(dlq, name="dlq")
 
 
 def _store() -> Any:
-    from worker.deadletter import DeadLetterStore
+    from worker.store.deadletter import DeadLetterStore
 
     store = DeadLetterStore.from_settings()
     if store is None:
@@ -545,7 +560,7 @@ def dlq_replay(
     replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
 ) -> None:
     """Submit dead-lettered jobs again under their ids; print each id."""
-    from tasks.producer import replay
+    from tierq.producer import replay
 
     if (job_id is not None) == replay_all:
         raise _fail("give a job id, or --all (not both)")
@@ -586,11 +601,10 @@ def doctor() -> None:
     """Check what tierq needs: broker, backend, Redis policy, the API and key, each tier's model and price."""
     import anthropic
 
-    from worker.checks import DEPRECATED, model_status, redis_eviction_warning
-    from worker.llm import get_client
-    from worker.pricing import PRICES
-    from worker.settings import get_settings
-    from worker.tiers import get_tier_table
+    from worker.core.settings import get_settings, get_tier_table
+    from worker.llm.client import get_client
+    from worker.llm.pricing import PRICES
+    from worker.ops.checks import DEPRECATED, model_status, redis_eviction_warning
 
     rows: list[tuple[str, str, str]] = []
     settings = get_settings()
@@ -631,7 +645,7 @@ def doctor() -> None:
                 rows.append((label, _WARN, f"not checked: {type(exc).__name__}"))
         price = PRICES.get(model)
         if price is None:
-            rows.append((f"price {model}", _WARN, "not in worker/prices.toml: cost_usd will be null"))
+            rows.append((f"price {model}", _WARN, "not in worker/llm/prices.toml: cost_usd will be null"))
         else:
             rows.append((f"price {model}", _OK, f"${price.input:g} in / ${price.output:g} out per MTok"))
     table = Table(title="tierq doctor")

@@ -25,8 +25,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from worker.errors import ConfigError, JobError, TierqError
-from worker.stats import percentile
+from tasks.errors import ConfigError, JobError, TierqError
+from worker.store.stats import percentile
 
 __all__ = [
     "DEFAULT_MIX",
@@ -241,7 +241,7 @@ def run_demo(
     console: Console | None = None,
 ) -> int:
     """Run the demo; return a process exit code (0 when every job succeeded)."""
-    from worker.embedded import EmbeddedRedis, free_port
+    from worker.ops.embedded import EmbeddedRedis, free_port
 
     console = console or Console()
     texts = load_docs(docs)
@@ -268,8 +268,7 @@ def run_demo(
         else:
             console.print("model      the Anthropic API (ANTHROPIC_API_KEY is set)")
         os.environ.update(env)
-        from worker.settings import get_settings
-        from worker.tiers import get_tier_table
+        from worker.core.settings import get_settings, get_tier_table
 
         get_settings.cache_clear()
         get_tier_table.cache_clear()
@@ -300,7 +299,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def _wait_for_workers(count: int, children: list[Child], timeout: float = 60.0) -> None:
-    from worker.app import app
+    from worker.celery.app import app
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -319,8 +318,8 @@ def _run_jobs(
     children: list[Child],
     console: Console,
 ) -> int:
-    from tasks.producer import submit
-    from worker.tiers import get_tier_table
+    from tierq.producer import submit
+    from worker.core.settings import get_tier_table
 
     table = get_tier_table()
     board = Board(list(tiers))

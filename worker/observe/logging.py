@@ -15,8 +15,8 @@ import structlog
 from celery import signals
 from structlog.tracebacks import ExceptionDictTransformer
 
-from worker.settings import Settings, get_settings
-from worker.spec import CONTEXT_HEADER, carried_context
+from tasks.job import CONTEXT_HEADER, carried_context
+from worker.core.settings import Settings, get_settings
 
 __all__ = ["configure_logging", "connect_celery_signals", "get_logger"]
 

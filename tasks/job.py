@@ -1,6 +1,6 @@
 """What a job is before it runs: the message body's schema and the producer's input checks.
 
-Kept apart from ``worker.jobs`` so the producer imports neither the SDK nor Celery's worker side.
+Kept apart from ``worker.runtime.jobs`` so the producer imports neither the SDK nor Celery's worker side.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
-from worker.errors import InvalidJobError
-from worker.tiers import Tier, TierTable
+from tasks.errors import InvalidJobError
+from tasks.tiers import Tier, TierTable
 
 __all__ = [
     "CONTEXT_HEADER",
@@ -21,6 +21,7 @@ __all__ = [
     "MAX_METADATA_BYTES",
     "OVERLOADS_HEADER",
     "STREAM_HEADER",
+    "SUMMARIZE_TASK",
     "TIER_HEADER",
     "JobSpec",
     "build_job",
@@ -31,6 +32,10 @@ __all__ = [
     "parse_job",
     "resolve_tier",
 ]
+
+#: the Celery task's name: what producers in any language put in a message's ``task`` header; its
+#: only argument is ``kwargs={"job": <JobSpec as JSON>}``
+SUMMARIZE_TASK = "tierq.summarize"
 
 #: message headers set by the producer (wall-clock ``time.time()`` seconds)
 ENQUEUED_AT_HEADER = "tierq_enqueued_at"

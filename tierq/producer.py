@@ -1,6 +1,6 @@
 """The API other services call: ``submit()`` a text with an urgency, get a :class:`Job` back.
 
-    from tasks.producer import submit
+    from tierq.producer import submit
     job = submit(document, urgency="high")
     result = job.result(timeout=30)       # {job_id, tier, model, summary, stop_reason, usage, timings, ...}
 
@@ -8,7 +8,7 @@ The caller's structlog context (``structlog.contextvars.bind_contextvars(request
 travels with the job and is bound in the worker's log lines for it.
 
 Input is validated before anything is enqueued: a bad field raises
-:class:`~worker.errors.InvalidJobError` naming it, and nothing reaches the broker.
+:class:`~tasks.errors.InvalidJobError` naming it, and nothing reaches the broker.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from worker.celeryconfig import SUMMARIZE_TASK
-from worker.errors import (
+from tasks.errors import (
     BrokerUnavailableError,
     DeadlineExceededError,
     InvalidJobError,
@@ -40,24 +39,31 @@ from worker.errors import (
     JobTimeoutError,
     RefusedError,
 )
-from worker.spec import (
+from tasks.job import (
     CONTEXT_HEADER,
     DEADLINE_HEADER,
     ENQUEUED_AT_HEADER,
     STREAM_HEADER,
+    SUMMARIZE_TASK,
     TIER_HEADER,
     JobSpec,
     build_job,
     carried_context,
     check_deadline,
     kwargs_repr,
+    parse_job,
+    resolve_tier,
 )
-from worker.tiers import TierTable, get_tier_table
+from tasks.tiers import TierTable
+from worker.celery.app import app as default_app
+from worker.core.settings import get_settings, get_tier_table
+from worker.store.clients import backend_redis
+from worker.store.deadletter import DeadLetterStore
+from worker.store.guard import get_guard
+from worker.store.keys import Keys
+from worker.store.streams import read_entries, stream_key
 
-__all__ = ["SUBMITTED_PREFIX", "Job", "Restarted", "get_job", "replay", "submit"]
-
-#: key (after ``TIERQ_KEY_PREFIX``) marking a caller-given job id as submitted, for as long as results live
-SUBMITTED_PREFIX = "tierq:submitted:"
+__all__ = ["Job", "Restarted", "get_job", "replay", "submit"]
 
 #: Celery state → the status a producer sees
 _STATUS = {
@@ -117,19 +123,13 @@ def _expired(outcome: object) -> bool:
 
 
 def _running(job_id: str) -> bool:
-    """Whether an attempt of the job holds its run lock (see worker.guard)."""
-    from worker.guard import RUNNING_PREFIX
-    from worker.redisconn import backend_redis
-    from worker.settings import get_settings
-
-    client = backend_redis()
-    return client is not None and bool(client.exists(f"{get_settings().key_prefix}{RUNNING_PREFIX}{job_id}"))
+    """Whether an attempt of the job holds its run lock (see worker.store.guard)."""
+    guard = get_guard()
+    return guard is not None and guard.is_running(job_id)
 
 
 def _default_app() -> Celery:
-    from worker.app import app
-
-    return app
+    return default_app
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,10 +221,6 @@ class Job:
             JobFailedError: the job ended in failure (after any text it streamed).
             BrokerUnavailableError: the result backend could not be reached.
         """
-        from worker.redisconn import backend_redis
-        from worker.settings import get_settings
-        from worker.streams import read_entries, stream_key
-
         settings = get_settings()
         client = backend_redis(settings)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -316,11 +312,6 @@ def replay(job_id: str, *, app: Celery | None = None, tiers: TierTable | None = 
     Raises:
         InvalidJobError: there is no dead letter for ``job_id``, or it kept no replayable payload.
     """
-    from worker.deadletter import DeadLetterStore
-    from worker.guard import get_guard
-    from worker.spec import parse_job, resolve_tier
-    from worker.streams import stream_key
-
     app = app or _default_app()
     tiers = tiers or get_tier_table()
     store = DeadLetterStore.from_settings()
@@ -343,16 +334,11 @@ def replay(job_id: str, *, app: Celery | None = None, tiers: TierTable | None = 
 
 
 def _submitted_key(job_id: str) -> str:
-    from worker.settings import get_settings
-
-    return f"{get_settings().key_prefix}{SUBMITTED_PREFIX}{job_id}"
+    return Keys(get_settings().key_prefix).submitted(job_id)
 
 
 def _claim(job_id: str) -> bool | None:
     """Claim a job id for one submit (``SET NX``); None when there is no Redis to claim it in."""
-    from worker.redisconn import backend_redis
-    from worker.settings import get_settings
-
     client = backend_redis()
     if client is None:
         return None
@@ -363,8 +349,6 @@ def _claim(job_id: str) -> bool | None:
 
 def _unclaim(job_id: str) -> None:
     """Release a claim whose publish failed, so that the caller can submit the same id again."""
-    from worker.redisconn import backend_redis
-
     client = backend_redis()
     if client is not None:
         with suppress(redis.RedisError):

@@ -20,14 +20,12 @@ The defaults below can be overridden, tier by tier and field by field, from a TO
 from __future__ import annotations
 
 import tomllib
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from worker.errors import ConfigError
-from worker.settings import get_settings
+from tasks.errors import ConfigError
 
 __all__ = [
     "DEFAULT_TIERS",
@@ -36,7 +34,6 @@ __all__ = [
     "Effort",
     "Tier",
     "TierTable",
-    "get_tier_table",
     "load_tier_table",
 ]
 
@@ -208,9 +205,3 @@ def load_tier_table(path: Path | None = None) -> TierTable:
         raise ConfigError(f"{where}: {exc}") from exc
     except TypeError as exc:
         raise ConfigError(f"tiers file {path}: {exc}") from exc
-
-
-@lru_cache(maxsize=1)
-def get_tier_table() -> TierTable:
-    """The process's tier table, from settings, loaded once."""
-    return load_tier_table(get_settings().tiers_file)

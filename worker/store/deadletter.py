@@ -14,15 +14,13 @@ from typing import Any
 
 import redis
 
-from worker.logging import get_logger
-from worker.redisconn import backend_redis
-from worker.settings import Settings, get_settings
+from worker.core.settings import Settings, get_settings
+from worker.observe.logging import get_logger
+from worker.store.clients import backend_redis
+from worker.store.keys import Keys
 
-__all__ = ["INDEX_KEY", "DeadLetter", "DeadLetterStore"]
+__all__ = ["DeadLetter", "DeadLetterStore"]
 
-#: keys after ``TIERQ_KEY_PREFIX``
-INDEX_KEY = "tierq:dlq"
-ENTRY_PREFIX = "tierq:dlq:"
 #: seconds a dead letter is kept
 TTL_S = 30 * 24 * 3600
 
@@ -65,6 +63,7 @@ class DeadLetterStore:
     def __init__(self, client: redis.Redis, key_prefix: str = "") -> None:
         self.client = client
         self.prefix = key_prefix
+        self.keys = Keys(key_prefix)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> DeadLetterStore | None:
@@ -74,7 +73,7 @@ class DeadLetterStore:
         return None if client is None else cls(client, settings.key_prefix)
 
     def _key(self, job_id: str) -> str:
-        return f"{self.prefix}{ENTRY_PREFIX}{job_id}"
+        return self.keys.dead_letter(job_id)
 
     def record(self, letter: DeadLetter) -> None:
         """Store a dead letter; a Redis error is logged, never raised (the job already failed)."""
@@ -93,7 +92,7 @@ class DeadLetterStore:
             pipe = self.client.pipeline(transaction=True)
             pipe.hset(self._key(letter.job_id), mapping=fields)  # type: ignore[arg-type]
             pipe.expire(self._key(letter.job_id), TTL_S)
-            pipe.zadd(self.prefix + INDEX_KEY, {letter.job_id: letter.failed_at})
+            pipe.zadd(self.keys.dead_letters, {letter.job_id: letter.failed_at})
             pipe.execute()
         except redis.RedisError as exc:
             _log.error("dlq.record_failed", job_id=letter.job_id, error=str(exc))
@@ -118,12 +117,12 @@ class DeadLetterStore:
 
     def list(self, limit: int = 100) -> list[DeadLetter]:
         """The newest dead letters first; ids whose entry expired are dropped from the index."""
-        ids: list[bytes] = self.client.zrevrange(self.prefix + INDEX_KEY, 0, limit - 1)  # type: ignore[assignment]
+        ids: list[bytes] = self.client.zrevrange(self.keys.dead_letters, 0, limit - 1)  # type: ignore[assignment]
         letters = []
         for raw_id in ids:
             letter = self.get(raw_id.decode())
             if letter is None:
-                self.client.zrem(self.prefix + INDEX_KEY, raw_id)
+                self.client.zrem(self.keys.dead_letters, raw_id)
             else:
                 letters.append(letter)
         return letters
@@ -132,7 +131,7 @@ class DeadLetterStore:
         """Remove a dead letter (after a replay)."""
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self._key(job_id))
-        pipe.zrem(self.prefix + INDEX_KEY, job_id)
+        pipe.zrem(self.keys.dead_letters, job_id)
         pipe.execute()
 
 

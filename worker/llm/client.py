@@ -9,7 +9,7 @@ less than the ``messages.stream()`` helper (``python -m bench.sdk_clients``, ../
 HTTP errors still arrive as the SDK's typed errors.
 
 Two ways to make the call, chosen per tier (``Tier.io``): ``"asyncio"`` (the default) hands it to
-the process's event loop (:mod:`worker.aioloop`) and ``AsyncAnthropic`` on the SDK's aiohttp
+the process's event loop (:mod:`worker.llm.aioloop`) and ``AsyncAnthropic`` on the SDK's aiohttp
 transport; ``"threads"`` reads the stream in the pool thread with the sync client. At 512 calls in
 flight the first costs ~1.6 CPU-ms per call against ~5.0 (``python -m bench.sdk_clients``).
 """
@@ -29,9 +29,7 @@ import aiohttp
 import anthropic
 import httpx2
 
-from worker import aioloop
-from worker.batching import TextBatcher
-from worker.errors import (
+from tasks.errors import (
     ConfigError,
     DeadlineExceededError,
     LLMError,
@@ -43,9 +41,11 @@ from worker.errors import (
     UpstreamServerError,
     UpstreamUnavailableError,
 )
-from worker.pricing import Usage
-from worker.settings import Settings, get_settings
-from worker.tiers import Effort
+from tasks.tiers import Effort
+from worker.core.batching import TextBatcher
+from worker.core.settings import Settings, get_settings
+from worker.llm import aioloop
+from worker.llm.pricing import Usage
 
 if TYPE_CHECKING:
     from anthropic._streaming import ServerSentEvent
@@ -57,6 +57,8 @@ __all__ = [
     "astream_reply",
     "get_async_client",
     "get_client",
+    "make_async_client",
+    "make_client",
     "map_sdk_error",
     "stream_reply",
     "stream_reply_on_loop",
@@ -119,20 +121,20 @@ def get_client(settings: Settings | None = None) -> anthropic.Anthropic:
     if _client is None:
         with _client_lock:
             if _client is None:
-                _client = _make_client(settings or get_settings())
+                _client = make_client(settings or get_settings())
     return _client
 
 
 def get_async_client(settings: Settings | None = None) -> anthropic.AsyncAnthropic:
     """The process's ``AsyncAnthropic`` client on the SDK's aiohttp transport, for the event loop.
 
-    Closed by :func:`worker.aioloop.shutdown` as the process exits.
+    Closed by :func:`worker.llm.aioloop.shutdown` as the process exits.
     """
     global _async_client
     if _async_client is None:
         with _client_lock:
             if _async_client is None:
-                _async_client = _make_async_client(settings or get_settings())
+                _async_client = make_async_client(settings or get_settings())
                 aioloop.on_shutdown(_async_client.close)
     return _async_client
 
@@ -144,7 +146,8 @@ def _api_key(settings: Settings) -> str:
     return secret.get_secret_value() if secret is not None else "simulator"
 
 
-def _make_client(settings: Settings) -> anthropic.Anthropic:
+def make_client(settings: Settings) -> anthropic.Anthropic:
+    """A sync SDK client for ``settings``: no SDK retries (Celery's are the one loop), tierq's pool size."""
     return anthropic.Anthropic(
         api_key=_api_key(settings),
         base_url=settings.anthropic_base_url,
@@ -155,7 +158,8 @@ def _make_client(settings: Settings) -> anthropic.Anthropic:
     )
 
 
-def _make_async_client(settings: Settings) -> anthropic.AsyncAnthropic:
+def make_async_client(settings: Settings) -> anthropic.AsyncAnthropic:
+    """The same as :func:`make_client`, async, on the SDK's aiohttp transport."""
     return anthropic.AsyncAnthropic(
         api_key=_api_key(settings),
         base_url=settings.anthropic_base_url,
@@ -229,7 +233,7 @@ class _ReplyReader:
 
     @contextmanager
     def mapping_errors(self) -> Iterator[None]:
-        """Raise an :class:`~worker.errors.LLMError` for whatever the SDK or the stream raises."""
+        """Raise an :class:`~tasks.errors.LLMError` for whatever the SDK or the stream raises."""
         try:
             yield
         except anthropic.APIError as exc:
@@ -290,7 +294,7 @@ def stream_reply(
 ) -> LLMReply:
     """Stream one reply in this thread, giving up at ``deadline`` (a ``time.time()`` instant).
 
-    Raises an :class:`~worker.errors.LLMError`; SDK errors never escape.
+    Raises an :class:`~tasks.errors.LLMError`; SDK errors never escape.
     """
     args = _create_args(request, deadline, connect_timeout_s)
     reader = _ReplyReader(request, deadline, on_text)
@@ -355,7 +359,7 @@ def stream_reply_on_loop(
     settings: Settings | None = None,
     gather_s: float = 0.0,
 ) -> LLMReply:
-    """:func:`astream_reply` on the process's event loop (:mod:`worker.aioloop`), waited for here.
+    """:func:`astream_reply` on the process's event loop (:mod:`worker.llm.aioloop`), waited for here.
 
     ``on_text`` runs in this (the calling) thread, never on the loop: what it does (a Redis write
     for a streamed job) must not hold up every other call the loop is reading. It gets the first

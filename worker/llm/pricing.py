@@ -1,6 +1,6 @@
 """What a call used and what it cost: the token usage the API reports, and the one price table.
 
-Prices live in ``worker/prices.toml`` (US dollars per million tokens, per model id, with their
+Prices live in ``worker/llm/prices.toml`` (US dollars per million tokens, per model id, with their
 published sources): input, output, prompt-cache writes (5 minutes and 1 hour) and reads, long-context
 bands where a model has them, and the Message Batches discount. Models are matched by exact id, never
 by a family substring: a model missing from the table costs ``None`` (and one warning), never a
@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from worker.errors import ConfigError
-from worker.logging import get_logger
+from tasks.errors import ConfigError
+from worker.observe.logging import get_logger
 
 __all__ = [
     "PRICES",

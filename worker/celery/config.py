@@ -6,14 +6,13 @@ from typing import Any
 
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
-from worker.settings import Settings
-from worker.tiers import TierTable
-from worker.transport import use_for_redis_urls
+from tasks.job import SUMMARIZE_TASK
+from tasks.tiers import TierTable
+from worker.celery.transport import use_for_redis_urls
+from worker.core.settings import Settings
 
-__all__ = ["SUMMARIZE_TASK", "TierRouter", "celery_config"]
+__all__ = ["TierRouter", "celery_config"]
 
-#: the one task name producers send and workers run
-SUMMARIZE_TASK = "tierq.summarize"
 
 #: seconds added to the slowest deadline before Redis redelivers an unacknowledged job
 VISIBILITY_MARGIN_S = 600
@@ -101,7 +100,7 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
         # "running" from the job's run lock instead, and Flower from the task-started event
         "task_track_started": False,
         # malformed messages are dead-lettered and logged without their body
-        "worker_consumer": "worker.consumer:TierqConsumer",
+        "worker_consumer": "worker.celery.consumer:TierqConsumer",
         # workers' task events for Flower: off until Flower asks (it enables them on every worker),
         # unless set; producers always say "task-sent" (after the publish), which tells Flower the queue
         "worker_send_task_events": settings.task_events,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from celery import Celery
 
-from worker.celeryconfig import celery_config
-from worker.logging import connect_celery_signals
-from worker.settings import get_settings
-from worker.tiers import get_tier_table
+from worker.celery.config import celery_config
+from worker.core.settings import get_settings, get_tier_table
+from worker.observe.logging import connect_celery_signals
 
 __all__ = ["app"]
 
-app = Celery("tierq", include=["tasks.summarize"])
+app = Celery("tierq", include=["worker.celery.task"])
 app.config_from_object(celery_config(get_settings(), get_tier_table()))
 connect_celery_signals()

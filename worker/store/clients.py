@@ -6,7 +6,7 @@ import threading
 
 import redis
 
-from worker.settings import Settings, get_settings
+from worker.core.settings import Settings, get_settings
 
 __all__ = ["backend_redis"]
 

@@ -2,8 +2,8 @@
 
 Each piece costs something downstream (a Redis ``XADD``, a thread woken up), while a reader only
 needs the first text fast and the rest a few times a second. Used for a job's token stream
-(:class:`worker.streams.TokenPublisher`) and for handing texts off the event loop
-(:func:`worker.llm.stream_reply_on_loop`).
+(:class:`worker.store.streams.TokenPublisher`) and for handing texts off the event loop
+(:func:`worker.llm.client.stream_reply_on_loop`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ worker's CPU (py-spy, docs/latency.md). A ``redis.Redis`` object is a thread-saf
 channel's connection pool, so one per pool is enough; a new pool (after a reconnect or a fork)
 gets a new client.
 
-Used for ``redis://`` brokers: :func:`use_for_redis_urls` (called by :mod:`worker.celeryconfig`)
+Used for ``redis://`` brokers: :func:`use_for_redis_urls` (called by :mod:`worker.celery.config`)
 points kombu's alias ``redis`` at it, so URLs, Celery and Flower still see the scheme ``redis``
 (a ``broker_transport`` class path would show in every URL, and Flower's broker page knows brokers
 by scheme). Everything else, including ``driver_type == "redis"`` that Celery checks, is kombu's.
@@ -23,7 +23,7 @@ from kombu.transport import redis as kombu_redis
 __all__ = ["TRANSPORT", "Channel", "Transport", "use_for_redis_urls"]
 
 #: the value of Celery's ``broker_transport`` that selects this module
-TRANSPORT = "worker.transport:Transport"
+TRANSPORT = "worker.celery.transport:Transport"
 
 
 class Channel(kombu_redis.Channel):

@@ -1,7 +1,7 @@
 """Running a summarization job as plain functions: one attempt, its timings, the retry decision.
 
 The Celery task in ``tasks/summarize.py`` is a thin shell over :func:`run_attempt` and
-:func:`plan_retry`; what a job is and how producer input is checked lives in ``worker.spec``.
+:func:`plan_retry`; what a job is and how producer input is checked lives in ``tasks.job``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from worker import metrics
-from worker.deadletter import dead_letter
-from worker.errors import (
+from tasks.errors import (
     DeadlineExceededError,
     LLMError,
     OverloadedError,
@@ -26,13 +24,7 @@ from worker.errors import (
     StreamInterruptedError,
     TierqError,
 )
-from worker.guard import get_guard
-from worker.llm import LLMReply, LLMRequest, get_client, stream_reply, stream_reply_on_loop
-from worker.logging import get_logger
-from worker.pricing import cost_usd
-from worker.redisconn import backend_redis
-from worker.settings import Settings, get_settings
-from worker.spec import (
+from tasks.job import (
     DEADLINE_HEADER,
     ENQUEUED_AT_HEADER,
     FIRST_STARTED_AT_HEADER,
@@ -44,9 +36,17 @@ from worker.spec import (
     parse_job,
     resolve_tier,
 )
-from worker.stats import get_stream
-from worker.streams import FLUSH_INTERVAL_S, TokenPublisher, stream_key
-from worker.tiers import Tier, TierTable
+from tasks.tiers import Tier, TierTable
+from worker.core.settings import Settings, get_settings
+from worker.llm.client import LLMReply, LLMRequest, get_client, stream_reply, stream_reply_on_loop
+from worker.llm.pricing import cost_usd
+from worker.observe import metrics
+from worker.observe.logging import get_logger
+from worker.store.clients import backend_redis
+from worker.store.deadletter import dead_letter
+from worker.store.guard import get_guard
+from worker.store.stats import get_stream
+from worker.store.streams import FLUSH_INTERVAL_S, TokenPublisher, stream_key
 
 __all__ = [
     "COMPLETED",

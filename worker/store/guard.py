@@ -24,15 +24,13 @@ from typing import Any
 
 import redis
 
-from worker.logging import get_logger
-from worker.redisconn import backend_redis
-from worker.settings import get_settings
+from worker.core.settings import get_settings
+from worker.observe.logging import get_logger
+from worker.store.clients import backend_redis
+from worker.store.keys import Keys
 
-__all__ = ["LOCK_TTL_S", "RUNNING_PREFIX", "Begin", "RunGuard", "get_guard"]
+__all__ = ["LOCK_TTL_S", "Begin", "RunGuard", "get_guard"]
 
-RESULT_PREFIX = "tierq:result:"
-RUNNING_PREFIX = "tierq:running:"
-STARTS_PREFIX = "tierq:starts:"
 #: seconds a run lock outlives its last heartbeat (so a dead worker's job waits at most this long)
 LOCK_TTL_S = 10.0
 #: seconds between a waiting duplicate's looks at the lock and the result
@@ -63,21 +61,23 @@ class RunGuard:
     def __init__(self, client: redis.Redis, key_prefix: str = "") -> None:
         self.client = client
         self.prefix = key_prefix
+        self.keys = Keys(key_prefix)
         self._token = uuid.uuid4().hex
         self._held: set[str] = set()
         self._lock = threading.Lock()
         self._release = client.register_script(_RELEASE)
         self._beating = False
 
-    def _key(self, prefix: str, job_id: str) -> str:
-        return f"{self.prefix}{prefix}{job_id}"
+    def is_running(self, job_id: str) -> bool:
+        """Whether an attempt of the job holds its run lock."""
+        return bool(self.client.exists(self.keys.running(job_id)))
 
     def begin(self, job_id: str, starts_ttl_s: float) -> Begin:
         """One round trip: the recorded result, the run lock and the start count."""
-        running = self._key(RUNNING_PREFIX, job_id)
-        starts = self._key(STARTS_PREFIX, job_id)
+        running = self.keys.running(job_id)
+        starts = self.keys.starts(job_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.get(self._key(RESULT_PREFIX, job_id))
+        pipe.get(self.keys.result(job_id))
         pipe.set(running, self._token, nx=True, px=int(LOCK_TTL_S * 1000))
         pipe.incr(starts)
         pipe.expire(starts, int(starts_ttl_s))
@@ -89,7 +89,7 @@ class RunGuard:
 
     def acquire(self, job_id: str) -> bool:
         """Take the run lock if it is free."""
-        running = self._key(RUNNING_PREFIX, job_id)
+        running = self.keys.running(job_id)
         if self.client.set(running, self._token, nx=True, px=int(LOCK_TTL_S * 1000)):
             self._hold(running)
             return True
@@ -97,7 +97,7 @@ class RunGuard:
 
     def recorded(self, job_id: str) -> dict[str, Any] | None:
         """The job's recorded result, if it succeeded."""
-        stored = self.client.get(self._key(RESULT_PREFIX, job_id))
+        stored = self.client.get(self.keys.result(job_id))
         return json.loads(stored) if stored else None
 
     def wait_for_other(self, job_id: str, deadline: float) -> dict[str, Any] | None:
@@ -122,7 +122,7 @@ class RunGuard:
         payload, until = json.dumps(result), time.monotonic() + retry_s
         while True:
             try:
-                self.client.set(self._key(RESULT_PREFIX, job_id), payload, ex=ttl_s)
+                self.client.set(self.keys.result(job_id), payload, ex=ttl_s)
                 break
             except redis.RedisError as exc:
                 if time.monotonic() >= until:
@@ -133,7 +133,7 @@ class RunGuard:
 
     def release(self, job_id: str) -> None:
         """Release the lock if this process holds it."""
-        running = self._key(RUNNING_PREFIX, job_id)
+        running = self.keys.running(job_id)
         with self._lock:
             self._held.discard(running)
         try:
@@ -143,7 +143,7 @@ class RunGuard:
 
     def forget(self, job_id: str) -> None:
         """Drop the recorded result and start count (before a dead letter is replayed)."""
-        self.client.delete(self._key(RESULT_PREFIX, job_id), self._key(STARTS_PREFIX, job_id))
+        self.client.delete(self.keys.result(job_id), self.keys.starts(job_id))
 
     def _hold(self, key: str) -> None:
         with self._lock:

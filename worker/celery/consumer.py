@@ -16,8 +16,8 @@ from celery.exceptions import NotRegistered
 from celery.utils.log import get_logger as celery_logger
 from celery.worker.consumer import Consumer
 
-from worker.deadletter import dead_letter
-from worker.logging import get_logger
+from worker.observe.logging import get_logger
+from worker.store.deadletter import dead_letter
 
 __all__ = ["TierqConsumer"]
 

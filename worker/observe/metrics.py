@@ -14,7 +14,9 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import redis
 from prometheus_client import (
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Histogram,
@@ -156,8 +158,6 @@ class QueueDepthCollector(Collector):
     """``celery_queue_length``: messages waiting per tier queue, read from Redis at scrape time."""
 
     def __init__(self, redis_url: str, queues: dict[str, str], key_prefix: str = "") -> None:
-        import redis
-
         self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._queues = queues  # tier -> queue
         self._prefix = key_prefix
@@ -197,8 +197,6 @@ def serve_metrics(port: int, addr: str = "0.0.0.0", extra: Iterable[Collector] =
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         else:
-            from prometheus_client import REGISTRY
-
             registry = REGISTRY
         for collector in extra:
             registry.register(collector)

@@ -13,7 +13,9 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DEFAULT_BROKER_URL", "Settings", "get_settings"]
+from tasks.tiers import TierTable, load_tier_table
+
+__all__ = ["DEFAULT_BROKER_URL", "Settings", "get_settings", "get_tier_table"]
 
 #: the Redis these machines run; ``make demo`` starts its own instead
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -101,3 +103,9 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process's settings, read once."""
     return Settings()
+
+
+@lru_cache(maxsize=1)
+def get_tier_table() -> TierTable:
+    """The process's tier table, from settings, loaded once."""
+    return load_tier_table(get_settings().tiers_file)

@@ -14,14 +14,13 @@ from typing import Any
 
 import redis
 
-from worker.logging import get_logger
-from worker.redisconn import backend_redis
-from worker.settings import Settings, get_settings
+from worker.core.settings import Settings, get_settings
+from worker.observe.logging import get_logger
+from worker.store.clients import backend_redis
+from worker.store.keys import Keys
 
-__all__ = ["STREAM_KEY", "StatsStream", "get_stream", "percentile", "summarize"]
+__all__ = ["StatsStream", "get_stream", "percentile", "summarize"]
 
-#: the stream's key, after ``TIERQ_KEY_PREFIX``
-STREAM_KEY = "tierq:stats:jobs"
 #: figures kept per entry
 FIELDS = (
     "tier",
@@ -44,7 +43,7 @@ class StatsStream:
 
     def __init__(self, client: redis.Redis, key_prefix: str = "", maxlen: int = 10_000) -> None:
         self.client = client
-        self.key = key_prefix + STREAM_KEY
+        self.key = Keys(key_prefix).stats
         self.maxlen = maxlen
 
     @classmethod

@@ -1,0 +1,37 @@
+"""tierq for producers: submit a document with an urgency, get a :class:`Job` back.
+
+    from tierq import submit
+    job = submit(document, urgency="high")
+    result = job.result(timeout=30)
+
+Everything a producer needs is importable from here; the errors are tierq's one tree
+(:mod:`tasks.errors`).
+"""
+
+from tasks.errors import (
+    BrokerUnavailableError,
+    InvalidJobError,
+    JobError,
+    JobExpiredError,
+    JobFailedError,
+    JobRefusedError,
+    JobTimeoutError,
+    TierqError,
+)
+from tierq.producer import Job, Restarted, get_job, replay, submit
+
+__all__ = [
+    "BrokerUnavailableError",
+    "InvalidJobError",
+    "Job",
+    "JobError",
+    "JobExpiredError",
+    "JobFailedError",
+    "JobRefusedError",
+    "JobTimeoutError",
+    "Restarted",
+    "TierqError",
+    "get_job",
+    "replay",
+    "submit",
+]

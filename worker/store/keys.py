@@ -1,0 +1,61 @@
+"""Every Redis key tierq itself writes, in one place (kombu's queues and Celery's result keys are theirs).
+
+All of them live under ``TIERQ_KEY_PREFIX``, so several deployments, or a test run, can share a
+database::
+
+    <prefix>tierq:result:<job_id>      a finished job's result, for a redelivered message (guard)
+    <prefix>tierq:running:<job_id>     the run lock an attempt holds while it runs (guard)
+    <prefix>tierq:starts:<job_id>      how many times the job started (guard: poison)
+    <prefix>tierq:submitted:<job_id>   a caller-given job id, claimed by its first submit
+    <prefix>tierq:tokens:<job_id>      a streamed job's text (Redis stream)
+    <prefix>tierq:dlq                  dead letters by time (sorted set)
+    <prefix>tierq:dlq:<job_id>         one dead letter (hash)
+    <prefix>tierq:stats:jobs           recent jobs' figures for ``tierq stats`` (Redis stream)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Keys"]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The key names under one prefix."""
+
+    prefix: str = ""
+
+    def result(self, job_id: str) -> str:
+        """A finished job's recorded result."""
+        return f"{self.prefix}tierq:result:{job_id}"
+
+    def running(self, job_id: str) -> str:
+        """The run lock of a job's running attempt."""
+        return f"{self.prefix}tierq:running:{job_id}"
+
+    def starts(self, job_id: str) -> str:
+        """How many times a job started."""
+        return f"{self.prefix}tierq:starts:{job_id}"
+
+    def submitted(self, job_id: str) -> str:
+        """The claim on a caller-given job id."""
+        return f"{self.prefix}tierq:submitted:{job_id}"
+
+    def tokens(self, job_id: str) -> str:
+        """A streamed job's text."""
+        return f"{self.prefix}tierq:tokens:{job_id}"
+
+    def dead_letter(self, job_id: str) -> str:
+        """One dead letter."""
+        return f"{self.prefix}tierq:dlq:{job_id}"
+
+    @property
+    def dead_letters(self) -> str:
+        """The index of dead letters by time."""
+        return f"{self.prefix}tierq:dlq"
+
+    @property
+    def stats(self) -> str:
+        """The stream of recent jobs' figures."""
+        return f"{self.prefix}tierq:stats:jobs"
