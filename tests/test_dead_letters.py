@@ -83,10 +83,10 @@ def test_a_redelivered_finished_job_does_not_call_the_model_again(
     job_id = f"again-{uuid.uuid4()}"
     job = {"job_id": job_id, "tier": "fast", "text": DOC}
     _send_raw(job_id, job)
-    first = get_job(job_id).result(timeout=30)
+    first = get_job(job_id).result(timeout=30).to_json()
     _send_raw(job_id, job)  # the same message again, as a redelivery would bring it
     assert _wait_for(workers["fast"], job_id, "summarize.deduplicated")
-    assert get_job(job_id).result(timeout=30) == first
+    assert get_job(job_id).result(timeout=30).to_json() == first
     assert sim.state.request_count(job_id) == 1
     assert len(workers["fast"].events_for(job_id, "summarize.completed")) == 1
 
@@ -99,7 +99,7 @@ def test_a_duplicate_delivery_waits_instead_of_running_beside_the_first(
     job = {"job_id": job_id, "tier": "fast", "text": DOC}
     _send_raw(job_id, job)
     _send_raw(job_id, job)
-    assert get_job(job_id).result(timeout=30)["job_id"] == job_id
+    assert get_job(job_id).result(timeout=30).job_id == job_id
     [line] = _wait_for(workers["fast"], job_id, "summarize.deduplicated")
     assert line["reason"] == "another attempt finished it"
     assert sim.state.request_count(job_id) == 1
@@ -126,7 +126,7 @@ def test_a_permanent_failure_is_dead_lettered_and_replayable(sim: SimServer) -> 
     replayed = _tierq("dlq", "replay", job_id)  # the simulator's fault was used up: it succeeds now
     assert replayed.returncode == 0, replayed.stderr
     assert replayed.stdout.strip() == job_id
-    assert get_job(job_id).result(timeout=30)["job_id"] == job_id
+    assert get_job(job_id).result(timeout=30).job_id == job_id
     assert sim.state.request_count(job_id) == 2
     assert _tierq("dlq", "show", job_id).returncode == 1, "a replayed job leaves the dead-letter store"
 
@@ -154,7 +154,7 @@ def test_malformed_messages_are_dead_lettered_and_the_worker_keeps_running(
 
     replies = app.control.ping(destination=[workers["fast"].node], timeout=2)
     assert replies, "the worker is still running"
-    assert submit(DOC, urgency="critical").result(timeout=30)["tier"] == "fast"
+    assert submit(DOC, urgency="critical").result(timeout=30).tier == "fast"
     assert secret not in workers["fast"].log_path.read_text(), "no message body in the logs"
 
 

@@ -53,7 +53,7 @@ def test_each_urgency_runs_on_its_tier(
     urgency: str, tier: str, model: str, workers: dict[str, WorkerProcess], sim: SimServer
 ) -> None:
     job = submit(DOC, urgency=urgency, metadata={"caller": "test"})
-    result = job.result(timeout=30)
+    result = job.result(timeout=30).to_json()
     queue = get_tier_table().tiers[tier].queue
     assert (result["tier"], result["model"]) == (tier, model)
     assert job._async.queue == queue  # recorded by Celery (result_extended)
@@ -67,7 +67,7 @@ def test_result_shape_and_completed_log_line(workers: dict[str, WorkerProcess]) 
     job = submit(
         DOC, urgency="high", instructions="Summarize in two sentences.", job_id=f"shape-{uuid.uuid4()}"
     )
-    result = job.result(timeout=30)
+    result = job.result(timeout=30).to_json()
     assert set(result) >= {"job_id", "tier", "model", "summary", "stop_reason", "usage", "timings"}
     assert result["job_id"] == job.id
     assert result["summary"].strip()
@@ -98,7 +98,7 @@ def test_result_shape_and_completed_log_line(workers: dict[str, WorkerProcess]) 
 
 
 def test_max_tokens_truncates() -> None:
-    result = submit(DOC, urgency="critical", max_tokens=8).result(timeout=30)
+    result = submit(DOC, urgency="critical", max_tokens=8).result(timeout=30).to_json()
     assert result["stop_reason"] == "max_tokens"
     assert result["usage"]["output_tokens"] <= 8
 
@@ -106,7 +106,7 @@ def test_max_tokens_truncates() -> None:
 def test_529_then_success_is_retried_once(sim: SimServer, workers: dict[str, WorkerProcess]) -> None:
     job_id = f"retry-{uuid.uuid4()}"
     sim.state.add_faults(["529"], job_id=job_id)
-    result = submit(DOC, urgency="high", job_id=job_id).result(timeout=30)
+    result = submit(DOC, urgency="high", job_id=job_id).result(timeout=30).to_json()
     assert result["retries"] == 1
     assert sim.state.request_count(job_id) == 2
     assert len(_wait_for_event(workers["fast"], job_id, "summarize.retrying")) == 1
@@ -149,14 +149,13 @@ def test_fast_tier_finishes_while_slow_queue_holds_a_backlog(
     time.sleep(0.3)
     assert queue_length(redis_client, slow_queue) >= 4, "the slow tier has a backlog"
 
-    fast = submit(DOC, urgency="critical").result(timeout=10)
-
+    fast = submit(DOC, urgency="critical").result(timeout=10).to_json()
     assert fast["tier"] == "fast"
     assert queue_length(redis_client, slow_queue) >= 2, "the backlog was still there when fast work finished"
     assert sum(job.ready() for job in backlog) <= 2
     assert fast["timings"]["queue_wait_ms"] < 1000
     for job in backlog:  # nothing lost: the backlog drains
-        assert job.result(timeout=60)["tier"] == "slow"
+        assert job.result(timeout=60).tier == "slow"
 
 
 def _tierq(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

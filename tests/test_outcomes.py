@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 
 from simulator import SimServer
-from tasks.errors import JobFailedError, JobRefusedError
 from tests.conftest import WorkerProcess
 from tests.helpers import wait_until
-from tierq.producer import Restarted, submit
+from tierq import JobFailedError, JobRefusedError, JobResult, Restarted, submit
 from worker.store.deadletter import DeadLetterStore
 
 DOC = " ".join(f"Point {i}: the summary must say what the API really answered, and why." for i in range(30))
@@ -73,9 +72,10 @@ def test_a_spend_limit_is_never_retried_and_keeps_the_apis_words(
 
 def test_a_max_tokens_stop_is_marked_truncated(sim: SimServer) -> None:
     result = submit(DOC, urgency="critical", max_tokens=5).result(timeout=30)
-    assert result["stop_reason"] == "max_tokens" and result["truncated"] is True
+    assert result.stop_reason == "max_tokens" and result.truncated is True
+    assert result.to_json()["truncated"] is True, "on the wire too"
     whole = submit(DOC, urgency="critical").result(timeout=30)
-    assert whole["truncated"] is (whole["stop_reason"] == "max_tokens")
+    assert whole.truncated is (whole.stop_reason == "max_tokens")
 
 
 def test_the_fast_tier_retries_a_stream_that_broke_after_text(
@@ -85,12 +85,12 @@ def test_the_fast_tier_retries_a_stream_that_broke_after_text(
     sim.state.add_faults(["midstream:2"], job_id=job_id)
     items = list(submit(DOC, urgency="critical", job_id=job_id, stream=True).stream(timeout=30))
     result = items[-1]
-    assert isinstance(result, dict) and result["retries"] == 1
+    assert isinstance(result, JobResult) and result.retries == 1
     assert sim.state.request_count(job_id) == 2
     restarted = [i for i, item in enumerate(items) if isinstance(item, Restarted)]
     if restarted:  # a reader that saw the broken run's text is told before the new run's
         after = "".join(item for item in items[restarted[-1] + 1 : -1] if isinstance(item, str))
-        assert after == result["summary"]
+        assert after == result.summary
     retry = _line(workers["fast"], job_id, "summarize.retrying")
     assert retry["error_type"] == "StreamInterruptedError"
 
@@ -106,9 +106,8 @@ def test_the_standard_tier_does_not_retry_a_stream_that_broke_after_text(sim: Si
 
 def test_a_thinking_models_summary_is_its_text_and_its_usage_is_whole(sim: SimServer) -> None:
     result = submit(DOC, urgency="normal").result(timeout=60)
-    usage = result["usage"]
-    assert result["model"] == "claude-sonnet-5-5"
-    assert usage["thinking_tokens"] is not None and 0 < usage["thinking_tokens"] < usage["output_tokens"]
-    assert result["summary"] and result["cost_usd"] and result["cost_usd"] > 0
-    for key in ("cache_creation_input_tokens", "cache_read_input_tokens"):
-        assert usage[key] == 0
+    usage = result.usage
+    assert result.model == "claude-sonnet-5-5"
+    assert usage.thinking_tokens is not None and 0 < usage.thinking_tokens < usage.output_tokens
+    assert result.summary and result.cost_usd and result.cost_usd > 0
+    assert usage.cache_creation_input_tokens == usage.cache_read_input_tokens == 0

@@ -119,7 +119,7 @@ def amqp(tmp_dir: Path) -> Iterator[Amqp]:
 )
 def test_routing_over_rabbitmq(amqp: Amqp, urgency: str, tier: str, model: str) -> None:
     job = amqp.submit(DOC, urgency)
-    result = job.result(timeout=30)
+    result = job.result(timeout=30).to_json()
     assert (result["tier"], result["model"]) == (tier, model)
     assert job._async.queue == amqp.tiers.tiers[tier].queue
     assert result["timings"]["queue_wait_ms"] is not None and result["timings"]["ttft_ms"] > 0
@@ -128,7 +128,7 @@ def test_routing_over_rabbitmq(amqp: Amqp, urgency: str, tier: str, model: str) 
 def test_529_then_success_over_rabbitmq(amqp: Amqp, sim: SimServer) -> None:
     job_id = f"amqp-retry-{uuid.uuid4()}"
     sim.state.add_faults(["529"], job_id=job_id)
-    result = amqp.submit(DOC, "high", job_id=job_id).result(timeout=30)
+    result = amqp.submit(DOC, "high", job_id=job_id).result(timeout=30).to_json()
     assert result["retries"] == 1
     assert sim.state.request_count(job_id) == 2
 
@@ -164,7 +164,7 @@ def test_kill_9_mid_stream_over_rabbitmq(amqp: Amqp, sim: SimServer, tmp_dir: Pa
     calls_before_kill = sim.state.request_count(job_id)
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
-    result = get_job(job_id, app=amqp.app).result(timeout=60)
+    result = get_job(job_id, app=amqp.app).result(timeout=60).to_json()
     assert result["job_id"] == job_id
     calls = sim.state.request_count(job_id)
     assert calls_before_kill == 1 and calls <= 2, f"the model was called {calls} times"

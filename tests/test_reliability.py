@@ -97,7 +97,7 @@ def test_the_fast_tier_falls_back_after_repeated_overloads(
 ) -> None:
     job_id = f"fallback-{uuid.uuid4()}"
     sim.state.add_faults(["529", "529"], job_id=job_id)
-    result = submit(DOC, urgency="critical", job_id=job_id).result(timeout=30)
+    result = submit(DOC, urgency="critical", job_id=job_id).result(timeout=30).to_json()
     assert result["model"] == "claude-sonnet-4-6"
     assert result["fallback"] == {"from": "claude-haiku-4-5", "after_overloads": 2}
     assert result["retries"] == 2
@@ -109,7 +109,7 @@ def test_the_fast_tier_falls_back_after_repeated_overloads(
 def test_the_slow_tier_waits_out_overloads_on_its_own_model(sim: SimServer) -> None:
     job_id = f"patient-{uuid.uuid4()}"
     sim.state.add_faults(["529", "529"], job_id=job_id)
-    result = submit(DOC, urgency="low", job_id=job_id).result(timeout=60)
+    result = submit(DOC, urgency="low", job_id=job_id).result(timeout=60).to_json()
     assert (result["model"], result["fallback"], result["retries"]) == ("claude-opus-5-5", None, 2)
 
 

@@ -7,12 +7,13 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 import pytest
 
 from simulator import SimServer
 from tasks.errors import JobFailedError
-from tierq.producer import get_job, submit
+from tierq import JobResult, get_job, submit
 
 #: long enough that the slow tier's model writes for most of a second at the tests' time scale
 LONG_DOC = " ".join(
@@ -23,11 +24,12 @@ LONG_DOC = " ".join(
 pytestmark = pytest.mark.usefixtures("workers")
 
 
-def _split(items: list[object]) -> tuple[list[str], dict]:
+def _split(items: list[object]) -> tuple[list[str], dict[str, Any]]:
+    """The text chunks, and the result as JSON (as a producer in another language reads it)."""
     *chunks, result = items
     assert all(isinstance(c, str) for c in chunks)
-    assert isinstance(result, dict)
-    return chunks, result  # type: ignore[return-value]
+    assert isinstance(result, JobResult)
+    return chunks, result.to_json()
 
 
 def test_chunks_arrive_before_the_job_completes() -> None:
@@ -50,12 +52,12 @@ def test_chunks_arrive_before_the_job_completes() -> None:
 
 def test_a_late_subscriber_gets_everything() -> None:
     job = submit(LONG_DOC, urgency="critical", stream=True)
-    final = job.result(timeout=30)
+    final = job.result(timeout=30).to_json()
     late = get_job(job.id)  # another handle, after the job ended
     chunks, result = _split(list(late.stream(timeout=10)))
     assert "".join(chunks) == final["summary"]
     assert result["job_id"] == job.id
-    assert "producer_ttft_ms" not in result["timings"], "this handle did not submit the job"
+    assert result["timings"]["producer_ttft_ms"] is None, "this handle did not submit the job"
 
 
 def test_a_job_submitted_without_streaming_yields_its_summary_at_the_end() -> None:
@@ -115,7 +117,7 @@ def test_a_reader_is_told_when_the_job_starts_over() -> None:
     assert rest[0] == Restarted(run=1), "...so it is told, before the new run's text"
     *chunks, result = rest[1:]
     assert all(isinstance(c, str) for c in chunks) and len(chunks) > 1
-    assert "".join(chunks) == result["summary"]  # type: ignore[index]
+    assert isinstance(result, JobResult) and "".join(chunks) == result.summary
     # a reader that comes later reads both runs at once: it gets the finished run's text only
     chunks, late = _split(list(get_job(job_id).stream(timeout=10)))
     assert "".join(chunks) == late["summary"]

@@ -292,11 +292,11 @@ def test_run_attempt_logs_one_completed_line_without_text(sim: SimServer) -> Non
     line = logs[0]
     for key in ("queue_wait_ms", "ttft_ms", "llm_ms", "total_ms", "output_tokens_per_s", "input_tokens"):
         assert isinstance(line[key], int | float), key
-    assert line["output_tokens"] == result["usage"]["output_tokens"]
-    assert line["cost_usd"] == cost_usd("claude-haiku-4-5", Usage.model_validate(result["usage"]))
-    assert line["truncated"] is False and result["truncated"] is False
+    assert line["output_tokens"] == result.usage.output_tokens
+    assert line["cost_usd"] == cost_usd("claude-haiku-4-5", result.usage)
+    assert line["truncated"] is False and result.truncated is False
     assert DOC[:40] not in repr(logs)
-    assert result["summary"][:20] not in repr(logs)
+    assert result.summary[:20] not in repr(logs)
 
 
 def test_malformed_job_is_a_permanent_invalid_job() -> None:

@@ -18,6 +18,7 @@ from tasks.errors import (
     JobTimeoutError,
     TierqError,
 )
+from tasks.result import JobResult
 from tierq.producer import Job, Restarted, get_job, replay, submit
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "JobExpiredError",
     "JobFailedError",
     "JobRefusedError",
+    "JobResult",
     "JobTimeoutError",
     "Restarted",
     "TierqError",

@@ -2,7 +2,7 @@
 
     from tierq.producer import submit
     job = submit(document, urgency="high")
-    result = job.result(timeout=30)       # {job_id, tier, model, summary, stop_reason, usage, timings, ...}
+    result = job.result(timeout=30)       # JobResult: summary, model, usage, timings, cost_usd, ...
 
 The caller's structlog context (``structlog.contextvars.bind_contextvars(request_id=...)``)
 travels with the job and is bound in the worker's log lines for it.
@@ -54,6 +54,7 @@ from tasks.job import (
     parse_job,
     resolve_tier,
 )
+from tasks.result import JobResult
 from tasks.tiers import TierTable
 from worker.celery.app import app as default_app
 from worker.core.settings import get_settings, get_tier_table
@@ -182,13 +183,14 @@ class Job:
         with _reachable("result backend unavailable"):
             return bool(self._async.ready())
 
-    def result(self, timeout: float | None = None) -> dict[str, Any]:
+    def result(self, timeout: float | None = None) -> JobResult:
         """Wait up to ``timeout`` seconds for the result.
 
         Raises:
             JobTimeoutError: the job did not end in time (it may still end later).
             JobFailedError: the job ended in failure; ``error_type`` names why.
             JobRefusedError: the model refused (a JobFailedError; ``category`` and ``explanation``).
+            JobFailedError: the stored result is not a tierq result (``error_type`` "MalformedResult").
         """
         try:
             with _reachable("result backend unavailable"):
@@ -197,7 +199,10 @@ class Job:
         except CeleryTimeoutError:
             raise JobTimeoutError(f"job {self.id} did not finish within {timeout} s") from None
         if state == "SUCCESS":
-            return dict(value)
+            try:
+                return JobResult.from_json(value)
+            except ValueError as exc:
+                raise JobFailedError(f"job {self.id}: {exc}", error_type="MalformedResult") from None
         error_type = type(value).__name__ if isinstance(value, BaseException) else str(state)
         if _expired(value):
             raise JobExpiredError(f"job {self.id} expired: {value}", error_type=error_type)
@@ -207,8 +212,8 @@ class Job:
             )
         raise JobFailedError(f"job {self.id} failed: {error_type}: {value}", error_type=error_type)
 
-    def stream(self, timeout: float | None = None) -> Iterator[str | Restarted | dict[str, Any]]:
-        """Yield the summary's text as the worker produces it, then the result dict as the last item.
+    def stream(self, timeout: float | None = None) -> Iterator[str | Restarted | JobResult]:
+        """Yield the summary's text as the worker produces it, then the :class:`JobResult` last.
 
         A caller that starts reading late still gets the whole text. Jobs submitted with
         ``stream=True`` are streamed delta by delta; others yield their summary in one piece when
@@ -241,11 +246,14 @@ class Job:
                         yield entry.text
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         result = self.result(timeout=left)
-        if first_at is None and result.get("summary"):
+        if first_at is None and result.summary:
             first_at = time.time()
-            yield result["summary"]
+            yield result.summary
         if first_at is not None and self.enqueued_at is not None:
-            result["timings"]["producer_ttft_ms"] = round((first_at - self.enqueued_at) * 1000, 2)
+            ttft_ms = round((first_at - self.enqueued_at) * 1000, 2)
+            result = result.model_copy(
+                update={"timings": result.timings.model_copy(update={"producer_ttft_ms": ttft_ms})}
+            )
         yield result
 
     def forget(self) -> None:

@@ -112,7 +112,7 @@ def _get(handle: Any) -> Any:
     """The value of a tierq ``Job`` or of a Celery ``AsyncResult``."""
     from tierq.producer import Job
 
-    return handle.result(timeout=30) if isinstance(handle, Job) else handle.get(timeout=30)
+    return handle.result(timeout=30).to_json() if isinstance(handle, Job) else handle.get(timeout=30)
 
 
 def _request_body(doc: str) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def _phase(
     totals: list[float] = []
     for _ in range(count):
         t0 = time.perf_counter()
-        value = submit(doc, "high").result(timeout=30)
+        value = submit(doc, "high").result(timeout=30).to_json()
         e2e.append((time.perf_counter() - t0) * 1000)
         totals.append(value["timings"]["total_ms"])
         if between is not None:

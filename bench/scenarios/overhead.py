@@ -82,7 +82,7 @@ def _interleaved(count: int, doc: str) -> tuple[list[float], list[float], list[t
         raw.append(_raw_ms(send_noop()))
         raw_events.append(_raw_ms(send_noop_events()))
         job = submit(doc, "high")
-        tierq.append((job.id, job.result(timeout=RESULT_TIMEOUT_S)))
+        tierq.append((job.id, job.result(timeout=RESULT_TIMEOUT_S).to_json()))
         time.sleep(0.002)  # let every pool go back to waiting on Redis
     return raw, raw_events, tierq
 

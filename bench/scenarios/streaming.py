@@ -15,6 +15,7 @@ from bench.docs import make_doc
 from bench.harness import Harness
 from bench.result import Options, ScenarioResult, Target
 from bench.stats import median, summarize
+from tasks.result import JobResult
 
 __all__ = ["TITLE", "run"]
 
@@ -71,8 +72,8 @@ def _stream_jobs(count: int, doc: str) -> list[tuple[str, float, dict[str, Any]]
         first_at = 0.0
         final: dict[str, Any] = {}
         for item in job.stream(timeout=30):
-            if isinstance(item, dict):
-                final = item
+            if isinstance(item, JobResult):
+                final = item.to_json()
             elif not first_at:
                 first_at = time.time()
         out.append((job.id, first_at, final))

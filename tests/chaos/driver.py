@@ -61,7 +61,7 @@ def _outcome(ids: list[str]) -> dict[str, dict[str, Any]]:
     for job_id in ids:
         job = get_job(job_id)
         try:
-            result = job.result(timeout=1.0)
+            result = job.result(timeout=1.0).to_json()
             out[job_id] = {
                 "status": "succeeded",
                 "model": result["model"],

@@ -73,7 +73,7 @@ def run(specs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         outcome: dict[str, Any] = {"result": None, "error": None, "dead_letter": None}
         try:
             left = max(0.1, spec["timeout"] - (time.monotonic() - start))
-            outcome["result"] = job.result(timeout=left)
+            outcome["result"] = job.result(timeout=left).to_json()
         except Exception as exc:
             outcome["error"] = _error(exc)
             outcome["dead_letter"] = _dead_letter(job.id, DEAD_LETTER_WAIT_S)

@@ -23,14 +23,17 @@ __all__ = ["summarize"]
     Request="worker.celery.request:RedactedRequest",
 )  # type: ignore[untyped-decorator]
 def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
-    """Summarize ``job["text"]`` with its tier's model; retry what is worth retrying, in time."""
+    """Summarize ``job["text"]`` with its tier's model; retry what is worth retrying, in time.
+
+    Returns the :class:`~tasks.result.JobResult` as JSON: what Celery stores and producers read.
+    """
     request = self.request
     headers = dict(request.headers or {})
     queue = (request.delivery_info or {}).get("routing_key")
     attempt = Attempt.from_headers(request.id, request.retries or 0, headers, queue)
     tiers = get_tier_table()
     try:
-        return run_attempt(job, attempt, tiers)
+        return run_attempt(job, attempt, tiers).to_json()
     except Exception as exc:
         delay, why = plan_retry(exc, attempt, tiers, job)
         report_failure(exc, attempt, job, delay, why)

@@ -41,11 +41,11 @@ from tasks.errors import (
     UpstreamServerError,
     UpstreamUnavailableError,
 )
+from tasks.result import Usage
 from tasks.tiers import Effort
 from worker.core.batching import TextBatcher
 from worker.core.settings import Settings, get_settings
 from worker.llm import aioloop
-from worker.llm.pricing import Usage
 
 if TYPE_CHECKING:
     from anthropic._streaming import ServerSentEvent

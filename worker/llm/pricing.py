@@ -12,13 +12,12 @@ from __future__ import annotations
 import re
 import threading
 import tomllib
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.errors import ConfigError
+from tasks.result import Usage
 from worker.observe.logging import get_logger
 
 __all__ = [
@@ -27,7 +26,6 @@ __all__ = [
     "ModelPrice",
     "PriceBand",
     "PriceTable",
-    "Usage",
     "cost_usd",
     "load_price_table",
 ]
@@ -39,67 +37,6 @@ _log = get_logger("tierq.pricing")
 
 #: a snapshot id: an alias plus its release date (``claude-opus-4-5-20251101``)
 _DATED = re.compile(r"(claude-[a-z0-9-]+?)-\d{8}")
-
-
-class Usage(BaseModel):
-    """Tokens one call used, as the API reports them (``usage`` of the Message, cumulative in a stream).
-
-    Total prompt tokens are ``input_tokens + cache_creation_input_tokens + cache_read_input_tokens``:
-    ``input_tokens`` counts only what came after the last cache breakpoint.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    input_tokens: int = Field(default=0, ge=0)
-    output_tokens: int = Field(default=0, ge=0)
-    #: written to the prompt cache, both lifetimes together
-    cache_creation_input_tokens: int = Field(default=0, ge=0)
-    #: of which with a 5-minute and a 1-hour lifetime (``usage.cache_creation``)
-    cache_creation_5m_input_tokens: int = Field(default=0, ge=0)
-    cache_creation_1h_input_tokens: int = Field(default=0, ge=0)
-    #: read from the prompt cache
-    cache_read_input_tokens: int = Field(default=0, ge=0)
-    #: of ``output_tokens``, how many were thinking (``usage.output_tokens_details``); None if not reported
-    thinking_tokens: int | None = Field(default=None, ge=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _flatten(cls, data: Any) -> Any:
-        """Read the API's nested ``cache_creation`` and ``output_tokens_details`` objects."""
-        if not isinstance(data, Mapping):
-            return data
-        flat = {k: v for k, v in data.items() if v is not None}
-        breakdown = flat.pop("cache_creation", None)
-        if isinstance(breakdown, Mapping):
-            flat.setdefault("cache_creation_5m_input_tokens", breakdown.get("ephemeral_5m_input_tokens") or 0)
-            flat.setdefault("cache_creation_1h_input_tokens", breakdown.get("ephemeral_1h_input_tokens") or 0)
-        elif flat.get("cache_creation_input_tokens"):
-            # no breakdown: the API's default lifetime is 5 minutes
-            flat.setdefault("cache_creation_5m_input_tokens", flat["cache_creation_input_tokens"])
-        details = flat.pop("output_tokens_details", None)
-        if isinstance(details, Mapping) and details.get("thinking_tokens") is not None:
-            flat.setdefault("thinking_tokens", details["thinking_tokens"])
-        return flat
-
-    @classmethod
-    def from_api(cls, usage: Mapping[str, Any]) -> Usage:
-        """Usage from the API's JSON; fields it does not send (or sends malformed) count as zero."""
-        try:
-            return cls.model_validate(usage)
-        except ValidationError:
-            return cls(
-                input_tokens=_count(usage.get("input_tokens")),
-                output_tokens=_count(usage.get("output_tokens")),
-            )
-
-    @property
-    def prompt_tokens(self) -> int:
-        """Every input token of the request, cached or not."""
-        return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
-
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 class PriceBand(BaseModel):

@@ -26,6 +26,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from tasks.result import JobResult
+
 __all__ = [
     "COST",
     "JOB_SECONDS",
@@ -102,14 +104,6 @@ TOKENS_PER_S = Histogram(
     buckets=_RATE_BUCKETS,
 )
 TOKENS = Counter("tierq_tokens", "Tokens billed, by kind (direction).", ["tier", "model", "direction"])
-#: ``direction`` label of ``tierq_tokens`` → the result's usage field
-_TOKEN_KINDS = (
-    ("input", "input_tokens"),
-    ("output", "output_tokens"),
-    ("cache_write", "cache_creation_input_tokens"),
-    ("cache_read", "cache_read_input_tokens"),
-    ("thinking", "thinking_tokens"),
-)
 COST = Counter("tierq_cost_usd", "Dollars spent, from the price table.", ["tier", "model"])
 
 
@@ -117,26 +111,30 @@ def _seconds(ms: float | None) -> float | None:
     return None if ms is None else ms / 1000
 
 
-def observe_completed(result: dict[str, Any], queue: str | None) -> None:
+def observe_completed(result: JobResult, queue: str | None) -> None:
     """Record a job that produced a summary."""
-    tier, model = result["tier"], result["model"]
-    timings = result["timings"]
+    tier, model, timings, usage = result.tier, result.model, result.timings, result.usage
     TASKS_SUCCEEDED.labels(_TASK, _HOST, queue or "", tier, model).inc()
-    RUNTIME.labels(_TASK, _HOST, queue or "", tier).observe(timings["llm_ms"] / 1000)
+    RUNTIME.labels(_TASK, _HOST, queue or "", tier).observe(timings.llm_ms / 1000)
     for histogram, value in (
-        (QUEUE_WAIT, _seconds(timings["queue_wait_ms"])),
-        (TTFT, _seconds(timings["ttft_ms"])),
-        (JOB_SECONDS, _seconds(timings["total_ms"])),
-        (TOKENS_PER_S, timings["output_tokens_per_s"]),
+        (QUEUE_WAIT, _seconds(timings.queue_wait_ms)),
+        (TTFT, _seconds(timings.ttft_ms)),
+        (JOB_SECONDS, _seconds(timings.total_ms)),
+        (TOKENS_PER_S, timings.output_tokens_per_s),
     ):
         if value is not None:
             histogram.labels(tier, model).observe(value)
-    usage = result["usage"]
-    for direction, field in _TOKEN_KINDS:
-        if usage.get(field):
-            TOKENS.labels(tier, model, direction).inc(usage[field])
-    if result.get("cost_usd"):
-        COST.labels(tier, model).inc(result["cost_usd"])
+    for direction, tokens in (
+        ("input", usage.input_tokens),
+        ("output", usage.output_tokens),
+        ("cache_write", usage.cache_creation_input_tokens),
+        ("cache_read", usage.cache_read_input_tokens),
+        ("thinking", usage.thinking_tokens),
+    ):
+        if tokens:
+            TOKENS.labels(tier, model, direction).inc(tokens)
+    if result.cost_usd:
+        COST.labels(tier, model).inc(result.cost_usd)
 
 
 def observe_refused(tier: str, queue: str | None) -> None:

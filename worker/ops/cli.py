@@ -24,6 +24,7 @@ from tasks.errors import TierqError
 
 if TYPE_CHECKING:
     from tasks.tiers import Tier
+    from tierq.producer import Job
     from worker.core.settings import Settings
 
 __all__ = ["cli", "main"]
@@ -270,7 +271,7 @@ def result(
     _wait_and_print(job_id, timeout, as_json)
 
 
-def _stream_and_print(job: Any, timeout: float) -> None:
+def _stream_and_print(job: Job, timeout: float) -> None:
     """Text to stdout as it arrives, then one line of figures to stderr."""
     from tierq.producer import Restarted
 
@@ -284,13 +285,13 @@ def _stream_and_print(job: Any, timeout: float) -> None:
                 sys.stdout.write("\n")
                 _err.print("[yellow]the worker was lost mid-reply; the job started over:[/]", highlight=False)
                 continue
-            timings, usage = item["timings"], item["usage"]
+            timings = item.timings
             sys.stdout.write("\n")
             _err.print(
-                f"{item['job_id']} {item['tier']} · {item['model']} · stop {item['stop_reason']} · "
-                f"{usage['output_tokens']} tokens · first text after {timings.get('producer_ttft_ms')} ms "
-                f"(queue {timings['queue_wait_ms']} ms, model TTFT {timings['ttft_ms']} ms) · "
-                f"total {timings['total_ms']} ms",
+                f"{item.job_id} {item.tier} · {item.model} · stop {item.stop_reason} · "
+                f"{item.usage.output_tokens} tokens · first text after {timings.producer_ttft_ms} ms "
+                f"(queue {timings.queue_wait_ms} ms, model TTFT {timings.ttft_ms} ms) · "
+                f"total {timings.total_ms} ms",
                 highlight=False,
             )
     except TierqError as exc:
@@ -306,17 +307,17 @@ def _wait_and_print(job_id: str, timeout: float, as_json: bool) -> None:
     except TierqError as exc:
         raise _fail(str(exc), code=1) from None
     if as_json:
-        _print_json(value)
+        _print_json(value.to_json())
         return
     out = Console()
-    timings, usage = value["timings"], value["usage"]
+    timings, usage = value.timings, value.usage
     out.print(
-        f"[bold]{value['job_id']}[/] {value['tier']} · {value['model']} · stop {value['stop_reason']} · "
-        f"{usage['input_tokens']}→{usage['output_tokens']} tokens · queue {timings['queue_wait_ms']} ms · "
-        f"TTFT {timings['ttft_ms']} ms · total {timings['total_ms']} ms · ${value['cost_usd']}",
+        f"[bold]{value.job_id}[/] {value.tier} · {value.model} · stop {value.stop_reason} · "
+        f"{usage.input_tokens}→{usage.output_tokens} tokens · queue {timings.queue_wait_ms} ms · "
+        f"TTFT {timings.ttft_ms} ms · total {timings.total_ms} ms · ${value.cost_usd}",
         highlight=False,
     )
-    out.print(value["summary"], highlight=False, markup=False)
+    out.print(value.summary, highlight=False, markup=False)
 
 
 @cli.command()

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tasks.errors import ConfigError, JobError, TierqError
+from tasks.result import JobResult
 from worker.store.stats import percentile
 
 __all__ = [
@@ -164,7 +165,7 @@ class _Tracked:
     tier: str
     job: Any
     status: str = "queued"
-    result: dict[str, Any] | None = None
+    result: JobResult | None = None
     error: str | None = None
 
 
@@ -216,11 +217,13 @@ class Board:
             done = [t.result for t in rows if t.result is not None]
             counts = [str(sum(t.status == s for t in rows)) for s in ("queued", "running", "done", "failed")]
             cells = [
-                _p50_p95([r["timings"][k] for r in done]) for k in ("queue_wait_ms", "ttft_ms", "total_ms")
+                _p50_p95([r.timings.queue_wait_ms for r in done]),
+                _p50_p95([r.timings.ttft_ms for r in done]),
+                _p50_p95([r.timings.total_ms for r in done]),
             ]
-            rates = [r["timings"]["output_tokens_per_s"] for r in done if r["timings"]["output_tokens_per_s"]]
+            rates = [r.timings.output_tokens_per_s for r in done if r.timings.output_tokens_per_s]
             rate = percentile(rates, 50)
-            cost = sum(r["cost_usd"] or 0 for r in done)
+            cost = sum(r.cost_usd or 0 for r in done)
             table.add_row(tier, *counts, *cells, "-" if rate is None else f"{rate:.0f}", f"{cost:.4f}")
         return table
 
@@ -348,10 +351,10 @@ def _run_jobs(
         if tracked.result is not None and tracked.tier not in shown:
             shown.add(tracked.tier)
             result = tracked.result
-            tokens, ttft = result["usage"]["output_tokens"], result["timings"]["ttft_ms"]
+            tokens, ttft = result.usage.output_tokens, result.timings.ttft_ms or 0.0
             console.print(
-                f"[bold]{result['tier']}[/] · {result['model']} · {tokens} tokens · TTFT {ttft:.0f} ms\n"
-                f"  {result['summary']}",
+                f"[bold]{result.tier}[/] · {result.model} · {tokens} tokens · TTFT {ttft:.0f} ms\n"
+                f"  {result.summary}",
                 highlight=False,
             )
     failures = [t for t in board.jobs if t.status == "failed"]

@@ -36,6 +36,7 @@ from tasks.job import (
     parse_job,
     resolve_tier,
 )
+from tasks.result import Fallback, JobResult, Timings
 from tasks.tiers import Tier, TierTable
 from worker.core.settings import Settings, get_settings
 from worker.llm.client import LLMReply, LLMRequest, get_client, stream_reply, stream_reply_on_loop
@@ -152,7 +153,7 @@ def _float_or_none(value: object) -> float | None:
 
 def run_attempt(
     job: object, attempt: Attempt, tiers: TierTable, settings: Settings | None = None
-) -> dict[str, Any]:
+) -> JobResult:
     """Run one attempt of a job: call the model, build the result, log ``summarize.completed``."""
     settings = settings or get_settings()
     spec = parse_job(job)
@@ -190,7 +191,7 @@ def run_attempt(
 
 def _call_model(
     spec: JobSpec, tier: Tier, attempt: Attempt, deadline: float, settings: Settings, run: int | None = None
-) -> dict[str, Any]:
+) -> JobResult:
     """Call the model and report success. ``run``: this start's number (streamed with the text)."""
     request = LLMRequest(
         job_id=spec.job_id,
@@ -221,68 +222,68 @@ def _call_model(
     result = build_result(spec, tier, attempt, reply, time.time())
     _log.info(COMPLETED, **_log_figures(result), **_content(settings, spec, result))
     metrics.observe_completed(result, attempt.queue)
-    _record_stats(result["tier"], result["model"], "succeeded", result["timings"], result["cost_usd"])
+    _record_stats(
+        result.tier, result.model, "succeeded", result.timings.model_dump(exclude_none=True), result.cost_usd
+    )
     if publisher is not None:
         publisher.end("succeeded")
     return result
 
 
-def build_result(spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, now: float) -> dict[str, Any]:
-    """The job's result: ``{job_id, tier, model, summary, stop_reason, usage, timings, ...}``."""
+def build_result(spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, now: float) -> JobResult:
+    """The job's result, from its spec, its attempt and the model's reply."""
     ttft_s = reply.first_token_at - reply.sent_at if reply.first_token_at is not None else None
     llm_s = reply.done_at - reply.sent_at
     gen_s = reply.done_at - reply.first_token_at if reply.first_token_at is not None else None
     usage = reply.usage
     tokens_per_s = round(usage.output_tokens / gen_s, 1) if gen_s and gen_s > 0 else None
-    return {
-        "job_id": spec.job_id,
-        "tier": tier.name,
-        "model": reply.model,
-        "stop_reason": reply.stop_reason,
-        # the summary stopped at max_tokens: it may end mid-sentence
-        "truncated": reply.stop_reason == "max_tokens",
-        "usage": usage.model_dump(),
-        "timings": {
-            "queue_wait_ms": attempt.queue_wait_ms,
-            # this attempt's start → its request sent: the worker's own overhead before the model
-            "prep_ms": round(max(0.0, reply.sent_wall - attempt.started_at) * 1000, 2),
-            "ttft_ms": round(ttft_s * 1000, 2) if ttft_s is not None else None,
-            "llm_ms": round(llm_s * 1000, 2),
-            "total_ms": attempt.total_ms(now),
-            "output_tokens_per_s": tokens_per_s,
-        },
-        "cost_usd": cost_usd(reply.model, usage),
-        # the tier's model was overloaded this many times and this one answered instead
-        "fallback": {"from": tier.model, "after_overloads": attempt.overloads}
-        if attempt.model(tier) != tier.model
+    timings = Timings(
+        queue_wait_ms=attempt.queue_wait_ms,
+        prep_ms=round(max(0.0, reply.sent_wall - attempt.started_at) * 1000, 2),
+        ttft_ms=round(ttft_s * 1000, 2) if ttft_s is not None else None,
+        llm_ms=round(llm_s * 1000, 2),
+        total_ms=attempt.total_ms(now),
+        output_tokens_per_s=tokens_per_s,
+    )
+    fell_back = attempt.model(tier) != tier.model
+    return JobResult(
+        job_id=spec.job_id,
+        tier=tier.name,
+        model=reply.model,
+        stop_reason=reply.stop_reason,
+        truncated=reply.stop_reason == "max_tokens",
+        usage=usage,
+        timings=timings,
+        cost_usd=cost_usd(reply.model, usage),
+        fallback=Fallback.model_validate({"from": tier.model, "after_overloads": attempt.overloads})
+        if fell_back
         else None,
-        "retries": attempt.retries,
-        "request_id": reply.request_id,
-        "metadata": spec.metadata,
-        # last, so that Celery's truncated repr of the result can be cut here (see worker.events)
-        "summary": reply.text,
-    }
+        retries=attempt.retries,
+        request_id=reply.request_id,
+        metadata=spec.metadata,
+        summary=reply.text,
+    )
 
 
-def _log_figures(result: dict[str, Any]) -> dict[str, Any]:
+def _log_figures(result: JobResult) -> dict[str, Any]:
     return {
-        "model": result["model"],
-        "stop_reason": result["stop_reason"],
-        "truncated": result["truncated"],
-        **result["usage"],
-        **result["timings"],
-        "cost_usd": result["cost_usd"],
-        "retries": result["retries"],
-        "request_id": result["request_id"],
-        "fallback_from": result["fallback"]["from"] if result["fallback"] else None,
-        "summary_chars": len(result["summary"]),
+        "model": result.model,
+        "stop_reason": result.stop_reason,
+        "truncated": result.truncated,
+        **result.usage.model_dump(),
+        **result.timings.model_dump(exclude={"producer_ttft_ms"}),
+        "cost_usd": result.cost_usd,
+        "retries": result.retries,
+        "request_id": result.request_id,
+        "fallback_from": result.fallback.from_model if result.fallback else None,
+        "summary_chars": len(result.summary),
     }
 
 
-def _content(settings: Settings, spec: JobSpec, result: dict[str, Any]) -> dict[str, Any]:
+def _content(settings: Settings, spec: JobSpec, result: JobResult) -> dict[str, Any]:
     if not settings.log_content:
         return {}
-    return {"text": spec.text, "summary": result["summary"]}
+    return {"text": spec.text, "summary": result.summary}
 
 
 def report_expired(task_id: str, headers: dict[str, Any], queue: str | None) -> None:

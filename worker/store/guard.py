@@ -20,10 +20,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
+from tasks.result import JobResult
 from worker.core.settings import get_settings
 from worker.observe.logging import get_logger
 from worker.store.clients import backend_redis
@@ -50,7 +50,7 @@ _log = get_logger("tierq.guard")
 class Begin:
     """What an attempt found as it began."""
 
-    result: dict[str, Any] | None
+    result: JobResult | None
     acquired: bool
     starts: int
 
@@ -84,7 +84,7 @@ class RunGuard:
         stored, acquired, count, _ = pipe.execute()
         if acquired:
             self._hold(running)
-        result = json.loads(stored) if stored else None
+        result = _parse(stored)
         return Begin(result=result, acquired=bool(acquired), starts=int(count))
 
     def acquire(self, job_id: str) -> bool:
@@ -95,12 +95,11 @@ class RunGuard:
             return True
         return False
 
-    def recorded(self, job_id: str) -> dict[str, Any] | None:
+    def recorded(self, job_id: str) -> JobResult | None:
         """The job's recorded result, if it succeeded."""
-        stored = self.client.get(self.keys.result(job_id))
-        return json.loads(stored) if stored else None
+        return _parse(self.client.get(self.keys.result(job_id)))
 
-    def wait_for_other(self, job_id: str, deadline: float) -> dict[str, Any] | None:
+    def wait_for_other(self, job_id: str, deadline: float) -> JobResult | None:
         """Wait while another attempt holds the lock; its result, or None once the lock is ours."""
         while time.time() < deadline:
             result = self.recorded(job_id)
@@ -111,15 +110,13 @@ class RunGuard:
             time.sleep(WAIT_POLL_S)
         return None
 
-    def finish(
-        self, job_id: str, result: dict[str, Any], ttl_s: int, retry_s: float = RECORD_RETRY_S
-    ) -> None:
+    def finish(self, job_id: str, result: JobResult, ttl_s: int, retry_s: float = RECORD_RETRY_S) -> None:
         """Record the result, then release the lock; never raises (the answer is already in hand).
 
         With Redis away the write is retried for ``retry_s`` seconds, so that a redelivery finds the
         answer instead of calling the model again; then the lock leaves the heartbeat and lapses.
         """
-        payload, until = json.dumps(result), time.monotonic() + retry_s
+        payload, until = json.dumps(result.to_json()), time.monotonic() + retry_s
         while True:
             try:
                 self.client.set(self.keys.result(job_id), payload, ex=ttl_s)
@@ -184,3 +181,13 @@ def get_guard() -> RunGuard | None:
                     return None
                 _guard = RunGuard(client, settings.key_prefix)
     return _guard
+
+
+def _parse(stored: object) -> JobResult | None:
+    """A recorded result, or None when there is none (or it is not one: the job runs again)."""
+    if not isinstance(stored, bytes | str) or not stored:
+        return None
+    try:
+        return JobResult.from_json(json.loads(stored))
+    except ValueError:
+        return None
