@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
-import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +20,10 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from simulator import SimConfig, SimServer
+from tests.helpers import spawn, wait_until
 from worker.ops.embedded import EmbeddedRedis, free_port
 
 #: the simulator runs 20x faster than published model speeds
@@ -113,12 +114,6 @@ def tmp_dir() -> Path:
     return path
 
 
-def queue_length(client: redis.Redis, queue: str) -> int:
-    """Messages waiting in a tier's queue (all four Redis priority sub-lists)."""
-    names = [queue] + [f"{queue}\x06\x16{p}" for p in (3, 6, 9)]
-    return sum(int(client.llen(f"{KEY_PREFIX}{name}")) for name in names)
-
-
 class WorkerProcess:
     """A ``tierq worker`` subprocess; its stdout (JSON log lines) goes to a file."""
 
@@ -129,13 +124,10 @@ class WorkerProcess:
         self.metrics_port = free_port()
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self._log = log_path.open("wb")
-        argv = [sys.executable, "-m", "worker", "worker", "--name", self.node]
-        argv += ["--metrics-port", str(self.metrics_port)]
+        args = ["worker", "--name", self.node, "--metrics-port", str(self.metrics_port)]
         for tier in tiers:
-            argv += ["--tier", tier]
-        self.proc = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
+            args += ["--tier", tier]
+        self.proc = spawn("worker", args, env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log_events(self) -> list[dict[str, Any]]:
         """Every JSON line the worker has written so far."""
@@ -155,6 +147,28 @@ class WorkerProcess:
             if e.get("job_id") == job_id and (event is None or e["event"] == event)
         ]
 
+    def wait_for(self, job_id: str, event: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The job's ``event`` lines, once there is one (log lines follow the stored result by a moment)."""
+        return wait_until(
+            lambda: self.events_for(job_id, event), timeout, f"{event} of {job_id} in {self.log_path.name}"
+        )
+
+    def check(self) -> None:
+        """Fail at once if the worker has exited."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited early:\n{self.log_path.read_text()[-3000:]}")
+
+    def queue_depths(self) -> dict[str, float]:
+        """``celery_queue_length`` by tier, as this worker's ``/metrics`` reports it to an operator."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        return {
+            sample.labels["tier"]: sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "celery_queue_length"
+            for sample in family.samples
+        }
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -167,18 +181,18 @@ class WorkerProcess:
 
 
 def wait_for_nodes(nodes: list[str], procs: list[WorkerProcess], timeout: float = 60.0) -> None:
+    """Wait until every node answers a broadcast ping (the pings' own 0.5 s paces the tries)."""
     from worker.celery.app import app
 
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for proc in procs:
-            if proc.proc.poll() is not None:
-                raise RuntimeError(f"worker exited early:\n{proc.log_path.read_text()[-3000:]}")
+    def answered() -> bool:
         replies = app.control.ping(destination=nodes, timeout=0.5)
-        answered = {name for reply in replies for name in reply}
-        if set(nodes) <= answered:
-            return
-    raise RuntimeError(f"workers {nodes} did not answer within {timeout} s")
+        return set(nodes) <= {name for reply in replies for name in reply}
+
+    def check() -> None:
+        for proc in procs:
+            proc.check()
+
+    wait_until(answered, timeout, f"workers {nodes} to answer a ping", check, interval=0)
 
 
 @pytest.fixture(scope="session")

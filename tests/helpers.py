@@ -1,14 +1,21 @@
-"""Helpers every test module may use: one way to wait on a condition."""
+"""Helpers every test module may use: one way to wait on a condition, one way to start a process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
-__all__ = ["FakeClock", "wait_until"]
+__all__ = ["ROOT", "FakeClock", "run_tierq", "spawn", "wait_until"]
 
 T = TypeVar("T")
+
+#: the repository root: every process the tests start runs here, so ``python -m tests...`` resolves
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def wait_until(
@@ -30,6 +37,52 @@ def wait_until(
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def _environment(env: Mapping[str, str] | None, inherit_env: bool) -> dict[str, str]:
+    return {**(os.environ if inherit_env else {}), **(env or {})}
+
+
+def spawn(
+    module: str,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    *,
+    inherit_env: bool = True,
+    **popen: Any,
+) -> subprocess.Popen[Any]:
+    """Start ``python -m MODULE ARGS`` from the repository root, for a process that runs beside the
+    test (a worker, Flower, the demo, a driver); the caller stops it.
+
+    ``env`` is added to this process's environment, or is the whole of it with ``inherit_env=False``;
+    ``popen`` goes to :class:`subprocess.Popen` (stdout, stderr, stdin, text...)."""
+    popen.setdefault("cwd", ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args], env=_environment(env, inherit_env), **popen
+    )
+
+
+def run_tierq(
+    args: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60,
+    *,
+    stdin: str | None = None,
+    inherit_env: bool = True,
+    module: str = "worker",
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m worker ARGS`` (the ``tierq`` CLI; or another ``module``) to its end, output
+    captured as text. ``env`` as for :func:`spawn`; the console is 200 columns wide, so that rich
+    tables and lines are not cut to the 80 of a pipe."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=_environment({"COLUMNS": "200", **(env or {})}, inherit_env),
+    )
 
 
 class FakeClock:

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +17,15 @@ import pytest
 
 from bench.result import Options, ScenarioResult, Target
 from bench.stats import median, percentile, ratio, summarize
+from tests.helpers import spawn, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 ENV_KEYS = {"python", "celery", "kombu", "redis-py", "anthropic", "cores"}
 
 
 def run_bench(tmp_path: Path, scenario: str, timeout: float = 90) -> dict[str, Any]:
     out_json, out_png = tmp_path / f"{scenario}.json", tmp_path / f"{scenario}.png"
-    argv = [
-        sys.executable,
-        "-m",
-        "bench",
-        scenario,
-        "--quick",
-        "--json",
-        str(out_json),
-        "--png",
-        str(out_png),
-    ]
-    proc = subprocess.Popen(
-        argv, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    args = [scenario, "--quick", "--json", str(out_json), "--png", str(out_png)]
+    proc = spawn("bench", args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -152,28 +137,25 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_interrupt_stops_every_process(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench", "overhead", "--quick", "--json", str(tmp_path / "o.json")],
-        cwd=ROOT,
-        env=dict(os.environ),
+    proc = spawn(
+        "bench",
+        ["overhead", "--quick", "--json", str(tmp_path / "o.json")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         seen: set[int] = set()
-        deadline = time.monotonic() + 60
-        while len(seen) < 3 and time.monotonic() < deadline:  # redis, simulator, a worker
-            seen |= _children(proc.pid)
-            time.sleep(0.1)
-        assert len(seen) >= 3
+
+        def three_children() -> bool:  # redis, simulator, a worker
+            seen.update(_children(proc.pid))
+            return len(seen) >= 3
+
+        wait_until(three_children, 60, "the bench's redis, simulator and worker", interval=0.1)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    end = time.monotonic() + 10
-    while not all(_gone(pid) for pid in seen) and time.monotonic() < end:
-        time.sleep(0.1)
-    assert [pid for pid in seen if not _gone(pid)] == []
+    wait_until(lambda: all(_gone(pid) for pid in seen), 10, "the bench's processes to end", interval=0.1)
     assert not (tmp_path / "o.json").exists()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -17,23 +14,15 @@ from simulator import SimServer
 from tasks.errors import JobFailedError
 from tasks.job import SUMMARIZE_TASK
 from tests.conftest import KEY_PREFIX, WorkerProcess
-from tierq.producer import get_job, submit
+from tests.helpers import run_tierq, wait_until
+from tierq import get_job, submit
 from worker.celery.app import app
 from worker.core.settings import get_tier_table
+from worker.store.keys import Keys
 
 DOC = " ".join(f"Item {i}: a job must run once, or be told apart and kept for a replay." for i in range(30))
 
 pytestmark = pytest.mark.usefixtures("workers")
-
-
-def _tierq(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ),
-    )
 
 
 def _send_raw(job_id: str, job: dict[str, Any], **headers: Any) -> None:
@@ -60,21 +49,16 @@ def _publish_bytes(body: bytes, content_type: str, headers: dict[str, Any]) -> N
         )
 
 
-def _wait_for(worker: WorkerProcess, job_id: str, event: str, timeout: float = 10.0) -> list[dict]:
-    end = time.monotonic() + timeout
-    while not (found := worker.events_for(job_id, event)) and time.monotonic() < end:
-        time.sleep(0.05)
-    return found
-
-
 def _dlq(job_id: str, timeout: float = 10.0) -> dict[str, Any]:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        done = _tierq("dlq", "show", job_id)
-        if done.returncode == 0:
-            return json.loads(done.stdout)
-        time.sleep(0.2)
-    raise AssertionError(f"no dead letter for {job_id}: {done.stderr}")
+    """``tierq dlq show JOB_ID``, once the dead letter is there."""
+    done = wait_until(
+        lambda: (shown := run_tierq(["dlq", "show", job_id])).returncode == 0 and shown,
+        timeout,
+        f"the dead letter of {job_id}",
+        interval=0.2,
+    )
+    letter: dict[str, Any] = json.loads(done.stdout)
+    return letter
 
 
 def test_a_redelivered_finished_job_does_not_call_the_model_again(
@@ -85,7 +69,7 @@ def test_a_redelivered_finished_job_does_not_call_the_model_again(
     _send_raw(job_id, job)
     first = get_job(job_id).result(timeout=30).to_json()
     _send_raw(job_id, job)  # the same message again, as a redelivery would bring it
-    assert _wait_for(workers["fast"], job_id, "summarize.deduplicated")
+    assert workers["fast"].wait_for(job_id, "summarize.deduplicated")
     assert get_job(job_id).result(timeout=30).to_json() == first
     assert sim.state.request_count(job_id) == 1
     assert len(workers["fast"].events_for(job_id, "summarize.completed")) == 1
@@ -100,7 +84,7 @@ def test_a_duplicate_delivery_waits_instead_of_running_beside_the_first(
     _send_raw(job_id, job)
     _send_raw(job_id, job)
     assert get_job(job_id).result(timeout=30).job_id == job_id
-    [line] = _wait_for(workers["fast"], job_id, "summarize.deduplicated")
+    [line] = workers["fast"].wait_for(job_id, "summarize.deduplicated")
     assert line["reason"] == "another attempt finished it"
     assert sim.state.request_count(job_id) == 1
 
@@ -118,17 +102,17 @@ def test_a_permanent_failure_is_dead_lettered_and_replayable(sim: SimServer) -> 
     )
     assert letter["attempts"] == 1 and letter["timings"]["total_ms"] > 0
     assert letter["payload"] == f"<{len(DOC)} chars of text>"
-    listed = json.loads(_tierq("dlq", "list", "--json").stdout)
+    listed = json.loads(run_tierq(["dlq", "list", "--json"]).stdout)
     assert any(row["job_id"] == job_id for row in listed)
-    assert DOC[:30] not in _tierq("dlq", "list").stdout
-    assert json.loads(_tierq("dlq", "show", job_id, "--payload").stdout)["payload"]["text"] == DOC
+    assert DOC[:30] not in run_tierq(["dlq", "list"]).stdout
+    assert json.loads(run_tierq(["dlq", "show", job_id, "--payload"]).stdout)["payload"]["text"] == DOC
 
-    replayed = _tierq("dlq", "replay", job_id)  # the simulator's fault was used up: it succeeds now
+    replayed = run_tierq(["dlq", "replay", job_id])  # the simulator's fault was used up: it succeeds now
     assert replayed.returncode == 0, replayed.stderr
     assert replayed.stdout.strip() == job_id
     assert get_job(job_id).result(timeout=30).job_id == job_id
     assert sim.state.request_count(job_id) == 2
-    assert _tierq("dlq", "show", job_id).returncode == 1, "a replayed job leaves the dead-letter store"
+    assert run_tierq(["dlq", "show", job_id]).returncode == 1, "a replayed job leaves the dead-letter store"
 
 
 def test_malformed_messages_are_dead_lettered_and_the_worker_keeps_running(
@@ -163,7 +147,7 @@ def test_a_job_that_keeps_crashing_its_worker_is_given_up(
 ) -> None:
     job_id = f"poison-{uuid.uuid4()}"
     # as if it had started (and killed its worker) as often as its attempts and crash allowance
-    redis_client.set(f"{KEY_PREFIX}tierq:starts:{job_id}", 5, ex=60)
+    redis_client.set(Keys(KEY_PREFIX).starts(job_id), 5, ex=60)
     _send_raw(job_id, {"job_id": job_id, "tier": "fast", "text": DOC})
     with pytest.raises(JobFailedError, match="PoisonJobError"):
         get_job(job_id).result(timeout=30)

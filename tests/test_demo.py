@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
 import signal
 import socket
 import subprocess
-import sys
 import time
+import urllib.request
 
 import pytest
 
 from tasks.errors import ConfigError
+from tests.helpers import run_tierq, spawn, wait_until
 from worker.ops.demo import parse_mix, plan_urgencies
 
 URGENCIES = ["critical", "high", "normal", "low"]
@@ -47,12 +49,8 @@ def test_parse_mix_and_plan() -> None:
 
 @pytest.mark.slow
 def test_demo_runs_to_the_end_on_embedded_defaults() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "demo", "--jobs", "12", "--time-scale", "0.05"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=_demo_env(),
+    done = run_tierq(
+        ["demo", "--jobs", "12", "--time-scale", "0.05"], _demo_env(), timeout=180, inherit_env=False
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
@@ -72,26 +70,41 @@ def test_demo_runs_to_the_end_on_embedded_defaults() -> None:
 
 @pytest.mark.slow
 def test_demo_ctrl_c_stops_everything_it_started() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "demo", "--jobs", "3000", "--time-scale", "1"],
+    proc = spawn(
+        "worker",
+        ["demo", "--jobs", "3000", "--time-scale", "1"],
+        _demo_env(),
+        inherit_env=False,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_demo_env(),
     )
     assert proc.stdout is not None and proc.stderr is not None
+    stdout = proc.stdout
     try:
-        out = b""
-        end = time.monotonic() + 90
-        # raw reads: a buffered readline could hold the "logs" line where select() cannot see it
-        while b"logs" not in out and time.monotonic() < end and proc.poll() is None:
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        out = bytearray()
+
+        def read_to_logs_line() -> bool:
+            # raw reads: a buffered readline could hold the "logs" line where select() cannot see it
+            ready, _, _ = select.select([stdout], [], [], 0.2)
             if ready:
-                out += os.read(proc.stdout.fileno(), 65536)
+                out.extend(os.read(stdout.fileno(), 65536))
+            return b"logs" in out
+
+        def check() -> None:
+            assert proc.poll() is None, out.decode()
+
+        wait_until(read_to_logs_line, 90, "the demo's start-up lines", check, interval=0)
         text = out.decode()
-        assert "logs" in text, text
         ports = _ports(text)
         assert len(ports) >= 6  # redis, simulator, three metrics ports, flower
-        time.sleep(3)  # let jobs start
+        (sim_url,) = re.findall(r"simulator at (http://127\.0\.0\.1:\d+)", text)
+
+        def model_calls() -> int:
+            with urllib.request.urlopen(f"{sim_url}/_sim/requests", timeout=5) as response:
+                return int(json.loads(response.read())["total"])
+
+        # Ctrl-C with jobs in flight: the simulator has taken their first model calls
+        wait_until(lambda: model_calls() >= 3, 30, "the demo's jobs to reach the model", check, interval=0.2)
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)

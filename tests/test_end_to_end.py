@@ -6,20 +6,19 @@ The workers are ``tierq worker --tier X`` subprocesses (see ``conftest.workers``
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-import redis
+from celery.result import AsyncResult
 
 from simulator import SimServer
 from tasks.errors import InvalidJobError, JobFailedError
-from tests.conftest import WorkerProcess, queue_length
-from tierq.producer import get_job, submit
+from tests.conftest import WorkerProcess
+from tests.helpers import run_tierq, wait_until
+from tierq import get_job, submit
+from worker.celery.app import app
 from worker.core.settings import get_tier_table
 
 DOC = " ".join(
@@ -28,16 +27,6 @@ DOC = " ".join(
 )
 
 pytestmark = pytest.mark.usefixtures("workers")
-
-
-def _wait_for_event(worker: WorkerProcess, job_id: str, event: str, timeout: float = 5.0) -> list[dict]:
-    """Log lines are flushed a moment after the result is stored; poll briefly."""
-    end = time.monotonic() + timeout
-    while True:
-        found = worker.events_for(job_id, event)
-        if found or time.monotonic() > end:
-            return found
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
@@ -56,8 +45,8 @@ def test_each_urgency_runs_on_its_tier(
     result = job.result(timeout=30).to_json()
     queue = get_tier_table().tiers[tier].queue
     assert (result["tier"], result["model"]) == (tier, model)
-    assert job._async.queue == queue  # recorded by Celery (result_extended)
-    [line] = _wait_for_event(workers[tier], job.id, "summarize.completed")
+    assert AsyncResult(job.id, app=app).queue == queue  # recorded by Celery (result_extended)
+    [line] = workers[tier].wait_for(job.id, "summarize.completed")
     assert (line["tier"], line["queue"], line["model"]) == (tier, queue, model)
     assert sim.state.request_count(job.id) == 1
     assert job.status() == "succeeded"
@@ -79,7 +68,7 @@ def test_result_shape_and_completed_log_line(workers: dict[str, WorkerProcess]) 
     assert timings["output_tokens_per_s"] > 0
     assert result["cost_usd"] > 0 and result["retries"] == 0 and result["request_id"].startswith("req_")
 
-    lines = _wait_for_event(workers["fast"], job.id, "summarize.completed")
+    lines = workers["fast"].wait_for(job.id, "summarize.completed")
     assert len(lines) == 1, "exactly one canonical line per job"
     line = lines[0]
     assert line["task_id"] == job.id and line["level"] == "info"
@@ -109,8 +98,8 @@ def test_529_then_success_is_retried_once(sim: SimServer, workers: dict[str, Wor
     result = submit(DOC, urgency="high", job_id=job_id).result(timeout=30).to_json()
     assert result["retries"] == 1
     assert sim.state.request_count(job_id) == 2
-    assert len(_wait_for_event(workers["fast"], job_id, "summarize.retrying")) == 1
-    assert len(_wait_for_event(workers["fast"], job_id, "summarize.completed")) == 1
+    assert len(workers["fast"].wait_for(job_id, "summarize.retrying")) == 1
+    assert len(workers["fast"].wait_for(job_id, "summarize.completed")) == 1
     assert workers["fast"].events_for(job_id, "summarize.failed") == []
 
 
@@ -123,70 +112,60 @@ def test_400_is_not_retried(sim: SimServer, workers: dict[str, WorkerProcess]) -
     assert info.value.error_type == "RequestRejectedError"
     assert job.status() == "failed"
     assert sim.state.request_count(job_id) == 1
-    [line] = _wait_for_event(workers["fast"], job_id, "summarize.failed")
+    [line] = workers["fast"].wait_for(job_id, "summarize.failed")
     assert line["status_code"] == 400 and line["reason"] == "not retryable" and line["level"] == "error"
     assert workers["fast"].events_for(job_id, "summarize.retrying") == []
 
 
-def test_bad_input_never_reaches_the_broker(redis_client: redis.Redis) -> None:
-    queues = [t.queue for t in get_tier_table().tiers.values()]
-    before = [queue_length(redis_client, q) for q in queues]
+def test_bad_input_never_reaches_the_broker(workers: dict[str, WorkerProcess]) -> None:
+    before = workers["fast"].queue_depths()
     for kwargs in ({"text": ""}, {"text": "ok", "urgency": "bogus"}, {"text": "ok", "max_tokens": 10**6}):
         with pytest.raises(InvalidJobError):
             submit(**kwargs)  # type: ignore[arg-type]
-    assert [queue_length(redis_client, q) for q in queues] == before
+    assert workers["fast"].queue_depths() == before
 
 
 def test_fast_tier_finishes_while_slow_queue_holds_a_backlog(
-    sim: SimServer, redis_client: redis.Redis, workers: dict[str, WorkerProcess]
+    sim: SimServer, workers: dict[str, WorkerProcess]
 ) -> None:
-    slow_queue = get_tier_table().tiers["slow"].queue
     backlog = []
     for _ in range(8):  # the slow pool has 2 threads; each job stalls 2 s in the simulator
         job_id = f"backlog-{uuid.uuid4()}"
         sim.state.add_faults(["stall:2"], job_id=job_id)
         backlog.append(submit(DOC, urgency="low", job_id=job_id))
-    time.sleep(0.3)
-    assert queue_length(redis_client, slow_queue) >= 4, "the slow tier has a backlog"
+    wait_until(
+        lambda: sum(sim.state.request_count(job.id) for job in backlog) >= 2, 10, "the slow pool to be busy"
+    )
+    # what an operator sees on the fast worker's /metrics: the slow tier's queue, at the same moment
+    assert workers["fast"].queue_depths()["slow"] >= 4, "the slow tier has a backlog"
 
     fast = submit(DOC, urgency="critical").result(timeout=10).to_json()
     assert fast["tier"] == "fast"
-    assert queue_length(redis_client, slow_queue) >= 2, "the backlog was still there when fast work finished"
+    assert workers["fast"].queue_depths()["slow"] >= 2, "the backlog was still there when fast work finished"
     assert sum(job.ready() for job in backlog) <= 2
     assert fast["timings"]["queue_wait_ms"] < 1000
     for job in backlog:  # nothing lost: the backlog drains
         assert job.result(timeout=60).tier == "slow"
 
 
-def _tierq(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=60,
-        env=dict(os.environ),
-    )
-
-
 def test_cli_submit_wait_json(workers: dict[str, WorkerProcess]) -> None:
     readme = Path(__file__).resolve().parents[1] / "README.md"
-    done = _tierq("submit", "--urgency", "high", "--file", str(readme), "--wait", "--json")
+    done = run_tierq(["submit", "--urgency", "high", "--file", str(readme), "--wait", "--json"])
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["model"] == "claude-haiku-4-5"
     assert result["usage"]["output_tokens"] <= 256
     assert result["timings"]["queue_wait_ms"] is not None and result["timings"]["ttft_ms"] > 0
-    assert len(_wait_for_event(workers["fast"], result["job_id"], "summarize.completed")) == 1
+    assert len(workers["fast"].wait_for(result["job_id"], "summarize.completed")) == 1
 
 
 def test_cli_submit_then_result() -> None:
-    done = _tierq("submit", "--urgency", "normal", "--json", stdin=DOC)
+    done = run_tierq(["submit", "--urgency", "normal", "--json"], stdin=DOC)
     assert done.returncode != 0  # no text given: stdin is read only with --file -
-    done = _tierq("submit", "--urgency", "normal", "--file", "-", "--json", stdin=DOC)
+    done = run_tierq(["submit", "--urgency", "normal", "--file", "-", "--json"], stdin=DOC)
     assert done.returncode == 0, done.stderr
     job_id = json.loads(done.stdout)["job_id"]
-    fetched = _tierq("result", job_id, "--wait", "--json")
+    fetched = run_tierq(["result", job_id, "--wait", "--json"])
     assert fetched.returncode == 0, fetched.stderr
     assert json.loads(fetched.stdout)["job_id"] == job_id
     assert get_job(job_id).status() == "succeeded"
@@ -204,31 +183,23 @@ def test_cli_submit_then_result() -> None:
     ],
 )
 def test_cli_bad_input_fails_fast_with_one_line(
-    args: tuple[str, ...], message: str, redis_client: redis.Redis
+    args: tuple[str, ...], message: str, workers: dict[str, WorkerProcess]
 ) -> None:
-    queues = [t.queue for t in get_tier_table().tiers.values()]
-    before = [queue_length(redis_client, q) for q in queues]
+    before = workers["fast"].queue_depths()
     started = time.monotonic()
-    done = _tierq(*args)
+    done = run_tierq(args)
     assert done.returncode == 2
     assert done.stdout == ""
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert time.monotonic() - started < 10
-    assert [queue_length(redis_client, q) for q in queues] == before
+    assert workers["fast"].queue_depths() == before
 
 
 def test_submit_with_the_broker_down_fails_fast_with_one_line() -> None:
     from worker.ops.embedded import free_port
 
-    env = {**os.environ, "TIERQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "submit", "some text"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    done = run_tierq(["submit", "some text"], {"TIERQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert done.returncode == 2
     assert "broker unavailable, job not enqueued" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr

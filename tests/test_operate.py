@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -20,11 +18,13 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulator import SimServer
-from tests.conftest import WorkerProcess
-from tierq.producer import get_job, submit
+from tests.conftest import KEY_PREFIX, RUN_TAG, WorkerProcess
+from tests.helpers import run_tierq, spawn, wait_until
+from tierq import get_job, submit
 from worker.celery.request import redact_result_repr
 from worker.ops.embedded import free_port
-from worker.store.stats import percentile, summarize
+from worker.store.keys import Keys
+from worker.store.stats import StatsStream, percentile, summarize
 
 DOC = " ".join(
     f"Line {i} of a report about queues, tiers and the latency that users feel." for i in range(30)
@@ -77,9 +77,8 @@ def test_worker_metrics_have_per_tier_histograms(workers: dict[str, WorkerProces
     assert _value(samples, "celery_task_failed_total", tier="fast", exception="RequestRejectedError") >= 1
     assert _value(samples, "tierq_tokens_total", tier="fast", direction="output") > 0
     assert _value(samples, "tierq_cost_usd_total", tier="fast") > 0
-    depth = {s.labels["tier"]: s.value for s in samples["celery_queue_length"]}
-    assert set(depth) == {"fast", "standard", "slow"}
-    assert all(v >= 0 for v in depth.values())
+    depth = {s.labels["tier"]: s.labels["queue_name"] for s in samples["celery_queue_length"]}
+    assert depth == {"fast": "tierq.fast", "standard": "tierq.standard", "slow": "tierq.slow"}
     # the slow worker serves its own figures only
     assert _value(_scrape(workers["slow"]), "tierq_ttft_seconds_count", tier="fast") == 0
 
@@ -87,13 +86,7 @@ def test_worker_metrics_have_per_tier_histograms(workers: dict[str, WorkerProces
 def test_stats_reports_per_tier_percentiles() -> None:
     for urgency in ("critical", "normal", "critical"):
         submit(DOC, urgency=urgency).result(timeout=30)
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "stats", "--json", "--last", "50"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ),
-    )
+    done = run_tierq(["stats", "--json", "--last", "50"])
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["fast"]["succeeded"] >= 2
@@ -104,10 +97,6 @@ def test_stats_reports_per_tier_percentiles() -> None:
 
 
 def test_stats_stream_is_bounded(redis_client: Any) -> None:
-    from tests.conftest import KEY_PREFIX
-    from worker.store.keys import Keys
-    from worker.store.stats import StatsStream
-
     stream = StatsStream(redis_client, KEY_PREFIX + "bounded-", maxlen=100)
     for i in range(1000):
         stream.record({"tier": "fast", "outcome": "succeeded", "ttft_ms": i})
@@ -131,10 +120,7 @@ def test_producer_context_reaches_the_worker_log(workers: dict[str, WorkerProces
     with structlog.contextvars.bound_contextvars(request_id=request_id, caller="billing", job_id="not-this"):
         job = submit(DOC, urgency="high")
     job.result(timeout=30)
-    end = time.monotonic() + 5
-    while not (lines := workers["fast"].events_for(job.id, "summarize.completed")) and time.monotonic() < end:
-        time.sleep(0.05)
-    [line] = lines
+    [line] = workers["fast"].wait_for(job.id, "summarize.completed")
     assert line["request_id"] != request_id  # the LLM request id keeps its name in the canonical line...
     received = [e for e in workers["fast"].log_events() if e.get("task_id") == job.id]
     assert all(e.get("caller") == "billing" for e in received)  # ...the caller's context rides along
@@ -154,25 +140,28 @@ def flower(tmp_dir: Path) -> Iterator[tuple[str, str]]:
     port = free_port()
     auth = f"ops:{uuid.uuid4().hex}"
     log = (tmp_dir / "flower.log").open("wb")
-    env = {**os.environ, "TIERQ_FLOWER_BASIC_AUTH": auth}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "flower", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    env = {"TIERQ_FLOWER_BASIC_AUTH": auth}
+    proc = spawn("worker", ["flower", "--port", str(port)], env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+
+    def check() -> None:
+        assert proc.poll() is None, (tmp_dir / "flower.log").read_text()[-2000:]
+
+    def healthy() -> bool:
+        try:
+            return _get(f"{url}/healthcheck", timeout=1)[0] == 200
+        except OSError:
+            return False
+
+    def hears_every_worker() -> bool:
+        # Flower's event consumer has the workers' heartbeats: it is attached, and sees the jobs sent next
+        status, body = _get(f"{url}/api/workers?status=true", auth=auth)
+        alive = {name for name, up in json.loads(body).items() if up} if status == 200 else set()
+        return {f"{tier}-{RUN_TAG}@test" for tier in ("fast", "standard", "slow")} <= alive
+
     try:
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
-            assert proc.poll() is None, (tmp_dir / "flower.log").read_text()[-2000:]
-            try:
-                if _get(f"{url}/healthcheck", timeout=1)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        time.sleep(1.0)  # let Flower's event consumer attach before jobs are sent
+        wait_until(healthy, 30, "Flower's healthcheck", check, interval=0.2)
+        wait_until(hears_every_worker, 30, "Flower to hear the workers' events", check, interval=0.2)
         yield url, auth
     finally:
         proc.terminate()
@@ -186,15 +175,14 @@ def test_flower_lists_jobs_with_their_queues_behind_auth(flower: tuple[str, str]
     for job_id in jobs:
         get_job(job_id).result(timeout=60)
     expected_queue = {"critical": "tierq.fast", "normal": "tierq.standard", "low": "tierq.slow"}
-    tasks: dict[str, Any] = {}
-    end = time.monotonic() + 15
-    while time.monotonic() < end:
+
+    def all_succeeded() -> dict[str, Any] | None:
         status, body = _get(f"{url}/api/tasks", auth=auth)
         assert status == 200
-        tasks = json.loads(body)
-        if all(tasks.get(j, {}).get("state") == "SUCCESS" for j in jobs):
-            break
-        time.sleep(0.3)
+        tasks: dict[str, Any] = json.loads(body)
+        return tasks if all(tasks.get(j, {}).get("state") == "SUCCESS" for j in jobs) else None
+
+    tasks = wait_until(all_succeeded, 15, "Flower to list the jobs as succeeded", interval=0.3)
     for job_id, urgency in jobs.items():
         task = tasks[job_id]
         assert task["state"] == "SUCCESS"
@@ -218,31 +206,13 @@ def test_flower_lists_jobs_with_their_queues_behind_auth(flower: tuple[str, str]
 
 def test_flower_refuses_to_start_without_auth() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TIERQ_FLOWER_BASIC_AUTH"}
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "flower", "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    done = run_tierq(["flower", "--port", str(free_port())], env, inherit_env=False)
     assert done.returncode == 2
     assert "TIERQ_FLOWER_BASIC_AUTH" in done.stderr
 
 
-def _tierq(
-    args: list[str], env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
-
-
 def test_doctor_checks_what_tierq_needs(sim: SimServer) -> None:
-    done = _tierq(["doctor"])
+    done = run_tierq(["doctor"])
     assert done.returncode == 0, done.stdout + done.stderr
     for row in (
         "broker",
@@ -269,15 +239,15 @@ def test_a_worker_refuses_to_start_on_a_retired_or_unknown_model(
     sim: SimServer, tmp_dir: Path, model: str, word: str
 ) -> None:
     env = {"TIERQ_TIERS_FILE": _tiers_file(tmp_dir, model)}
-    done = _tierq(["worker", "--tier", "fast"], env)
+    done = run_tierq(["worker", "--tier", "fast"], env)
     assert done.returncode == 2, done.stdout + done.stderr
     [line] = [line for line in done.stderr.splitlines() if line.strip()]
     assert f"model {model} is {word}" in line and "tier fast" in line
-    doctor = _tierq(["doctor"], env)
+    doctor = run_tierq(["doctor"], env)
     assert doctor.returncode == 1 and "FAIL" in doctor.stdout
 
 
 def test_doctor_warns_on_a_deprecated_model_with_its_retirement_date(sim: SimServer, tmp_dir: Path) -> None:
-    done = _tierq(["doctor"], {"TIERQ_TIERS_FILE": _tiers_file(tmp_dir, "claude-opus-4-5")})
+    done = run_tierq(["doctor"], {"TIERQ_TIERS_FILE": _tiers_file(tmp_dir, "claude-opus-4-5")})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "claude-opus-4-5 is deprecated (retires 2027-01-22)" in done.stdout

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 from simulator import SimServer
+from simulator.messages import REFUSAL_DETAILS
 from tests.conftest import WorkerProcess
 from tests.helpers import wait_until
 from tierq import JobFailedError, JobRefusedError, JobResult, Restarted, submit
+from worker.core.settings import get_settings
 from worker.store.deadletter import DeadLetterStore
 
 DOC = " ".join(f"Point {i}: the summary must say what the API really answered, and why." for i in range(30))
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("workers")
 
 
 def _store() -> DeadLetterStore:
-    store = DeadLetterStore.from_settings()
+    store = DeadLetterStore.from_settings(get_settings())
     assert store is not None
     return store
 
@@ -43,7 +45,7 @@ def test_a_refusal_ends_refused_not_retried_and_not_dead_lettered(
     with pytest.raises(JobRefusedError) as info:
         job.result(timeout=30)
     assert info.value.error_type == "RefusedError"
-    assert isinstance(info.value.category, str | None)
+    assert info.value.category == REFUSAL_DETAILS["category"], "the API's category reaches the producer"
     assert job.status() == "refused"
     assert sim.state.request_count(job_id) == 1, "a refusal is not retried"
     line = _line(workers["fast"], job_id, "summarize.refused")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +16,14 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery.result import AsyncResult
 
 from simulator import SimServer
 from tasks.errors import InvalidJobError, JobFailedError
 from tasks.tiers import TierTable, load_tier_table
 from tests.conftest import KEY_PREFIX, RUN_TAG, WorkerProcess
-from tierq.producer import get_job, submit
+from tests.helpers import wait_until
+from tierq import get_job, submit
 from worker.celery.config import celery_config
 from worker.core.settings import Settings
 
@@ -62,25 +63,20 @@ class Amqp:
         }
 
     def worker(self, tier: str, tmp: Path, name: str) -> WorkerProcess:
-        saved = dict(os.environ)
-        os.environ.update(self.env)
-        try:
-            proc = WorkerProcess([tier], tmp / f"amqp-{name}.log")
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        return proc
+        return WorkerProcess([tier], tmp / f"amqp-{name}.log", env=self.env)
 
     def wait_ready(self, procs: list[WorkerProcess], timeout: float = 60) -> None:
-        end = time.monotonic() + timeout
         nodes = {p.node for p in procs}
-        while time.monotonic() < end:
-            for proc in procs:
-                assert proc.proc.poll() is None, proc.log_path.read_text()[-3000:]
+
+        def answered() -> bool:
             replies = self.app.control.ping(destination=list(nodes), timeout=0.5)
-            if nodes <= {name for reply in replies for name in reply}:
-                return
-        raise AssertionError(f"workers {nodes} did not answer on RabbitMQ")
+            return nodes <= {name for reply in replies for name in reply}
+
+        def check() -> None:
+            for proc in procs:
+                proc.check()
+
+        wait_until(answered, timeout, f"workers {nodes} to answer on RabbitMQ", check, interval=0)
 
     def depth(self, tier: str) -> int:
         with self.app.connection_for_write() as conn:
@@ -121,7 +117,7 @@ def test_routing_over_rabbitmq(amqp: Amqp, urgency: str, tier: str, model: str) 
     job = amqp.submit(DOC, urgency)
     result = job.result(timeout=30).to_json()
     assert (result["tier"], result["model"]) == (tier, model)
-    assert job._async.queue == amqp.tiers.tiers[tier].queue
+    assert AsyncResult(job.id, app=amqp.app).queue == amqp.tiers.tiers[tier].queue
     assert result["timings"]["queue_wait_ms"] is not None and result["timings"]["ttft_ms"] > 0
 
 
@@ -157,9 +153,7 @@ def test_kill_9_mid_stream_over_rabbitmq(amqp: Amqp, sim: SimServer, tmp_dir: Pa
     job_id = f"amqp-kill-{uuid.uuid4()}"
     sim.state.add_faults(["stall:30"], job_id=job_id)  # the first call hangs mid-stream
     amqp.submit(DOC, "normal", job_id=job_id)
-    end = time.monotonic() + 20
-    while sim.state.request_count(job_id) == 0 and time.monotonic() < end:
-        time.sleep(0.05)
+    wait_until(lambda: sim.state.request_count(job_id), 20, "the first model call")
     assert sim.state.request_count(job_id) == 1
     calls_before_kill = sim.state.request_count(job_id)
     victim.proc.send_signal(signal.SIGKILL)

@@ -10,21 +10,16 @@ import redis
 
 from simulator import SimServer
 from tasks.errors import InvalidJobError, JobExpiredError
-from tests.conftest import WorkerProcess
-from tierq.producer import get_job, submit
+from tests.conftest import KEY_PREFIX, WorkerProcess
+from tests.helpers import wait_until
+from tierq import get_job, submit
+from worker.store.keys import Keys
 
 DOC = " ".join(
     f"Clause {i} says the job must end before its deadline or say why it did not." for i in range(30)
 )
 
 pytestmark = pytest.mark.usefixtures("workers")
-
-
-def _wait_for(worker: WorkerProcess, job_id: str, event: str, timeout: float = 10.0) -> list[dict]:
-    end = time.monotonic() + timeout
-    while not (found := worker.events_for(job_id, event)) and time.monotonic() < end:
-        time.sleep(0.05)
-    return found
 
 
 @pytest.mark.parametrize("deadline_s", [0, -1, 16, "soon", True])
@@ -42,13 +37,13 @@ def test_a_job_whose_deadline_passes_in_the_queue_expires_unrun(
         blocker_id = f"blocker-{uuid.uuid4()}"
         sim.state.add_faults(["stall:2"], job_id=blocker_id)
         blockers.append(submit(DOC, urgency="low", job_id=blocker_id))
-    time.sleep(0.3)
+    wait_until(lambda: all(sim.state.request_count(b.id) for b in blockers), 10, "both slow threads busy")
     job = submit(DOC, urgency="low", deadline_s=0.5)
     with pytest.raises(JobExpiredError):
         job.result(timeout=30)
     assert job.status() == "expired"
     assert sim.state.request_count(job.id) == 0, "an expired job never reaches the model"
-    [line] = _wait_for(workers["slow"], job.id, "summarize.failed")
+    [line] = workers["slow"].wait_for(job.id, "summarize.failed")
     assert line["reason"] == "expired" and line["tier"] == "slow"
     assert line["queue_wait_ms"] >= 500 and line["total_ms"] >= 500
     for blocker in blockers:
@@ -67,11 +62,11 @@ def test_a_deadline_that_passes_mid_stream_expires_the_job(
     assert time.monotonic() - started < 4, "the HTTP timeout is what was left of the deadline"
     assert job.status() == "expired"
     assert sim.state.request_count(job_id) == 1
-    [line] = _wait_for(workers["fast"], job_id, "summarize.failed")
+    [line] = workers["fast"].wait_for(job_id, "summarize.failed")
     assert line["reason"] == "expired" and line["error_type"] == "DeadlineExceededError"
 
 
-def test_the_same_job_id_is_enqueued_once(sim: SimServer, redis_client: redis.Redis) -> None:
+def test_the_same_job_id_is_enqueued_once(sim: SimServer, workers: dict[str, WorkerProcess]) -> None:
     job_id = f"once-{uuid.uuid4()}"
     first = submit(DOC, urgency="high", job_id=job_id)
     second = submit(DOC, urgency="high", job_id=job_id)
@@ -79,17 +74,22 @@ def test_the_same_job_id_is_enqueued_once(sim: SimServer, redis_client: redis.Re
     assert first.result(timeout=30) == second.result(timeout=30)
     third = submit(DOC, urgency="high", job_id=job_id)  # after it finished, too
     assert third.duplicate
-    time.sleep(0.5)
+    # a job sent after them on the same queue: a message published by either duplicate submit would
+    # have been delivered before it, and logged as deduplicated (the run guard keeps the model out)
+    submit(DOC, urgency="high").result(timeout=30)
+    assert workers["fast"].events_for(job_id, "summarize.deduplicated") == []
+    assert len(workers["fast"].events_for(job_id, "summarize.completed")) == 1
     assert sim.state.request_count(job_id) == 1
     assert get_job(job_id).status() == "succeeded"
 
 
 def test_a_generated_job_id_needs_no_claim(redis_client: redis.Redis) -> None:
-    from tests.conftest import KEY_PREFIX
-
     job = submit(DOC, urgency="high")
     job.result(timeout=30)
-    assert not redis_client.exists(f"{KEY_PREFIX}tierq:submitted:{job.id}")
+    assert not redis_client.exists(Keys(KEY_PREFIX).submitted(job.id))
+    claimed = submit(DOC, urgency="high", job_id=f"claimed-{uuid.uuid4()}")  # the key the check reads
+    assert redis_client.exists(Keys(KEY_PREFIX).submitted(claimed.id))
+    claimed.result(timeout=30)
 
 
 def test_the_fast_tier_falls_back_after_repeated_overloads(
@@ -102,7 +102,7 @@ def test_the_fast_tier_falls_back_after_repeated_overloads(
     assert result["fallback"] == {"from": "claude-haiku-4-5", "after_overloads": 2}
     assert result["retries"] == 2
     assert sim.state.request_count(job_id) == 3
-    [line] = _wait_for(workers["fast"], job_id, "summarize.completed")
+    [line] = workers["fast"].wait_for(job_id, "summarize.completed")
     assert line["fallback_from"] == "claude-haiku-4-5" and line["model"] == "claude-sonnet-4-6"
 
 
@@ -117,9 +117,7 @@ def test_status_follows_a_job_through_its_life(sim: SimServer) -> None:
     job_id = f"life-{uuid.uuid4()}"
     sim.state.add_faults(["stall:1.5"], job_id=job_id)
     job = submit(DOC, urgency="high", job_id=job_id)
-    end = time.monotonic() + 10
-    while sim.state.request_count(job_id) == 0 and time.monotonic() < end:
-        time.sleep(0.02)
+    wait_until(lambda: sim.state.request_count(job_id), 10, "the model call", interval=0.02)
     assert job.status() == "running"
     job.result(timeout=30)
     assert job.status() == "succeeded"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -13,6 +10,7 @@ import pytest
 
 from simulator import SimServer
 from tasks.errors import JobFailedError
+from tests.helpers import run_tierq
 from tierq import JobResult, get_job, submit
 
 #: long enough that the slow tier's model writes for most of a second at the tests' time scale
@@ -78,28 +76,16 @@ def test_a_failed_streamed_job_ends_the_stream_with_its_error(sim: SimServer) ->
 
 
 def test_cli_submit_stream_prints_text_then_figures() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "submit", "--urgency", "critical", "--stream", LONG_DOC[:3000]],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ),
-    )
+    done = run_tierq(["submit", "--urgency", "critical", "--stream", LONG_DOC[:3000]])
     assert done.returncode == 0, done.stderr
     assert "Section" in done.stdout
     assert "claude-haiku-4-5" in done.stderr and "first text after" in done.stderr
-    bad = subprocess.run(
-        [sys.executable, "-m", "worker", "submit", "--stream", "--json", "text"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ),
-    )
+    bad = run_tierq(["submit", "--stream", "--json", "text"])
     assert bad.returncode == 2 and "--stream" in bad.stderr
 
 
 def test_a_reader_is_told_when_the_job_starts_over() -> None:
-    from tierq.producer import Restarted
+    from tierq import Restarted
     from worker.core.settings import get_settings
     from worker.store.clients import backend_redis
     from worker.store.streams import TokenPublisher, stream_key

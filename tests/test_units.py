@@ -10,6 +10,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,19 @@ from tasks.errors import (
 )
 from tasks.job import build_job
 from tasks.tiers import load_tier_table
-from worker.core.settings import Settings
-from worker.llm import aioloop
+from worker.core.settings import Settings, get_settings
+from worker.llm.aioloop import EventLoopThread
 from worker.llm.client import (
     LLMReply,
     LLMRequest,
     astream_reply,
-    get_client,
     make_async_client,
     make_client,
     stream_reply,
-    stream_reply_on_loop,
 )
 from worker.llm.pricing import PRICES, Usage, cost_usd
 from worker.ops.embedded import free_port
+from worker.runtime.context import Context
 from worker.runtime.jobs import Attempt, plan_retry, run_attempt
 
 DOC = " ".join(
@@ -151,15 +151,21 @@ def _request(job_id: str, max_tokens: int = 64) -> LLMRequest:
 WAYS = ("asyncio", "threads")
 
 
-def _call(way: str, request: LLMRequest, deadline: float, on_text: Any = None) -> LLMReply:
-    if way == "asyncio":
-        return stream_reply_on_loop(request, deadline, on_text)
-    return stream_reply(get_client(), request, deadline, on_text)
+@pytest.fixture(scope="module")
+def ctx() -> Iterator[Context]:
+    """A worker process's context, from the test session's environment."""
+    built = Context.build(get_settings(), load_tier_table(None))
+    yield built
+    built.close()
+
+
+def _call(ctx: Context, way: str, request: LLMRequest, deadline: float, on_text: Any = None) -> LLMReply:
+    return ctx.llm.call(request, deadline, way, on_text)
 
 
 @pytest.mark.parametrize("way", WAYS)
-def test_stream_reply_reads_text_usage_and_request_id(sim: SimServer, way: str) -> None:
-    reply = _call(way, _request(uuid.uuid4().hex, 256), time.time() + 10)
+def test_stream_reply_reads_text_usage_and_request_id(sim: SimServer, ctx: Context, way: str) -> None:
+    reply = _call(ctx, way, _request(uuid.uuid4().hex, 256), time.time() + 10)
     assert reply.text
     assert reply.stop_reason == "end_turn"
     assert reply.usage.input_tokens > 0 and 0 < reply.usage.output_tokens <= 256
@@ -168,9 +174,10 @@ def test_stream_reply_reads_text_usage_and_request_id(sim: SimServer, way: str) 
 
 
 @pytest.mark.parametrize("way", WAYS)
-def test_texts_reach_the_calling_thread_in_order(sim: SimServer, way: str) -> None:
+def test_texts_reach_the_calling_thread_in_order(sim: SimServer, ctx: Context, way: str) -> None:
     seen: list[tuple[str, int]] = []
     reply = _call(
+        ctx,
         way,
         _request(uuid.uuid4().hex, 64),
         time.time() + 10,
@@ -181,10 +188,10 @@ def test_texts_reach_the_calling_thread_in_order(sim: SimServer, way: str) -> No
     assert {ident for _, ident in seen} == {threading.get_ident()}  # never on the event loop
 
 
-def test_the_loop_hands_texts_over_gathered(sim: SimServer) -> None:
+def test_the_loop_hands_texts_over_gathered(sim: SimServer, ctx: Context) -> None:
     seen: list[str] = []
-    reply = stream_reply_on_loop(
-        _request(uuid.uuid4().hex, 256), time.time() + 10, seen.append, gather_s=0.05
+    reply = ctx.llm.call(
+        _request(uuid.uuid4().hex, 256), time.time() + 10, "asyncio", seen.append, gather_s=0.05
     )
     assert "".join(seen) == reply.text
     assert reply.first_token_at is not None
@@ -193,8 +200,8 @@ def test_the_loop_hands_texts_over_gathered(sim: SimServer) -> None:
 
 
 @pytest.mark.parametrize("way", WAYS)
-def test_stream_reply_honours_max_tokens(sim: SimServer, way: str) -> None:
-    reply = _call(way, _request(uuid.uuid4().hex, 5), time.time() + 10)
+def test_stream_reply_honours_max_tokens(sim: SimServer, ctx: Context, way: str) -> None:
+    reply = _call(ctx, way, _request(uuid.uuid4().hex, 5), time.time() + 10)
     assert reply.stop_reason == "max_tokens"
     assert reply.usage.output_tokens <= 5
 
@@ -213,23 +220,23 @@ def test_stream_reply_honours_max_tokens(sim: SimServer, way: str) -> None:
     ],
 )
 def test_sdk_errors_map_into_the_tree(
-    sim: SimServer, way: str, fault: str, error: type[Exception], retry_after: float | None
+    sim: SimServer, ctx: Context, way: str, fault: str, error: type[Exception], retry_after: float | None
 ) -> None:
     job_id = uuid.uuid4().hex
     sim.state.add_faults([fault], job_id=job_id)
     with pytest.raises(error) as info:
-        _call(way, _request(job_id), time.time() + 10)
+        _call(ctx, way, _request(job_id), time.time() + 10)
     assert getattr(info.value, "retry_after", None) == retry_after
     assert sim.state.request_count(job_id) == 1  # the SDK did not retry on its own
 
 
 @pytest.mark.parametrize("way", WAYS)
-def test_a_stalled_stream_ends_at_the_deadline(sim: SimServer, way: str) -> None:
+def test_a_stalled_stream_ends_at_the_deadline(sim: SimServer, ctx: Context, way: str) -> None:
     job_id = uuid.uuid4().hex
     sim.state.add_faults(["stall:5"], job_id=job_id)
     started = time.monotonic()
     with pytest.raises(DeadlineExceededError):
-        _call(way, _request(job_id), time.time() + 0.5)
+        _call(ctx, way, _request(job_id), time.time() + 0.5)
     assert time.monotonic() - started < 3
 
 
@@ -241,12 +248,13 @@ def test_a_refused_connection_is_upstream_unavailable(way: str) -> None:
         with pytest.raises(UpstreamUnavailableError):
             stream_reply(make_client(settings), request, time.time() + 5)
         return
-    client = make_async_client(settings)
+    client, loop = make_async_client(settings), EventLoopThread()
     try:
         with pytest.raises(UpstreamUnavailableError):
-            aioloop.run(astream_reply(client, request, time.time() + 5))
+            loop.run(astream_reply(client, request, time.time() + 5))
     finally:
-        aioloop.run(client.close())
+        loop.run(client.close())
+        loop.shutdown()
 
 
 def test_the_event_loop_runs_waits_and_gives_up() -> None:
@@ -254,11 +262,14 @@ def test_the_event_loop_runs_waits_and_gives_up() -> None:
         await asyncio.sleep(after)
         return 42
 
-    assert aioloop.run(answer(0)) == 42
+    loop = EventLoopThread()
+    assert loop.run(answer(0)) == 42
     started = time.monotonic()
     with pytest.raises(TimeoutError):
-        aioloop.run(answer(30), timeout=0.2)
+        loop.run(answer(30), timeout=0.2)
     assert time.monotonic() - started < 2
+    loop.shutdown()
+    loop.shutdown()  # twice is fine
 
 
 def _attempt(retries: int = 0, deadline_in: float = 15.0) -> Attempt:
@@ -284,10 +295,10 @@ def test_plan_retry_by_error_kind() -> None:
     assert late == (None, "deadline would pass before another attempt")
 
 
-def test_run_attempt_logs_one_completed_line_without_text(sim: SimServer) -> None:
+def test_run_attempt_logs_one_completed_line_without_text(sim: SimServer, ctx: Context) -> None:
     job = {"job_id": uuid.uuid4().hex, "tier": "fast", "text": DOC}
     with structlog.testing.capture_logs() as logs:
-        result = run_attempt(job, _attempt(), load_tier_table(None))
+        result = run_attempt(job, _attempt(), ctx)
     assert [e["event"] for e in logs] == ["summarize.completed"]
     line = logs[0]
     for key in ("queue_wait_ms", "ttft_ms", "llm_ms", "total_ms", "output_tokens_per_s", "input_tokens"):
@@ -299,13 +310,11 @@ def test_run_attempt_logs_one_completed_line_without_text(sim: SimServer) -> Non
     assert result.summary[:20] not in repr(logs)
 
 
-def test_malformed_job_is_a_permanent_invalid_job() -> None:
+def test_malformed_job_is_a_permanent_invalid_job(ctx: Context) -> None:
     with pytest.raises(InvalidJobError, match="malformed job message"):
-        run_attempt(
-            {"job_id": "x", "tier": "fast", "text": "t", "extra": 1}, _attempt(), load_tier_table(None)
-        )
+        run_attempt({"job_id": "x", "tier": "fast", "text": "t", "extra": 1}, _attempt(), ctx)
     with pytest.raises(InvalidJobError, match="unknown tier"):
-        run_attempt({"job_id": "x", "tier": "nope", "text": "t"}, _attempt(), load_tier_table(None))
+        run_attempt({"job_id": "x", "tier": "nope", "text": "t"}, _attempt(), ctx)
 
 
 def test_cost_table() -> None:

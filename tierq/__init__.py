@@ -19,7 +19,8 @@ from tasks.errors import (
     TierqError,
 )
 from tasks.result import JobResult
-from tierq.producer import Job, Restarted, get_job, replay, submit
+from tierq.producer import Job, Producer, Restarted, default_producer, get_job, replay, submit
+from worker.core.settings import Settings
 
 __all__ = [
     "BrokerUnavailableError",
@@ -31,8 +32,11 @@ __all__ = [
     "JobRefusedError",
     "JobResult",
     "JobTimeoutError",
+    "Producer",
     "Restarted",
+    "Settings",
     "TierqError",
+    "default_producer",
     "get_job",
     "replay",
     "submit",

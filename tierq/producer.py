@@ -55,16 +55,47 @@ from tasks.job import (
     resolve_tier,
 )
 from tasks.result import JobResult
-from tasks.tiers import TierTable
+from tasks.tiers import TierTable, load_tier_table
 from worker.celery.app import app as default_app
-from worker.core.settings import get_settings, get_tier_table
+from worker.core.settings import Settings, get_settings
 from worker.store.clients import backend_redis
 from worker.store.deadletter import DeadLetterStore
-from worker.store.guard import get_guard
+from worker.store.guard import RunGuard
 from worker.store.keys import Keys
-from worker.store.streams import read_entries, stream_key
+from worker.store.streams import read_entries
 
-__all__ = ["Job", "Restarted", "get_job", "replay", "submit"]
+__all__ = ["Job", "Producer", "Restarted", "default_producer", "get_job", "replay", "submit"]
+
+
+class Producer:
+    """What a producer needs, built once: settings, the tier table, the Celery app, one Redis client.
+
+    ``Producer(settings)`` configures one explicitly; the module's :func:`submit`, :func:`get_job`
+    and :func:`replay` use :func:`default_producer`, read from the environment on first use.
+    """
+
+    def __init__(self, settings: Settings, tiers: TierTable | None = None, app: Celery | None = None) -> None:
+        self.settings = settings
+        self.tiers = tiers if tiers is not None else load_tier_table(settings.tiers_file)
+        self.app = app if app is not None else default_app
+        #: the result backend's Redis (claims, token streams, run locks, dead letters); None if not Redis
+        self.redis = backend_redis(settings)
+        self.keys = Keys(settings.key_prefix)
+        self.guard = None if self.redis is None else RunGuard(self.redis, settings.key_prefix)
+        self.dead_letters = None if self.redis is None else DeadLetterStore(self.redis, settings.key_prefix)
+
+
+_default: list[Producer] = []
+_default_lock = threading.Lock()
+
+
+def default_producer() -> Producer:
+    """The producer the module-level functions use: from the environment, built on first use."""
+    with _default_lock:
+        if not _default:
+            _default.append(Producer(get_settings()))
+        return _default[0]
+
 
 #: Celery state → the status a producer sees
 _STATUS = {
@@ -123,16 +154,6 @@ def _expired(outcome: object) -> bool:
     return type(outcome).__name__ == "TaskRevokedError" and "expired" in str(outcome)
 
 
-def _running(job_id: str) -> bool:
-    """Whether an attempt of the job holds its run lock (see worker.store.guard)."""
-    guard = get_guard()
-    return guard is not None and guard.is_running(job_id)
-
-
-def _default_app() -> Celery:
-    return default_app
-
-
 @dataclass(frozen=True, slots=True)
 class Restarted:
     """Yielded by :meth:`Job.stream` when the job started over from the top after text was yielded.
@@ -154,14 +175,15 @@ class Job:
         app: Celery | None = None,
         enqueued_at: float | None = None,
         duplicate: bool = False,
+        producer: Producer | None = None,
     ) -> None:
         self.id = job_id
         #: True when ``submit`` found this job id already submitted and enqueued nothing
         self.duplicate = duplicate
         #: ``time.time()`` just before the job was published, when this process submitted it
         self.enqueued_at = enqueued_at
-        self._app = app or _default_app()
-        self._async = AsyncResult(job_id, app=self._app)
+        self._producer = producer or default_producer()
+        self._async = AsyncResult(job_id, app=app or self._producer.app)
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r})"
@@ -174,7 +196,8 @@ class Job:
                 return "expired"
             if state == "FAILURE" and _refused(self._async.result):
                 return "refused"
-            if state == "PENDING" and _running(self.id):
+            guard = self._producer.guard
+            if state == "PENDING" and guard is not None and guard.is_running(self.id):
                 return "running"
         return _STATUS.get(state, state.lower())
 
@@ -226,13 +249,12 @@ class Job:
             JobFailedError: the job ended in failure (after any text it streamed).
             BrokerUnavailableError: the result backend could not be reached.
         """
-        settings = get_settings()
-        client = backend_redis(settings)
+        client = self._producer.redis
         deadline = None if timeout is None else time.monotonic() + timeout
         first_at: float | None = None
         if client is not None:
             with _reachable("result backend unavailable"):
-                for entry in read_entries(client, stream_key(self.id, settings.key_prefix), deadline):
+                for entry in read_entries(client, self._producer.keys.tokens(self.id), deadline):
                     if entry is None:  # idle: a job that streams nothing ends without an end marker
                         if self.ready():
                             break
@@ -273,6 +295,7 @@ def submit(
     deadline_s: float | None = None,
     app: Celery | None = None,
     tiers: TierTable | None = None,
+    producer: Producer | None = None,
 ) -> Job:
     """Validate and enqueue one summarization job on its urgency's tier.
 
@@ -284,25 +307,26 @@ def submit(
         InvalidJobError: a field is invalid (``.field`` names it); nothing was enqueued.
         BrokerUnavailableError: the broker did not take the job within a few seconds.
     """
-    tiers = tiers or get_tier_table()
-    app = app or _default_app()
+    producer = producer or default_producer()
+    tiers = tiers or producer.tiers
+    app = app or producer.app
     spec, tier = build_job(
         tiers, text, urgency, instructions, max_tokens, job_id or uuid.uuid4().hex, metadata, stream
     )
     allowed_s = check_deadline(deadline_s, tier)
     # a caller's own job id is an idempotency key: the second submit of it enqueues nothing
-    claim = _claim(spec.job_id) if job_id is not None else None
+    claim = _claim(producer, spec.job_id) if job_id is not None else None
     if claim is False:
-        return Job(spec.job_id, app, None, duplicate=True)
+        return Job(spec.job_id, app, None, duplicate=True, producer=producer)
     try:
-        return _enqueue(app, spec, tier.name, time.time() + allowed_s)
+        return _enqueue(producer, app, spec, tier.name, time.time() + allowed_s)
     except BaseException:
         if claim:
-            _unclaim(spec.job_id)
+            _unclaim(producer, spec.job_id)
         raise
 
 
-def _enqueue(app: Celery, spec: JobSpec, tier: str, deadline: float) -> Job:
+def _enqueue(producer: Producer, app: Celery, spec: JobSpec, tier: str, deadline: float) -> Job:
     headers: dict[str, Any] = {ENQUEUED_AT_HEADER: None, DEADLINE_HEADER: deadline, TIER_HEADER: tier}
     if spec.stream:
         headers[STREAM_HEADER] = True
@@ -311,7 +335,7 @@ def _enqueue(app: Celery, spec: JobSpec, tier: str, deadline: float) -> Job:
         headers[CONTEXT_HEADER] = context
     _stamped.at = None
     _publish(app, spec, headers, deadline)
-    return Job(spec.job_id, app, _stamped.at)
+    return Job(spec.job_id, app, _stamped.at, producer=producer)
 
 
 def replay(job_id: str, *, app: Celery | None = None, tiers: TierTable | None = None) -> Job:
@@ -320,9 +344,10 @@ def replay(job_id: str, *, app: Celery | None = None, tiers: TierTable | None = 
     Raises:
         InvalidJobError: there is no dead letter for ``job_id``, or it kept no replayable payload.
     """
-    app = app or _default_app()
-    tiers = tiers or get_tier_table()
-    store = DeadLetterStore.from_settings()
+    producer = default_producer()
+    app = app or producer.app
+    tiers = tiers or producer.tiers
+    store = producer.dead_letters
     letter = store.get(job_id) if store is not None else None
     if store is None or letter is None:
         raise InvalidJobError(f"job_id: no dead letter for {job_id!r}", field="job_id")
@@ -331,36 +356,29 @@ def replay(job_id: str, *, app: Celery | None = None, tiers: TierTable | None = 
     spec = parse_job(letter.payload)
     tier = resolve_tier(spec, tiers)
     with _reachable("result backend unavailable, job not replayed"):
-        guard = get_guard()
-        if guard is not None:
-            guard.forget(job_id)
+        if producer.guard is not None:
+            producer.guard.forget(job_id)
         AsyncResult(job_id, app=app).forget()
-        store.client.delete(stream_key(job_id, store.prefix))
-        job = _enqueue(app, spec, tier.name, time.time() + tier.deadline_s)
+        store.client.delete(producer.keys.tokens(job_id))
+        job = _enqueue(producer, app, spec, tier.name, time.time() + tier.deadline_s)
         store.delete(job_id)
     return job
 
 
-def _submitted_key(job_id: str) -> str:
-    return Keys(get_settings().key_prefix).submitted(job_id)
-
-
-def _claim(job_id: str) -> bool | None:
+def _claim(producer: Producer, job_id: str) -> bool | None:
     """Claim a job id for one submit (``SET NX``); None when there is no Redis to claim it in."""
-    client = backend_redis()
-    if client is None:
+    if producer.redis is None:
         return None
     with _reachable("result backend unavailable, job not enqueued"):
-        ttl = get_settings().result_expires_s
-        return bool(client.set(_submitted_key(job_id), time.time(), nx=True, ex=ttl))
+        ttl = producer.settings.result_expires_s
+        return bool(producer.redis.set(producer.keys.submitted(job_id), time.time(), nx=True, ex=ttl))
 
 
-def _unclaim(job_id: str) -> None:
+def _unclaim(producer: Producer, job_id: str) -> None:
     """Release a claim whose publish failed, so that the caller can submit the same id again."""
-    client = backend_redis()
-    if client is not None:
+    if producer.redis is not None:
         with suppress(redis.RedisError):
-            client.delete(_submitted_key(job_id))
+            producer.redis.delete(producer.keys.submitted(job_id))
 
 
 def _publish(app: Celery, spec: JobSpec, headers: dict[str, Any], deadline: float) -> None:
@@ -377,6 +395,6 @@ def _publish(app: Celery, spec: JobSpec, headers: dict[str, Any], deadline: floa
         )
 
 
-def get_job(job_id: str, app: Celery | None = None) -> Job:
+def get_job(job_id: str, app: Celery | None = None, *, producer: Producer | None = None) -> Job:
     """A handle on a job submitted earlier, by id."""
-    return Job(job_id, app)
+    return Job(job_id, app, producer=producer)

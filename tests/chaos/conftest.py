@@ -31,6 +31,7 @@ from tests.chaos.harness import (
     clean_env,
 )
 from worker.ops.embedded import EmbeddedRedis
+from worker.store.keys import Keys
 
 #: one row per scenario, printed as a table at the end of the run
 ROWS: list[Tally] = []
@@ -80,8 +81,9 @@ class Chaos:
         return Producer(self.env, self.tmp / "producer.log")
 
     def key(self, name: str, job_id: str) -> str:
-        """A tierq key of a job: ``result``, ``running``, ``starts``."""
-        return f"{self.prefix}tierq:{name}:{job_id}"
+        """A tierq key of a job: ``result``, ``running``, ``starts``, ``tokens``..."""
+        key: str = getattr(Keys(self.prefix), name)(job_id)
+        return key
 
     def record(self, row: Tally) -> Tally:
         """Keep a scenario's counts for the final table and print its line now, even under capture."""

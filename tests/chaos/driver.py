@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from tasks.errors import BrokerUnavailableError, JobExpiredError, JobFailedError, JobTimeoutError, TierqError
-from tierq.producer import get_job, submit
+from tierq import get_job, submit
 
 
 def _submit(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -94,9 +94,10 @@ def _publish(body_b64: str, content_type: str, headers: dict[str, Any], queue: s
 
 
 def _dead_letters(ids: list[str]) -> dict[str, dict[str, Any] | None]:
+    from worker.core.settings import get_settings
     from worker.store.deadletter import DeadLetterStore
 
-    store = DeadLetterStore.from_settings()
+    store = DeadLetterStore.from_settings(get_settings())
     if store is None:
         raise RuntimeError("no Redis result backend")
     out: dict[str, dict[str, Any] | None] = {}

@@ -15,12 +15,10 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +27,7 @@ import redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from simulator import SimConfig, SimServer
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import spawn, wait_until
 
 #: seconds before Redis hands an unacknowledged message (its worker died) to another worker
 VISIBILITY_TIMEOUT_S = 4
@@ -198,12 +195,13 @@ class ChaosWorker:
         self.node = f"{name}@chaos"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "worker", "--tier", tier, "--name", self.node],
+        self.proc = spawn(
+            "worker",
+            ["worker", "--tier", tier, "--name", self.node],
+            env,
+            inherit_env=False,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
         )
 
     @property
@@ -281,13 +279,13 @@ class Producer:
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self._log = log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.chaos.driver"],
+        self.proc: subprocess.Popen[str] = spawn(
+            "tests.chaos.driver",
+            env=env,
+            inherit_env=False,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
-            env=env,
-            cwd=ROOT,
             text=True,
             bufsize=1,
         )
@@ -330,12 +328,16 @@ class Producer:
     def wait_ended(self, ids: Iterable[str], timeout: float) -> dict[str, str]:
         """Poll ``Job.status()`` until every job ended or ``timeout`` passed; the last statuses."""
         ids = list(ids)
-        end = time.monotonic() + timeout
-        while True:
-            statuses = self.statuses(ids)
-            if all(s in TERMINAL for s in statuses.values()) or time.monotonic() > end:
-                return statuses
-            time.sleep(0.25)
+        statuses: dict[str, str] = {}
+
+        def ended() -> bool:
+            statuses.update(self.statuses(ids))
+            return all(s in TERMINAL for s in statuses.values())
+
+        # the scenario then counts what did not end (as lost): a timeout is an outcome, not an error
+        with contextlib.suppress(AssertionError):
+            wait_until(ended, timeout, "every job to end", interval=0.25)
+        return statuses
 
     def outcomes(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """``Job.result()`` of each job, as ``{"status", "error_type", "model", "retries", ...}``."""
@@ -418,23 +420,6 @@ def tally(
 # ---------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def wait_until(
-    predicate: Callable[[], object],
-    timeout: float,
-    what: str,
-    check: Callable[[], None] | None = None,
-    interval: float = 0.05,
-) -> None:
-    """Poll ``predicate`` until it is true; AssertionError naming ``what`` after ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if check is not None:
-            check()
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:

@@ -20,8 +20,8 @@ from tests.chaos.harness import (
     new_tag,
     tally,
     unacked_ids,
-    wait_until,
 )
+from tests.helpers import wait_until
 from worker.store.streams import StreamEntry, read_entries
 
 
@@ -110,14 +110,13 @@ def _kill_after_the_answer(chaos: Chaos, producer: Producer, victim: ChaosWorker
     try:
         submitted = producer.submit(text, "critical", job_id=job_id)
         assert submitted["ok"], submitted
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
+
+        def recorded() -> bool:
             message = watcher.get_message(ignore_subscribe_messages=True, timeout=0.5)
-            if message is not None and message["data"] == b"set":
-                os.kill(victim.pid, signal.SIGSTOP)
-                break
-        else:
-            pytest.fail("the worker never recorded the result")
+            return message is not None and message["data"] == b"set"
+
+        wait_until(recorded, 30, "the worker to record the result", interval=0)
+        os.kill(victim.pid, signal.SIGSTOP)
         victim.kill()
     finally:
         watcher.close()

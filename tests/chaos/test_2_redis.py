@@ -8,7 +8,17 @@ from typing import Any
 import pytest
 
 from tests.chaos.conftest import Chaos, Pool
-from tests.chaos.harness import LONG_TOKENS, Producer, document, new_id, new_tag, queued, tally, wait_until
+from tests.chaos.harness import LONG_TOKENS, ChaosWorker, Producer, document, new_id, new_tag, queued, tally
+from tests.helpers import wait_until
+from worker.store.keys import Keys
+
+#: what Celery's consumer logs when its broker connection breaks
+BROKER_LOST = "Connection to broker lost"
+
+
+def _wait_for_the_outage(worker: ChaosWorker) -> None:
+    """Until the worker's consumer has seen the broker go: the outage is real, not a blip."""
+    wait_until(lambda: BROKER_LOST in worker.text(), 10, "the worker to lose the broker", worker.check)
 
 
 def _submit(
@@ -53,13 +63,13 @@ def test_redis_restart_keeps_the_queued_jobs_of_stopped_workers(
 
 @pytest.mark.timeout(150)
 def test_a_short_redis_outage_mid_stream_loses_nothing(chaos: Chaos, pool: Pool, producer: Producer) -> None:
-    pool.start("slow").wait_ready()
+    worker = pool.start("slow").wait_ready()
     # 2 threads: 2 jobs stream (~2 s each), 4 wait in the queue while Redis is down
     ids = _submit(chaos, producer, "low", 6, sentences=320, max_tokens=LONG_TOKENS)
     counter = chaos.sim.counter
     wait_until(lambda: sum(1 for j in ids if counter.streamed_text(j)) >= 2, 30, "two jobs mid-stream")
     chaos.redis.kill()
-    time.sleep(0.5)
+    _wait_for_the_outage(worker)
     chaos.redis.restart()  # back before the streams end
     mid_stream = [j for j in ids if counter.streamed_text(j) and not counter.completed(j)]
 
@@ -83,14 +93,18 @@ def test_a_short_redis_outage_mid_stream_loses_nothing(chaos: Chaos, pool: Pool,
 
 @pytest.mark.timeout(150)
 def test_redis_down_while_an_attempt_records_its_result(chaos: Chaos, pool: Pool, producer: Producer) -> None:
-    pool.start("slow").wait_ready()
+    worker = pool.start("slow").wait_ready()
     ids = _submit(chaos, producer, "low", 4, sentences=320, max_tokens=LONG_TOKENS)
     counter = chaos.sim.counter
     wait_until(lambda: sum(1 for j in ids if counter.streamed_text(j)) >= 2, 30, "two jobs mid-stream")
     running = [j for j in ids if counter.streamed_text(j)]
     chaos.redis.kill()
+    _wait_for_the_outage(worker)
     # stay down until the running streams ended and their workers tried to record the results
     wait_until(lambda: all(counter.completed(j) for j in running), 30, "the running streams to end")
+    # the one fixed pause of the suite, and not a wait: the outage's length once the answers are in.
+    # Nothing outside the worker shows its first failed write (the run guard retries it silently,
+    # every 0.5 s, for up to a minute); a second keeps Redis down across at least one retry.
     time.sleep(1.0)
     chaos.redis.restart()
 
@@ -142,4 +156,4 @@ def test_workers_started_before_the_broker_connect_and_submit_fails_fast(
         assert (answer["ok"], answer["error_type"]) == (False, "BrokerUnavailableError"), answer
         assert answer["elapsed_s"] < 10, "submit fails fast while the broker is down"
     assert (row.completed, row.lost, row.duplicates) == (len(ids), 0, 0), outcomes
-    assert not chaos.client.exists(f"{chaos.prefix}tierq:submitted:{down_id}"), "a refused id stays free"
+    assert not chaos.client.exists(Keys(chaos.prefix).submitted(down_id)), "a refused id stays free"

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
 from tests.chaos.conftest import Chaos, Pool
-from tests.chaos.harness import ROOT, Producer, document, new_id, new_tag, queued, tally, wait_until
+from tests.chaos.harness import Producer, document, new_id, new_tag, queued, tally
+from tests.helpers import run_tierq, wait_until
 from worker.runtime.jobs import MAX_CRASHES
+from worker.store.keys import Keys
 
 #: the chaos tiers file gives the standard tier max_retries = 1: a job may start 1 + 1 + MAX_CRASHES
 #: times; the next start gives it up
@@ -25,14 +25,7 @@ FAST_MAX_INPUT_CHARS = 50_000
 
 def _dlq_list(chaos: Chaos) -> list[dict[str, object]]:
     """``tierq dlq list --json``, the operator's view."""
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "dlq", "list", "--json", "--limit", "500"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=chaos.env,
-        cwd=ROOT,
-    )
+    done = run_tierq(["dlq", "list", "--json", "--limit", "500"], chaos.env, inherit_env=False)
     assert done.returncode == 0, done.stderr
     rows: list[dict[str, object]] = json.loads(done.stdout)
     return rows
@@ -142,7 +135,7 @@ def test_malformed_oversized_and_poison_messages(chaos: Chaos, pool: Pool, produ
 
     assert (refused["ok"], refused["error_type"], refused["field"]) == (False, "InvalidJobError", "text")
     assert before == after == 0, "nothing was enqueued for the oversized text"
-    assert not chaos.client.exists(f"{chaos.prefix}tierq:submitted:{big_id}")
+    assert not chaos.client.exists(Keys(chaos.prefix).submitted(big_id))
     assert counter.requests(big_id) == 0
 
     assert (outcomes[poison]["status"], outcomes[poison]["error_type"]) == ("failed", "PoisonJobError")

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
 
 import pytest
 
 from tests.chaos.conftest import Chaos, Pool
-from tests.chaos.harness import ChaosWorker, Producer, document, new_id, new_tag, tally, wait_until
+from tests.chaos.harness import ChaosWorker, Producer, document, new_id, new_tag, tally
+from tests.helpers import wait_until
 
 
 def _needles(chaos: Chaos) -> dict[str, str]:
@@ -67,7 +67,10 @@ def test_failed_jobs_log_no_document_text(chaos: Chaos, pool: Pool, producer: Pr
     wait_until(
         lambda: all(worker.events_for(j, "summarize.failed") for j in ids.values()), 10, "the failure lines"
     )
-    time.sleep(0.5)  # Celery's own line for a failed task follows tierq's
+    # Celery's own line for a failed task ("Task tierq.summarize[ID] raised ...") follows tierq's
+    wait_until(
+        lambda: all(f"tierq.summarize[{j}]" in worker.text() for j in ids.values()), 10, "Celery's lines"
+    )
     leaks = {}
     for kind, job_id in ids.items():
         lines = [line for line in worker.text().splitlines() if job_id in line]

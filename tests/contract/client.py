@@ -15,11 +15,14 @@ raised: its class, the names of its classes, ``str()`` and its public attributes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
 import time
 from typing import Any
+
+from tests.helpers import wait_until
 
 #: seconds a failed job's dead letter is waited for after its result
 DEAD_LETTER_WAIT_S = 5.0
@@ -45,26 +48,24 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 
 def _dead_letter(job_id: str, wait_s: float) -> dict[str, Any] | None:
+    from worker.core.settings import get_settings
     from worker.store.deadletter import DeadLetterStore
 
-    store = DeadLetterStore.from_settings()
+    store = DeadLetterStore.from_settings(get_settings())
     if store is None:
         return None
-    end = time.monotonic() + wait_s
-    while True:
-        letter = store.get(job_id)
-        if letter is not None:
-            fields = dataclasses.asdict(letter)
-            fields.pop("payload", None)  # the document's text: not needed, and not for logs
-            return fields
-        if time.monotonic() >= end:
-            return None
-        time.sleep(0.05)
+    try:
+        letter = wait_until(lambda: store.get(job_id), wait_s, f"the dead letter of {job_id}")
+    except AssertionError:  # none: the outcome says so
+        return None
+    fields = dataclasses.asdict(letter)
+    fields.pop("payload", None)  # the document's text: not needed, and not for logs
+    return fields
 
 
 def run(specs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Submit every job, then wait for each; the outcomes by job id."""
-    from tierq.producer import submit
+    from tierq import submit
 
     jobs = [(spec, submit(spec["text"], urgency=spec["urgency"], job_id=spec["job_id"])) for spec in specs]
     outcomes: dict[str, dict[str, Any]] = {}
@@ -86,11 +87,12 @@ def ping(nodes: list[str], timeout: float = PING_TIMEOUT_S) -> bool:
     """Whether every node answered a ping within ``timeout`` seconds."""
     from worker.celery.app import app
 
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        replies = app.control.ping(destination=nodes, timeout=0.5)
-        if set(nodes) <= {name for reply in replies for name in reply}:
-            return True
+    def answered() -> bool:
+        replies = app.control.ping(destination=nodes, timeout=0.5)  # its 0.5 s paces the tries
+        return set(nodes) <= {name for reply in replies for name in reply}
+
+    with contextlib.suppress(AssertionError):
+        return wait_until(answered, timeout, f"{nodes} to answer a ping", interval=0)
     return False
 
 

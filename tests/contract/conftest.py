@@ -9,13 +9,11 @@ subprocess with the contract worker's environment.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,10 @@ import pytest
 
 from tests.conftest import KEY_PREFIX, RUN_TAG, WorkerProcess
 from tests.contract.replay import RecordedRequest, ReplayServer
+from tests.helpers import run_tierq, spawn, wait_until
 
-#: the repository root, where ``python -m tests.contract.client`` runs
-ROOT = Path(__file__).resolve().parents[2]
+#: the producer side, run as its own process: ``python -m tests.contract.client``
+CLIENT = "tests.contract.client"
 #: seconds every job of the run may take, all together (the fast tier's deadline is 15 s)
 RUN_TIMEOUT_S = 45.0
 #: the document every job summarizes (the replay server answers whatever it is)
@@ -117,28 +116,10 @@ class Outcome:
 
 def run_client(args: list[str], env: dict[str, str], stdin: str = "", timeout: float = 90.0) -> str:
     """Run ``python -m tests.contract.client ARGS`` with ``env`` over the test's environment."""
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.contract.client", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, **env},
-    )
+    done = run_tierq(args, env, timeout, stdin=stdin, module=CLIENT)
     if done.returncode != 0:
         raise RuntimeError(f"client {args} exited {done.returncode}:\n{done.stderr[-3000:]}")
     return done.stdout
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
-    """Poll ``condition`` until it returns something truthy, or ``timeout`` passes; its last value."""
-    end = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() >= end:
-            return value
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")
@@ -176,18 +157,13 @@ def contract_worker(
 
 def _wait_until_ready(proc: WorkerProcess, env: dict[str, str], timeout: float = 60.0) -> None:
     """Ping the worker from a client with its environment; fail at once if the worker exits."""
-    ping = subprocess.Popen(
-        [sys.executable, "-m", "tests.contract.client", "ping", proc.node],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    ping = spawn(
+        CLIENT, ["ping", proc.node], env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
-        end = time.monotonic() + timeout
-        while ping.poll() is None and proc.proc.poll() is None and time.monotonic() < end:
-            time.sleep(0.05)
+        # the ping's own exit code says whether it succeeded, after this wait or a timeout
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: ping.poll() is not None or proc.proc.poll() is not None, timeout, "the ping")
     finally:
         if ping.poll() is None:
             ping.kill()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, get_args
+from typing import Any, Protocol, get_args
 
 import anthropic
 import httpx2
@@ -17,9 +17,6 @@ import pydantic
 from anthropic.types import RawContentBlockDelta, RawMessageStreamEvent
 from anthropic.types.raw_content_block_start_event import ContentBlock
 from anthropic.types.shared import ErrorObject, ErrorResponse
-
-if TYPE_CHECKING:
-    from anthropic._streaming import ServerSentEvent
 
 __all__ = [
     "KNOWN_BLOCKS",
@@ -33,6 +30,17 @@ __all__ = [
     "key_paths",
     "shape",
 ]
+
+
+class ServerSentEvent(Protocol):
+    """One raw event as ``anthropic.Stream.raw_events`` yields it: its name and its data."""
+
+    @property
+    def event(self) -> str | None: ...
+
+    @property
+    def data(self) -> str: ...
+
 
 EVENTS = pydantic.TypeAdapter(RawMessageStreamEvent)
 ERRORS = pydantic.TypeAdapter(ErrorResponse)

@@ -11,9 +11,10 @@ import pytest
 from simulator import SimServer
 from tasks import errors
 from tests.conftest import WorkerProcess
-from tests.contract.conftest import DOC, TEXTS, Outcome, wait_for
+from tests.contract.conftest import DOC, TEXTS, Outcome
 from tests.contract.replay import ReplayServer
-from tierq.producer import submit
+from tests.helpers import wait_until
+from tierq import submit
 
 #: Haiku 4.5, US dollars per million tokens: $1 in, $5 out, cache reads 0.1x input (FINDINGS.md, pricing page)
 HAIKU_IN, HAIKU_OUT, HAIKU_CACHE_READ = 1.00, 5.00, 0.10
@@ -59,8 +60,7 @@ def test_refusal_is_refused_not_retried(outcomes: dict[str, Outcome], contract_w
     assert "JobFailedError" in outcome.error["classes"]
     assert outcome.error["attributes"].get("category") == "cyber", outcome
     assert len(outcome.requests) == 1, outcome
-    lines = wait_for(lambda: contract_worker.events_for(outcome.job_id, "summarize.refused"))
-    assert len(lines) == 1
+    assert len(contract_worker.wait_for(outcome.job_id, "summarize.refused", timeout=5)) == 1
     assert contract_worker.events_for(outcome.job_id, "summarize.retrying") == []
 
 
@@ -150,5 +150,5 @@ def test_contract_and_session_workers_never_share_jobs(
         assert outcome.requests, f"{outcome.job_id} never reached the replay server"
         assert sim.state.request_count(outcome.job_id) == 0, f"{outcome.job_id} reached the simulator"
     session_job = submit(DOC, urgency="high")  # the session's prefix: the session's workers
-    assert wait_for(lambda: sim.state.request_count(session_job.id), timeout=20)
+    wait_until(lambda: sim.state.request_count(session_job.id), 20, "the session's job at the simulator")
     assert replay.requests(session_job.id) == []

@@ -8,7 +8,6 @@ from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from tasks.job import SUMMARIZE_TASK
 from tasks.tiers import TierTable
-from worker.celery.transport import use_for_redis_urls
 from worker.core.settings import Settings
 
 __all__ = ["TierRouter", "celery_config"]
@@ -115,7 +114,4 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
             "interval_max": 1.0,
         },
     }
-    if settings.broker_url.startswith("redis://"):
-        # kombu's Redis transport, minus a client object per command (worker/transport.py)
-        use_for_redis_urls()
     return config

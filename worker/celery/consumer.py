@@ -16,8 +16,8 @@ from celery.exceptions import NotRegistered
 from celery.utils.log import get_logger as celery_logger
 from celery.worker.consumer import Consumer
 
+from worker.celery.process import context
 from worker.observe.logging import get_logger
-from worker.store.deadletter import dead_letter
 
 __all__ = ["TierqConsumer"]
 
@@ -48,7 +48,9 @@ def _record(message: Any, reason: str, exc: BaseException | None) -> None:
         "content_type": content_type,
         "task": headers.get("task"),
     }
-    dead_letter(job_id, reason, exc, None, 0, {}, payload, error_type=type(exc).__name__ if exc else reason)
+    store = context().dead_letters
+    if store is not None:
+        store.add(job_id, reason, exc, None, 0, {}, payload, error_type=type(exc).__name__ if exc else reason)
 
 
 class TierqConsumer(Consumer):  # type: ignore[misc]

@@ -9,7 +9,7 @@ from celery import Task, signals
 
 from tasks.job import SUMMARIZE_TASK, kwargs_repr
 from worker.celery.app import app
-from worker.core.settings import get_tier_table
+from worker.celery.process import context
 from worker.runtime.jobs import Attempt, plan_retry, report_expired, report_failure, run_attempt
 
 __all__ = ["summarize"]
@@ -31,12 +31,12 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     headers = dict(request.headers or {})
     queue = (request.delivery_info or {}).get("routing_key")
     attempt = Attempt.from_headers(request.id, request.retries or 0, headers, queue)
-    tiers = get_tier_table()
+    ctx = context()
     try:
-        return run_attempt(job, attempt, tiers).to_json()
+        return run_attempt(job, attempt, ctx).to_json()
     except Exception as exc:
-        delay, why = plan_retry(exc, attempt, tiers, job)
-        report_failure(exc, attempt, job, delay, why)
+        delay, why = plan_retry(exc, attempt, ctx.tiers, job)
+        report_failure(exc, attempt, job, delay, why, ctx)
         if delay is None:
             raise
         raise self.retry(
@@ -54,7 +54,7 @@ def _on_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
     """A message past its deadline (``expires``) is dropped unrun by Celery: report it as expired."""
     if expired and request is not None and request.task == SUMMARIZE_TASK:
         queue = (request.delivery_info or {}).get("routing_key")
-        report_expired(request.id, dict(request.headers or {}), queue)
+        report_expired(request.id, dict(request.headers or {}), queue, context())
 
 
 def _countdown(delay: float) -> float:

@@ -7,7 +7,7 @@ worker's CPU (py-spy, docs/latency.md). A ``redis.Redis`` object is a thread-saf
 channel's connection pool, so one per pool is enough; a new pool (after a reconnect or a fork)
 gets a new client.
 
-Used for ``redis://`` brokers: :func:`use_for_redis_urls` (called by :mod:`worker.celery.config`)
+Used for ``redis://`` brokers: :func:`use_for_redis_urls` (called by :func:`worker.celery.app.make_app`)
 points kombu's alias ``redis`` at it, so URLs, Celery and Flower still see the scheme ``redis``
 (a ``broker_transport`` class path would show in every URL, and Flower's broker page knows brokers
 by scheme). Everything else, including ``driver_type == "redis"`` that Celery checks, is kombu's.

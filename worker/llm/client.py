@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,19 +43,18 @@ from tasks.errors import (
 from tasks.result import Usage
 from tasks.tiers import Effort
 from worker.core.batching import TextBatcher
-from worker.core.settings import Settings, get_settings
-from worker.llm import aioloop
+from worker.core.settings import Settings
+from worker.llm.aioloop import EventLoopThread
 
 if TYPE_CHECKING:
     from anthropic._streaming import ServerSentEvent
 
 __all__ = [
     "JOB_ID_HEADER",
+    "LLM",
     "LLMReply",
     "LLMRequest",
     "astream_reply",
-    "get_async_client",
-    "get_client",
     "make_async_client",
     "make_client",
     "map_sdk_error",
@@ -77,10 +75,6 @@ MAX_API_MESSAGE_CHARS = 300
 SHOULD_RETRY_HEADER = "x-should-retry"
 #: ``error.details.error_code`` of a 429 that no retry can fix: the organisation's spend limit
 SPEND_LIMIT_CODE = "enforced_spend_limit_reached"
-
-_client: anthropic.Anthropic | None = None
-_async_client: anthropic.AsyncAnthropic | None = None
-_client_lock = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,30 +107,6 @@ class LLMReply:
     sent_wall: float
     #: ``stop_details`` of a refusal: its ``category`` and ``explanation`` (each may be None)
     refusal: tuple[str | None, str | None] | None = None
-
-
-def get_client(settings: Settings | None = None) -> anthropic.Anthropic:
-    """The process's SDK client, made on first use and shared by every thread of the pool."""
-    global _client
-    if _client is None:
-        with _client_lock:
-            if _client is None:
-                _client = make_client(settings or get_settings())
-    return _client
-
-
-def get_async_client(settings: Settings | None = None) -> anthropic.AsyncAnthropic:
-    """The process's ``AsyncAnthropic`` client on the SDK's aiohttp transport, for the event loop.
-
-    Closed by :func:`worker.llm.aioloop.shutdown` as the process exits.
-    """
-    global _async_client
-    if _async_client is None:
-        with _client_lock:
-            if _async_client is None:
-                _async_client = make_async_client(settings or get_settings())
-                aioloop.on_shutdown(_async_client.close)
-    return _async_client
 
 
 def _api_key(settings: Settings) -> str:
@@ -353,31 +323,27 @@ class _TextHandoff:
 
 
 def stream_reply_on_loop(
+    client: anthropic.AsyncAnthropic,
+    loop: EventLoopThread,
     request: LLMRequest,
     deadline: float,
     on_text: Callable[[str], None] | None = None,
-    settings: Settings | None = None,
+    connect_timeout_s: float = 5.0,
     gather_s: float = 0.0,
 ) -> LLMReply:
-    """:func:`astream_reply` on the process's event loop (:mod:`worker.llm.aioloop`), waited for here.
+    """:func:`astream_reply` on ``loop`` (an :class:`~worker.llm.aioloop.EventLoopThread`), waited for here.
 
     ``on_text`` runs in this (the calling) thread, never on the loop: what it does (a Redis write
     for a streamed job) must not hold up every other call the loop is reading. It gets the first
     text as soon as it arrives, then the texts gathered every ``gather_s`` seconds, joined.
     """
-    settings = settings or get_settings()
     handoff = _TextHandoff(gather_s)
-    call = astream_reply(
-        get_async_client(settings),
-        request,
-        deadline,
-        None if on_text is None else handoff.put,
-        settings.connect_timeout_s,
-    )
-    future = aioloop.submit(call)
+    put = None if on_text is None else handoff.put
+    call = astream_reply(client, request, deadline, put, connect_timeout_s)
+    future = loop.submit(call)
     future.add_done_callback(handoff.close)  # runs on the loop, after the call's last text
     # the reply's own timeouts end it first; this only keeps a thread from waiting on a lost loop
-    end = time.monotonic() + max(0.0, deadline - time.time()) + settings.connect_timeout_s + _LOOP_GRACE_S
+    end = time.monotonic() + max(0.0, deadline - time.time()) + connect_timeout_s + _LOOP_GRACE_S
     while True:
         try:
             text = handoff.texts.get(timeout=max(0.0, end - time.monotonic()))
@@ -388,6 +354,41 @@ def stream_reply_on_loop(
             return future.result()
         if on_text is not None:
             on_text(text)
+
+
+class LLM:
+    """A worker process's way to the model: both SDK clients and the event loop, built once.
+
+    ``call`` makes one streamed call the way the tier says (``io``): on the event loop with
+    ``AsyncAnthropic`` over aiohttp, or in the calling thread with the sync client.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.connect_timeout_s = settings.connect_timeout_s
+        self.client = make_client(settings)
+        self.async_client = make_async_client(settings)
+        self.loop = EventLoopThread()
+        self.loop.on_shutdown(self.async_client.close)
+
+    def call(
+        self,
+        request: LLMRequest,
+        deadline: float,
+        io: str,
+        on_text: Callable[[str], None] | None = None,
+        gather_s: float = 0.0,
+    ) -> LLMReply:
+        """Stream one reply, giving up at ``deadline``; raises an :class:`~tasks.errors.LLMError`."""
+        if io == "asyncio":
+            return stream_reply_on_loop(
+                self.async_client, self.loop, request, deadline, on_text, self.connect_timeout_s, gather_s
+            )
+        return stream_reply(self.client, request, deadline, on_text, self.connect_timeout_s)
+
+    def close(self) -> None:
+        """Close the async client on the loop, stop the loop, close the sync client."""
+        self.loop.shutdown()
+        self.client.close()
 
 
 def _json_or_text(data: str) -> object:

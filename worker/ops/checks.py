@@ -1,27 +1,13 @@
-"""Checks a worker runs as it starts, and ``tierq doctor`` runs on demand.
+"""Checks a worker runs as it starts, and ``tierq doctor`` runs on demand: the broker's Redis.
 
-The broker's eviction policy is only ever a warning. A tier's model is asked of the Models API: a
-deprecated one is a warning with its retirement date, a retired or unknown one a reason to refuse
-to start (every call to it would fail).
+The eviction policy is only ever a warning. The models are checked by :mod:`worker.llm.models`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-
-import anthropic
 import redis
 
-__all__ = [
-    "ACTIVE",
-    "DEPRECATED",
-    "RETIRED",
-    "UNKNOWN",
-    "ModelStatus",
-    "model_status",
-    "redis_eviction_warning",
-]
+__all__ = ["redis_eviction_warning"]
 
 
 def redis_eviction_warning(url: str, timeout_s: float = 2.0) -> str | None:
@@ -45,46 +31,3 @@ def redis_eviction_warning(url: str, timeout_s: float = 2.0) -> str | None:
         f"the broker's Redis has maxmemory-policy {policy}: under memory pressure it may evict queued "
         "jobs and results; set maxmemory-policy noeviction"
     )
-
-
-#: lifecycle stages of the Models API (``ModelInfo.lifecycle``)
-ACTIVE, DEPRECATED, RETIRED, UNKNOWN = "active", "deprecated", "retired", "unknown"
-
-
-@dataclass(frozen=True, slots=True)
-class ModelStatus:
-    """What the Models API says of one model id."""
-
-    model: str
-    #: active, deprecated, retired; ``unknown`` when the API does not know the id (404)
-    lifecycle: str
-    #: the scheduled retirement (deprecated models), as the API gives it
-    retires_at: datetime | None = None
-
-    @property
-    def blocking(self) -> bool:
-        """Whether no call to this model can succeed."""
-        return self.lifecycle in (RETIRED, UNKNOWN)
-
-    def describe(self) -> str:
-        """One line for an operator."""
-        if self.lifecycle == DEPRECATED:
-            when = f"retires {self.retires_at:%Y-%m-%d}" if self.retires_at else "retirement not scheduled"
-            return f"model {self.model} is deprecated ({when}); move the tier to a current model"
-        if self.lifecycle == RETIRED:
-            return f"model {self.model} is retired: every call to it fails; set the tier's model"
-        if self.lifecycle == UNKNOWN:
-            return f"model {self.model} is unknown to the API (404): check the tier's model id"
-        return f"model {self.model} is {self.lifecycle}"
-
-
-def model_status(client: anthropic.Anthropic, model: str, timeout_s: float = 5.0) -> ModelStatus:
-    """Ask the Models API about ``model`` (``GET /v1/models/{id}``).
-
-    Raises the SDK's errors other than 404 (unreachable, key rejected): the caller decides.
-    """
-    try:
-        info = client.with_options(timeout=timeout_s, max_retries=1).models.retrieve(model)
-    except anthropic.NotFoundError:
-        return ModelStatus(model, UNKNOWN)
-    return ModelStatus(model, info.lifecycle, info.retires_at)

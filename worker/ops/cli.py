@@ -135,10 +135,10 @@ def _check_models(tiers: list[Tier], settings: Settings) -> None:
     """Ask the Models API about each served model: warn on deprecated, refuse a retired or unknown one."""
     import anthropic
 
-    from worker.llm.client import get_client
-    from worker.ops.checks import DEPRECATED, model_status
+    from worker.llm.client import make_client
+    from worker.llm.models import DEPRECATED, model_status
 
-    client = get_client(settings)
+    client = make_client(settings)
     try:
         client.with_options(timeout=5.0, max_retries=1).models.list(limit=1)
     except anthropic.NotFoundError:
@@ -504,9 +504,10 @@ cli.add_typer(dlq, name="dlq")
 
 
 def _store() -> Any:
+    from worker.core.settings import get_settings
     from worker.store.deadletter import DeadLetterStore
 
-    store = DeadLetterStore.from_settings()
+    store = DeadLetterStore.from_settings(get_settings())
     if store is None:
         raise _fail("dead letters need a Redis result backend (TIERQ_RESULT_BACKEND or TIERQ_BROKER_URL)")
     return store
@@ -603,9 +604,10 @@ def doctor() -> None:
     import anthropic
 
     from worker.core.settings import get_settings, get_tier_table
-    from worker.llm.client import get_client
+    from worker.llm.client import make_client
+    from worker.llm.models import DEPRECATED, model_status
     from worker.llm.pricing import PRICES
-    from worker.ops.checks import DEPRECATED, model_status, redis_eviction_warning
+    from worker.ops.checks import redis_eviction_warning
 
     rows: list[tuple[str, str, str]] = []
     settings = get_settings()
@@ -625,7 +627,7 @@ def doctor() -> None:
     if settings.api_key() is None and not settings.anthropic_base_url:
         rows.append(("API", _FAIL, "no ANTHROPIC_API_KEY (or its _FILE), no ANTHROPIC_BASE_URL"))
     else:
-        client = get_client(settings)
+        client = make_client(settings)
         try:
             client.with_options(timeout=5.0, max_retries=1).models.list(limit=1)
             rows.append(("API", _OK, f"{where}: reachable, key accepted"))
@@ -639,7 +641,7 @@ def doctor() -> None:
         label = f"model {model} ({', '.join(names)})"
         if api_ok:
             try:
-                status = model_status(get_client(settings), model)
+                status = model_status(client, model)
                 verdict = _FAIL if status.blocking else _WARN if status.lifecycle == DEPRECATED else _OK
                 rows.append((label, verdict, status.describe()))
             except anthropic.APIError as exc:

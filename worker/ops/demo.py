@@ -27,6 +27,10 @@ from rich.table import Table
 
 from tasks.errors import ConfigError, JobError, TierqError
 from tasks.result import JobResult
+from tasks.tiers import load_tier_table
+from tierq.producer import Producer, submit
+from worker.celery.app import make_app
+from worker.core.settings import Settings
 from worker.store.stats import percentile
 
 __all__ = [
@@ -270,12 +274,13 @@ def run_demo(
             )
         else:
             console.print("model      the Anthropic API (ANTHROPIC_API_KEY is set)")
-        os.environ.update(env)
-        from worker.core.settings import get_settings, get_tier_table
-
-        get_settings.cache_clear()
-        get_tier_table.cache_clear()
-        tiers = get_tier_table()
+        # this process talks to what it started through objects built for them; the environment
+        # is only what the child processes get
+        settings = Settings(
+            broker_url=env["TIERQ_BROKER_URL"], anthropic_base_url=env.get("ANTHROPIC_BASE_URL")
+        )
+        tiers = load_tier_table(settings.tiers_file)
+        producer = Producer(settings, tiers, make_app(settings, tiers))
         weights = parse_mix(mix, list(tiers.urgencies))
         log_dir = Path(tempfile.mkdtemp(prefix="tierq-demo-"))
         children: list[Child] = []
@@ -292,8 +297,8 @@ def run_demo(
             children.append(Child("flower", ["flower", "--port", str(port)], log_dir, flower_env))
             console.print(f"flower     http://127.0.0.1:{port}  (user {user}, password {password})")
         console.print(f"logs       {log_dir}")
-        _wait_for_workers(len(tiers.tiers), children)
-        return _run_jobs(jobs, weights, texts, tiers.tiers, children, console)
+        _wait_for_workers(producer, len(tiers.tiers), children)
+        return _run_jobs(producer, jobs, weights, texts, tiers.tiers, children, console)
     return 1  # pragma: no cover - ExitStack does not swallow exceptions
 
 
@@ -301,19 +306,18 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _wait_for_workers(count: int, children: list[Child], timeout: float = 60.0) -> None:
-    from worker.celery.app import app
-
+def _wait_for_workers(producer: Producer, count: int, children: list[Child], timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         for child in children:
             child.check()
-        if len(app.control.ping(timeout=0.5)) >= count:
+        if len(producer.app.control.ping(timeout=0.5)) >= count:
             return
     raise TierqError(f"workers did not answer within {timeout:.0f} s")
 
 
 def _run_jobs(
+    producer: Producer,
     count: int,
     weights: dict[str, float],
     texts: list[str],
@@ -321,16 +325,13 @@ def _run_jobs(
     children: list[Child],
     console: Console,
 ) -> int:
-    from tierq.producer import submit
-    from worker.core.settings import get_tier_table
-
-    table = get_tier_table()
+    table = producer.tiers
     board = Board(list(tiers))
     progress = Progress(TextColumn("jobs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     task = progress.add_task("jobs", total=count)
     started = time.monotonic()
     for i, urgency in enumerate(plan_urgencies(count, weights)):
-        job = submit(texts[i % len(texts)], urgency=urgency, metadata={"demo": i})
+        job = submit(texts[i % len(texts)], urgency=urgency, metadata={"demo": i}, producer=producer)
         board.add(urgency, table.for_urgency(urgency).name, job)
     with Live(Group(board.table(), progress), console=console, refresh_per_second=4) as live:
         while True:

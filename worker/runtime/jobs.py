@@ -38,15 +38,12 @@ from tasks.job import (
 )
 from tasks.result import Fallback, JobResult, Timings
 from tasks.tiers import Tier, TierTable
-from worker.core.settings import Settings, get_settings
-from worker.llm.client import LLMReply, LLMRequest, get_client, stream_reply, stream_reply_on_loop
+from worker.core.settings import Settings
+from worker.llm.client import LLMReply, LLMRequest
 from worker.llm.pricing import cost_usd
 from worker.observe import metrics
 from worker.observe.logging import get_logger
-from worker.store.clients import backend_redis
-from worker.store.deadletter import dead_letter
-from worker.store.guard import get_guard
-from worker.store.stats import get_stream
+from worker.runtime.context import Context
 from worker.store.streams import FLUSH_INTERVAL_S, TokenPublisher, stream_key
 
 __all__ = [
@@ -151,19 +148,16 @@ def _float_or_none(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def run_attempt(
-    job: object, attempt: Attempt, tiers: TierTable, settings: Settings | None = None
-) -> JobResult:
+def run_attempt(job: object, attempt: Attempt, ctx: Context) -> JobResult:
     """Run one attempt of a job: call the model, build the result, log ``summarize.completed``."""
-    settings = settings or get_settings()
     spec = parse_job(job)
-    tier = resolve_tier(spec, tiers)
+    tier = resolve_tier(spec, ctx.tiers)
     deadline = attempt.deadline(tier)
     if time.time() >= deadline:
         raise DeadlineExceededError(f"deadline passed before the job started (tier {tier.name})")
-    guard = get_guard()
+    guard = ctx.guard
     if guard is None:
-        return _call_model(spec, tier, attempt, deadline, settings)
+        return _call_model(spec, tier, attempt, deadline, ctx)
     begin = guard.begin(spec.job_id, starts_ttl_s=tier.deadline_s + STARTS_TTL_MARGIN_S)
     if begin.result is not None:
         _log.info(DEDUPLICATED, reason="result already recorded", starts=begin.starts)
@@ -181,16 +175,16 @@ def run_attempt(
         if time.time() >= deadline:
             raise DeadlineExceededError("deadline passed waiting for another attempt of this job")
     try:
-        result = _call_model(spec, tier, attempt, deadline, settings, run=begin.starts)
+        result = _call_model(spec, tier, attempt, deadline, ctx, run=begin.starts)
     except BaseException:
         guard.release(spec.job_id)
         raise
-    guard.finish(spec.job_id, result, settings.result_expires_s)
+    guard.finish(spec.job_id, result, ctx.settings.result_expires_s)
     return result
 
 
 def _call_model(
-    spec: JobSpec, tier: Tier, attempt: Attempt, deadline: float, settings: Settings, run: int | None = None
+    spec: JobSpec, tier: Tier, attempt: Attempt, deadline: float, ctx: Context, run: int | None = None
 ) -> JobResult:
     """Call the model and report success. ``run``: this start's number (streamed with the text)."""
     request = LLMRequest(
@@ -202,15 +196,12 @@ def _call_model(
         effort=tier.effort,
     )
     run = attempt.retries if run is None else run
-    publisher = _publisher(spec.job_id, run, settings) if spec.stream else None
-    on_text: Callable[[str], None] | None
-    if tier.io == "asyncio":
-        # texts are gathered on the loop and written as they come here, in this job's thread
-        on_text = None if publisher is None else publisher.send
-        reply = stream_reply_on_loop(request, deadline, on_text, settings, gather_s=FLUSH_INTERVAL_S)
-    else:
-        on_text = None if publisher is None else publisher.text
-        reply = stream_reply(get_client(settings), request, deadline, on_text, settings.connect_timeout_s)
+    publisher = _publisher(ctx, spec.job_id, run) if spec.stream else None
+    on_text: Callable[[str], None] | None = None
+    if publisher is not None:
+        # on the loop, texts are gathered there and written as they come here, in this job's thread
+        on_text = publisher.send if tier.io == "asyncio" else publisher.text
+    reply = ctx.llm.call(request, deadline, tier.io, on_text, gather_s=FLUSH_INTERVAL_S)
     if reply.refusal is not None:
         category, explanation = reply.refusal
         raise RefusedError(
@@ -220,10 +211,15 @@ def _call_model(
             reply.request_id,
         )
     result = build_result(spec, tier, attempt, reply, time.time())
-    _log.info(COMPLETED, **_log_figures(result), **_content(settings, spec, result))
+    _log.info(COMPLETED, **_log_figures(result), **_content(ctx.settings, spec, result))
     metrics.observe_completed(result, attempt.queue)
     _record_stats(
-        result.tier, result.model, "succeeded", result.timings.model_dump(exclude_none=True), result.cost_usd
+        ctx,
+        result.tier,
+        result.model,
+        "succeeded",
+        result.timings.model_dump(exclude_none=True),
+        result.cost_usd,
     )
     if publisher is not None:
         publisher.end("succeeded")
@@ -286,12 +282,12 @@ def _content(settings: Settings, spec: JobSpec, result: JobResult) -> dict[str, 
     return {"text": spec.text, "summary": result.summary}
 
 
-def report_expired(task_id: str, headers: dict[str, Any], queue: str | None) -> None:
+def report_expired(task_id: str, headers: dict[str, Any], queue: str | None, ctx: Context) -> None:
     """Report a job Celery dropped unrun because its message expired (the deadline passed in the queue)."""
     attempt = Attempt.from_headers(task_id, 0, headers, queue)
     job = {"job_id": task_id, "tier": headers.get(TIER_HEADER), "stream": headers.get(STREAM_HEADER) is True}
     report_failure(
-        DeadlineExceededError("deadline passed while the job was queued"), attempt, job, None, "expired"
+        DeadlineExceededError("deadline passed while the job was queued"), attempt, job, None, "expired", ctx
     )
 
 
@@ -329,23 +325,25 @@ def plan_retry(
     return round(delay, 3), "retryable"
 
 
-def _publisher(job_id: str, run: int, settings: Settings) -> TokenPublisher | None:
-    client = backend_redis(settings)
-    return None if client is None else TokenPublisher(client, stream_key(job_id, settings.key_prefix), run)
+def _publisher(ctx: Context, job_id: str, run: int) -> TokenPublisher | None:
+    if ctx.redis is None:
+        return None
+    return TokenPublisher(ctx.redis, stream_key(job_id, ctx.settings.key_prefix), run)
 
 
 def _record_stats(
-    tier: str, model: str | None, outcome: str, timings: dict[str, Any], cost: float | None
+    ctx: Context, tier: str, model: str | None, outcome: str, timings: dict[str, Any], cost: float | None
 ) -> None:
-    stream = get_stream()
-    if stream is not None:
-        stream.record({"tier": tier, "model": model, "outcome": outcome, "cost_usd": cost, **timings})
+    if ctx.stats is not None:
+        ctx.stats.record({"tier": tier, "model": model, "outcome": outcome, "cost_usd": cost, **timings})
 
 
-def report_failure(exc: BaseException, attempt: Attempt, job: object, delay: float | None, why: str) -> None:
+def report_failure(
+    exc: BaseException, attempt: Attempt, job: object, delay: float | None, why: str, ctx: Context
+) -> None:
     """Log and count ``summarize.retrying`` if another attempt follows, else the one ``summarize.failed``."""
     if isinstance(exc, RefusedError):
-        _report_refused(exc, attempt, job)
+        _report_refused(exc, attempt, job, ctx)
         return
     figures: dict[str, Any] = {
         "error_type": type(exc).__name__,
@@ -370,17 +368,18 @@ def report_failure(exc: BaseException, attempt: Attempt, job: object, delay: flo
         _log.error(FAILED, reason="unexpected error", exc_info=exc, **figures)
     metrics.observe_failed(tier, attempt.queue, figures["error_type"])
     timings = {"queue_wait_ms": figures["queue_wait_ms"], "total_ms": figures["total_ms"]}
-    _record_stats(tier, None, "failed", timings, None)
+    _record_stats(ctx, tier, None, "failed", timings, None)
     job_id = str(figures.get("job_id") or attempt.task_id)
     payload = job if isinstance(job, dict) and "text" in job else None
-    dead_letter(job_id, why, exc, tier, attempt.retries + 1, timings, payload)
+    if ctx.dead_letters is not None:
+        ctx.dead_letters.add(job_id, why, exc, tier, attempt.retries + 1, timings, payload)
     if isinstance(job, dict) and job.get("stream") is True:
-        publisher = _publisher(job_id, attempt.retries, get_settings())
+        publisher = _publisher(ctx, job_id, attempt.retries)
         if publisher is not None:
             publisher.end("failed")
 
 
-def _report_refused(exc: RefusedError, attempt: Attempt, job: object) -> None:
+def _report_refused(exc: RefusedError, attempt: Attempt, job: object, ctx: Context) -> None:
     """The one ``summarize.refused`` line, a metric and the stream's end; no dead letter: a replay
     would be refused again, and the job's result (the stored error) says why."""
     tier = str(job.get("tier")) if isinstance(job, dict) else "?"
@@ -396,8 +395,8 @@ def _report_refused(exc: RefusedError, attempt: Attempt, job: object) -> None:
         **timings,
     )
     metrics.observe_refused(tier, attempt.queue)
-    _record_stats(tier, None, "refused", timings, None)
+    _record_stats(ctx, tier, None, "refused", timings, None)
     if isinstance(job, dict) and job.get("stream") is True:
-        publisher = _publisher(job_id, attempt.retries, get_settings())
+        publisher = _publisher(ctx, job_id, attempt.retries)
         if publisher is not None:
             publisher.end("refused")

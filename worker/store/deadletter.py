@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from worker.core.settings import Settings, get_settings
+from worker.core.settings import Settings
 from worker.observe.logging import get_logger
 from worker.store.clients import backend_redis
 from worker.store.keys import Keys
@@ -66,14 +66,39 @@ class DeadLetterStore:
         self.keys = Keys(key_prefix)
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> DeadLetterStore | None:
-        """The store in the result backend's Redis; None when the backend is not Redis."""
-        settings = settings or get_settings()
+    def from_settings(cls, settings: Settings) -> DeadLetterStore | None:
+        """The store in the result backend's Redis (a client of its own); None when that is not Redis."""
         client = backend_redis(settings)
         return None if client is None else cls(client, settings.key_prefix)
 
     def _key(self, job_id: str) -> str:
         return self.keys.dead_letter(job_id)
+
+    def add(
+        self,
+        job_id: str,
+        reason: str,
+        exc: BaseException | None,
+        tier: str | None,
+        attempts: int,
+        timings: dict[str, Any],
+        payload: Any,
+        error_type: str | None = None,
+    ) -> None:
+        """Record a job that failed for good (see :meth:`record`)."""
+        self.record(
+            DeadLetter(
+                job_id=job_id,
+                reason=reason,
+                error_type=error_type or (type(exc).__name__ if exc is not None else "Unknown"),
+                error=str(exc) if exc is not None else "",
+                tier=tier,
+                attempts=attempts,
+                failed_at=time.time(),
+                timings=timings,
+                payload=payload,
+            )
+        )
 
     def record(self, letter: DeadLetter) -> None:
         """Store a dead letter; a Redis error is logged, never raised (the job already failed)."""
@@ -133,32 +158,3 @@ class DeadLetterStore:
         pipe.delete(self._key(job_id))
         pipe.zrem(self.keys.dead_letters, job_id)
         pipe.execute()
-
-
-def dead_letter(
-    job_id: str,
-    reason: str,
-    exc: BaseException | None,
-    tier: str | None,
-    attempts: int,
-    timings: dict[str, Any],
-    payload: Any,
-    error_type: str | None = None,
-) -> None:
-    """Record a dead letter in the process's store, if there is one."""
-    store = DeadLetterStore.from_settings()
-    if store is None:
-        return
-    store.record(
-        DeadLetter(
-            job_id=job_id,
-            reason=reason,
-            error_type=error_type or (type(exc).__name__ if exc is not None else "Unknown"),
-            error=str(exc) if exc is not None else "",
-            tier=tier,
-            attempts=attempts,
-            failed_at=time.time(),
-            timings=timings,
-            payload=payload,
-        )
-    )

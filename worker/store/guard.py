@@ -24,12 +24,10 @@ from dataclasses import dataclass
 import redis
 
 from tasks.result import JobResult
-from worker.core.settings import get_settings
 from worker.observe.logging import get_logger
-from worker.store.clients import backend_redis
 from worker.store.keys import Keys
 
-__all__ = ["LOCK_TTL_S", "Begin", "RunGuard", "get_guard"]
+__all__ = ["LOCK_TTL_S", "Begin", "RunGuard"]
 
 #: seconds a run lock outlives its last heartbeat (so a dead worker's job waits at most this long)
 LOCK_TTL_S = 10.0
@@ -163,24 +161,6 @@ class RunGuard:
                 pipe.execute()
             except redis.RedisError as exc:
                 _log.warning("guard.heartbeat_failed", held=len(held), error=str(exc))
-
-
-_guard: RunGuard | None = None
-_guard_lock = threading.Lock()
-
-
-def get_guard() -> RunGuard | None:
-    """The process's guard, in the result backend's Redis; None when that is not Redis."""
-    global _guard
-    if _guard is None:
-        with _guard_lock:
-            if _guard is None:
-                settings = get_settings()
-                client = backend_redis(settings)
-                if client is None:
-                    return None
-                _guard = RunGuard(client, settings.key_prefix)
-    return _guard
 
 
 def _parse(stored: object) -> JobResult | None:

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import math
 import statistics
-import threading
 from collections.abc import Iterable
 from typing import Any
 
 import redis
 
-from worker.core.settings import Settings, get_settings
+from worker.core.settings import Settings
 from worker.observe.logging import get_logger
 from worker.store.clients import backend_redis
 from worker.store.keys import Keys
 
-__all__ = ["StatsStream", "get_stream", "percentile", "summarize"]
+__all__ = ["StatsStream", "percentile", "summarize"]
 
 #: figures kept per entry
 FIELDS = (
@@ -34,8 +33,6 @@ FIELDS = (
 )
 
 _log = get_logger("tierq.stats")
-_stream: StatsStream | None = None
-_lock = threading.Lock()
 
 
 class StatsStream:
@@ -64,16 +61,6 @@ class StatsStream:
         """The newest ``count`` entries, newest first."""
         rows: list[tuple[bytes, dict[bytes, bytes]]] = self.client.xrevrange(self.key, count=count)  # type: ignore[assignment]
         return [{k.decode(): v.decode() for k, v in fields.items()} for _id, fields in rows]
-
-
-def get_stream() -> StatsStream | None:
-    """The process's stream, made on first use."""
-    global _stream
-    if _stream is None:
-        with _lock:
-            if _stream is None:
-                _stream = StatsStream.from_settings(get_settings())
-    return _stream
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -1,0 +1,58 @@
+"""What a worker process runs with: built once as the process starts, passed to every job.
+
+Nothing below this layer reads the environment or keeps a process-wide client: settings, the
+tier table, the result backend's Redis (with the run guard, dead letters and stats on it) and the
+way to the model (both SDK clients and the event loop) all come from here. Reconfiguring means
+building another :class:`Context`, never editing the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from tasks.tiers import TierTable, load_tier_table
+from worker.core.settings import Settings
+from worker.llm.client import LLM
+from worker.store.clients import backend_redis
+from worker.store.deadletter import DeadLetterStore
+from worker.store.guard import RunGuard
+from worker.store.stats import StatsStream
+
+__all__ = ["Context"]
+
+
+@dataclass
+class Context:
+    """One worker process's settings, tiers and clients."""
+
+    settings: Settings
+    tiers: TierTable
+    llm: LLM
+    #: the result backend's Redis; None (and the three below with it) when the backend is not Redis
+    redis: redis.Redis | None
+    guard: RunGuard | None
+    dead_letters: DeadLetterStore | None
+    stats: StatsStream | None
+
+    @classmethod
+    def build(cls, settings: Settings, tiers: TierTable | None = None) -> Context:
+        """Everything a job needs, from ``settings`` (the tier table from its tiers file unless given)."""
+        client = backend_redis(settings)
+        prefix = settings.key_prefix
+        return cls(
+            settings=settings,
+            tiers=tiers if tiers is not None else load_tier_table(settings.tiers_file),
+            llm=LLM(settings),
+            redis=client,
+            guard=None if client is None else RunGuard(client, prefix),
+            dead_letters=None if client is None else DeadLetterStore(client, prefix),
+            stats=None if client is None else StatsStream(client, prefix, settings.stats_maxlen),
+        )
+
+    def close(self) -> None:
+        """Stop the event loop and close the clients (as the process exits)."""
+        self.llm.close()
+        if self.redis is not None:
+            self.redis.close()
