@@ -414,6 +414,7 @@ def test_api_key_from_a_secrets_file(tmp_path: Path) -> None:
 def test_celery_config_transport_and_task_events(url: str) -> None:
     from kombu import Connection
 
+    from worker.celery.app import make_app
     from worker.celery.config import celery_config
     from worker.celery.transport import Transport
     from worker.core.settings import Settings
@@ -421,6 +422,7 @@ def test_celery_config_transport_and_task_events(url: str) -> None:
     config = celery_config(Settings(broker_url=url), load_tier_table(None))
     assert "broker_transport" not in config, "URLs keep their scheme (Flower knows brokers by it)"
     if url.startswith("redis://"):
+        make_app(Settings(broker_url=url), load_tier_table(None))  # points kombu's alias at tierq's
         conn = Connection(url)
         assert conn.transport_cls == "redis" and conn.as_uri().startswith("redis://")
         assert isinstance(conn.transport, Transport), "kombu's alias 'redis' resolves to tierq's"

@@ -116,26 +116,26 @@ def _api_key(settings: Settings) -> str:
     return secret.get_secret_value() if secret is not None else "simulator"
 
 
+def _options(settings: Settings) -> dict[str, Any]:
+    """What both clients share: the key, the base URL, no SDK retries (Celery's are the one loop)."""
+    return {
+        "api_key": _api_key(settings),
+        "base_url": settings.anthropic_base_url,
+        "max_retries": 0,
+        "timeout": anthropic.Timeout(60.0, connect=settings.connect_timeout_s),
+    }
+
+
 def make_client(settings: Settings) -> anthropic.Anthropic:
-    """A sync SDK client for ``settings``: no SDK retries (Celery's are the one loop), tierq's pool size."""
-    return anthropic.Anthropic(
-        api_key=_api_key(settings),
-        base_url=settings.anthropic_base_url,
-        max_retries=0,
-        timeout=anthropic.Timeout(60.0, connect=settings.connect_timeout_s),
-        # the SDK keeps 100 idle connections by default: a pool of more threads would reconnect
-        http_client=anthropic.DefaultHttpxClient(limits=_LIMITS),
-    )
+    """A sync SDK client for ``settings``, with tierq's connection pool size."""
+    # the SDK keeps 100 idle connections by default: a pool of more threads would reconnect
+    return anthropic.Anthropic(**_options(settings), http_client=anthropic.DefaultHttpxClient(limits=_LIMITS))
 
 
 def make_async_client(settings: Settings) -> anthropic.AsyncAnthropic:
     """The same as :func:`make_client`, async, on the SDK's aiohttp transport."""
     return anthropic.AsyncAnthropic(
-        api_key=_api_key(settings),
-        base_url=settings.anthropic_base_url,
-        max_retries=0,
-        timeout=anthropic.Timeout(60.0, connect=settings.connect_timeout_s),
-        http_client=anthropic.DefaultAioHttpClient(limits=_LIMITS),
+        **_options(settings), http_client=anthropic.DefaultAioHttpClient(limits=_LIMITS)
     )
 
 
