@@ -115,8 +115,9 @@ class JobResult(BaseModel):
     #: the model that answered (the tier's, or its fallback)
     model: str
     stop_reason: str | None
-    #: the summary stopped at ``max_tokens``: it may end mid-sentence
-    truncated: bool
+    #: the summary stopped at ``max_tokens``: it may end mid-sentence (absent from results stored
+    #: before tierq recorded it, which read as False)
+    truncated: bool = False
     usage: Usage
     timings: Timings
     #: from the price table; None when the model has no price there

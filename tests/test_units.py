@@ -455,3 +455,33 @@ def test_text_batcher_lets_the_first_through_then_gathers() -> None:
     assert batcher.add("b") is None and batcher.add("c") is None
     assert batcher.drain() == "bc" and batcher.drain() is None
     assert TextBatcher(interval_s=0.0).add("x") == "x"
+
+
+def test_a_result_stored_by_the_previous_version_still_reads() -> None:
+    from tasks.result import JobResult
+
+    stored = {  # what the worker stored before usage grew cache and thinking fields and truncated
+        "job_id": "j1",
+        "tier": "fast",
+        "model": "claude-haiku-4-5",
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 10, "output_tokens": 20},
+        "timings": {"queue_wait_ms": 1.0, "prep_ms": 0.5, "ttft_ms": 40.0, "llm_ms": 90.0, "total_ms": 95.0,
+                    "output_tokens_per_s": 100.0},
+        "cost_usd": 0.00011,
+        "fallback": {"from": "claude-haiku-4-5", "after_overloads": 2},
+        "retries": 0,
+        "request_id": "req_1",
+        "metadata": None,
+        "summary": "A summary.",
+    }  # fmt: skip
+    result = JobResult.from_json(stored)
+    assert (result.truncated, result.usage.cache_read_input_tokens, result.usage.thinking_tokens) == (
+        False,
+        0,
+        None,
+    )
+    assert result.fallback is not None and result.fallback.from_model == "claude-haiku-4-5"
+    assert result.to_json()["fallback"] == {"from": "claude-haiku-4-5", "after_overloads": 2}
+    with pytest.raises(ValueError, match="not a job result"):
+        JobResult.from_json({"summary": "only"})
