@@ -190,9 +190,15 @@ def test_flower_lists_jobs_with_their_queues_behind_auth(flower: tuple[str, str]
         assert task["routing_key"] == expected_queue[urgency]
         assert "chars redacted" in task["kwargs"] and DOC[:30] not in json.dumps(task)
         assert "'summary': '<redacted>'" in task["result"] and "ttft_ms" in task["result"]
-    status, body = _get(f"{url}/api/workers", auth=auth)
-    assert status == 200
-    assert any(name.startswith("fast-") for name in json.loads(body))
+
+    def fast_worker_listed() -> bool:
+        # /api/workers asks the workers live (a broadcast with a 1 s reply window): a busy machine
+        # can miss a reply, so ask until the fast pool answers
+        status, body = _get(f"{url}/api/workers", auth=auth)
+        assert status == 200
+        return any(name.startswith("fast-") for name in json.loads(body))
+
+    wait_until(fast_worker_listed, 15, "Flower's worker list to include the fast pool", interval=0.5)
     status, body = _get(f"{url}/api/queues/length", auth=auth)  # Flower's broker view of the queues
     assert status == 200
     assert {"tierq.fast", "tierq.standard", "tierq.slow"} <= {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -102,10 +101,14 @@ def test_redis_down_while_an_attempt_records_its_result(chaos: Chaos, pool: Pool
     _wait_for_the_outage(worker)
     # stay down until the running streams ended and their workers tried to record the results
     wait_until(lambda: all(counter.completed(j) for j in running), 30, "the running streams to end")
-    # the one fixed pause of the suite, and not a wait: the outage's length once the answers are in.
-    # Nothing outside the worker shows its first failed write (the run guard retries it silently,
-    # every 0.5 s, for up to a minute); a second keeps Redis down across at least one retry.
-    time.sleep(1.0)
+    # ...and until each of their attempts failed to record its result at least once (the run guard
+    # logs the first failed write, then retries every 0.5 s for up to a minute)
+    wait_until(
+        lambda: all(worker.events_for(j, "guard.record_retrying") for j in running),
+        30,
+        "each running job's first failed result write",
+        worker.check,
+    )
     chaos.redis.restart()
 
     producer.wait_ended(ids, timeout=25)  # a healthy pool needs ~15 s: redelivery + two rounds of jobs

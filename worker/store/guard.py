@@ -115,6 +115,7 @@ class RunGuard:
         answer instead of calling the model again; then the lock leaves the heartbeat and lapses.
         """
         payload, until = json.dumps(result.to_json()), time.monotonic() + retry_s
+        failures = 0
         while True:
             try:
                 self.client.set(self.keys.result(job_id), payload, ex=ttl_s)
@@ -123,6 +124,9 @@ class RunGuard:
                 if time.monotonic() >= until:
                     _log.error("guard.record_failed", job_id=job_id, error=str(exc))
                     break
+                if failures == 0:  # once: an operator (and the chaos suite) can see the wait begin
+                    _log.warning("guard.record_retrying", job_id=job_id, retry_s=retry_s, error=str(exc))
+                failures += 1
                 time.sleep(WAIT_POLL_S * 2)
         self.release(job_id)
 
