@@ -1,9 +1,9 @@
 # syntax=docker/dockerfile:1
-# One image for every tierq service: the tier workers, Flower and the simulator.
+# One image for every tierq service: the tier workers, Flower, the HTTP API and the simulator.
 #   docker build -t tierq:local .
 #   docker run --rm tierq:local tiers
-# No secret is baked in: ANTHROPIC_API_KEY and TIERQ_FLOWER_BASIC_AUTH come from the runtime
-# environment (docker-compose.yml, or the Kubernetes Secret in deploy/k8s/).
+# No secret is baked in: ANTHROPIC_API_KEY, TIERQ_FLOWER_BASIC_AUTH and TIERQ_API_TOKENS come from
+# the runtime environment (docker-compose.yml, or the Kubernetes Secret in deploy/k8s/).
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -16,18 +16,18 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 RUN pip install --upgrade pip
-# dependencies first, against empty packages, so a code-only change reuses this layer; the
-# image runs the workers, Flower and the simulator (tierq[sim]): not the demo's bundled Redis
+# dependencies first, against empty packages, so a code-only change reuses this layer; the image
+# runs the workers, Flower, the API and the simulator (tierq[sim,api]): not the demo's bundled Redis
 COPY pyproject.toml README.md ./
 RUN mkdir tierq worker tasks simulator \
     && touch tierq/__init__.py worker/__init__.py tasks/__init__.py simulator/__init__.py \
-    && pip install '.[sim]'
+    && pip install '.[sim,api]'
 # then the project itself
 COPY tierq ./tierq
 COPY worker ./worker
 COPY tasks ./tasks
 COPY simulator ./simulator
-RUN pip install --no-deps --force-reinstall '.[sim]' \
+RUN pip install --no-deps --force-reinstall '.[sim,api]' \
     && tierq --help >/dev/null
 
 # ---- runtime ----
@@ -44,8 +44,8 @@ RUN groupadd --system --gid 10001 tierq \
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 USER 10001:10001
-# 9808 worker /metrics, 5555 Flower, 8765 simulator
-EXPOSE 9808 5555 8765
+# 9808 worker /metrics, 5555 Flower, 8765 simulator, 8080 the HTTP API
+EXPOSE 9808 5555 8765 8080
 # SIGTERM is Celery's warm shutdown: running jobs finish, nothing new is taken
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tierq"]

@@ -16,13 +16,15 @@ from bench.result import Options, ScenarioResult
 __all__ = ["main"]
 
 _NAMES = ("overhead", "isolation", "streaming", "concurrency", "cost")
+#: run only when named (not by ``all``): ``http``, the HTTP API against Python's submit()
+_EXTRA = ("http",)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description="tierq benchmarks (see bench/__init__.py)"
     )
-    parser.add_argument("scenario", choices=[*_NAMES, "all"])
+    parser.add_argument("scenario", choices=[*_NAMES, *_EXTRA, "all"])
     parser.add_argument(
         "--runs", type=int, default=None, help="runs to take medians over (default per scenario)"
     )

@@ -9,8 +9,10 @@ workers it starts are stopped when the stage ends, on error and on Ctrl-C too.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -26,7 +28,7 @@ import redis
 from bench.procs import Child, wait_until
 from worker.ops.embedded import EmbeddedRedis, free_port
 
-__all__ = ["ROOT", "Harness", "Sim", "Stage"]
+__all__ = ["ROOT", "Api", "Harness", "Sim", "Stage"]
 
 #: the project's root: the working directory of every child
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,6 +224,16 @@ class Stage:
         _wait_for_node(app, node, child)
         return child
 
+    def start_api(self) -> Api:
+        """Start ``python -m worker api`` on a free port with one producer token; wait for ``/healthz``."""
+        port = free_port()
+        token = secrets.token_urlsafe(24)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        argv = [sys.executable, "-m", "worker", "api", "--port", str(port)]
+        api = Api(self._spawn("api", argv, {"TIERQ_API_TOKENS": f"bench:{digest}"}), port, token)
+        wait_until("api", api._ready, STARTUP_TIMEOUT_S)
+        return api
+
     def start_raw_worker(self, concurrency: int = 32, events: bool = False) -> Child:
         """Start the baseline Celery worker (``bench.rawapp``) and wait until it answers ping.
 
@@ -243,6 +255,24 @@ class Stage:
         child = self._spawn(f"worker-{name}", argv)
         _wait_for_node(app, node, child)
         return child
+
+
+class Api:
+    """``tierq api`` as a separate process, with one producer (``bench``) and its token."""
+
+    def __init__(self, child: Child, port: int, token: str) -> None:
+        self.child = child
+        self.url = f"http://127.0.0.1:{port}"
+        #: what a client sends as ``Authorization``
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def _ready(self) -> bool:
+        self.child.check()
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=5) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
 
 
 def _wait_for_node(app: Any, node: str, child: Child) -> None:

@@ -102,12 +102,19 @@ def _cost(ax: Axes, r: ScenarioResult) -> None:
     ax.tick_params(axis="x", labelsize=7)
 
 
+def _http(ax: Axes, r: ScenarioResult) -> None:
+    s = r.samples
+    series = {"tierq.submit()": s.get("python_ms", []), "POST /v1/jobs": s.get("http_ms", [])}
+    _cdf(ax, series, "submit → request at simulator (ms)")
+
+
 _PANELS: dict[str, Callable[[Axes, ScenarioResult], None]] = {
     "overhead": _overhead,
     "isolation": _isolation,
     "streaming": _streaming,
     "concurrency": _concurrency,
     "cost": _cost,
+    "http": _http,
 }
 
 

@@ -5,6 +5,7 @@
     TierqError
     ├── ConfigError                  bad settings or tiers file
     ├── InvalidJobError              bad producer input; nothing was enqueued
+    │   └── IdempotencyConflictError     a job id already names a different request
     ├── BrokerUnavailableError       the broker did not answer in time
     ├── PoisonJobError               a job kept crashing its worker; given up unrun
     ├── JobError                     a job ended without a summary (producer side)
@@ -38,6 +39,7 @@ __all__ = [
     "BrokerUnavailableError",
     "ConfigError",
     "DeadlineExceededError",
+    "IdempotencyConflictError",
     "InvalidJobError",
     "JobError",
     "JobExpiredError",
@@ -74,6 +76,14 @@ class InvalidJobError(TierqError, ValueError):
     def __init__(self, message: str, field: str = "") -> None:
         super().__init__(message)
         self.field = field
+
+
+class IdempotencyConflictError(InvalidJobError):
+    """Raised when a job id was already used for a different request (text, tier, instructions,
+    max_tokens or metadata): a job id is an idempotency key, never a way to read another job's result."""
+
+    def __init__(self, message: str, field: str = "job_id") -> None:
+        super().__init__(message, field)
 
 
 class BrokerUnavailableError(TierqError):

@@ -5,6 +5,7 @@ Kept apart from ``worker.runtime.jobs`` so the producer imports neither the SDK 
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
@@ -27,7 +28,9 @@ __all__ = [
     "build_job",
     "build_prompt",
     "carried_context",
+    "check_caps",
     "check_deadline",
+    "check_job",
     "kwargs_repr",
     "parse_job",
     "resolve_tier",
@@ -56,6 +59,11 @@ MAX_CONTEXT_VALUE_CHARS = 256
 #: limits on producer input that do not depend on the tier
 MAX_INSTRUCTIONS_CHARS = 4_000
 MAX_METADATA_BYTES = 16_384
+#: levels of objects and arrays within ``metadata``
+MAX_METADATA_DEPTH = 8
+#: what a job id is: also the Celery task id, and part of Redis keys
+JOB_ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+MAX_JOB_ID_CHARS = 128
 
 
 class JobSpec(BaseModel):
@@ -63,14 +71,26 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    job_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
-    tier: str
+    job_id: str = Field(min_length=1, max_length=MAX_JOB_ID_CHARS, pattern=JOB_ID_PATTERN)
+    tier: str = Field(min_length=1, max_length=64)
     text: str = Field(min_length=1)
     instructions: str | None = Field(default=None, max_length=MAX_INSTRUCTIONS_CHARS)
     max_tokens: int | None = Field(default=None, ge=1)
     metadata: dict[str, JsonValue] | None = None
     #: publish text deltas as they arrive, for ``Job.stream()``
     stream: bool = False
+    #: who sent the job (the HTTP API's token name, or what a producer says); for logs and fairness
+    producer_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$")
+
+    def fingerprint(self) -> str:
+        """What the job asks for, hashed: equal for two submits of the same request under one id.
+
+        Covers the text, tier, instructions, ``max_tokens``, metadata and producer; not whether
+        the job streams (a delivery choice, not a different request).
+        """
+        asked = self.model_dump(mode="json", exclude={"job_id", "stream"}, exclude_none=True)
+        encoded = json.dumps(asked, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _invalid(field: str, message: str) -> InvalidJobError:
@@ -86,6 +106,7 @@ def build_job(
     job_id: str,
     metadata: object,
     stream: bool = False,
+    producer_id: str | None = None,
 ) -> tuple[JobSpec, Tier]:
     """Check producer input against the tier table; raise InvalidJobError naming the field."""
     if not isinstance(urgency, str) or urgency not in tiers.urgencies:
@@ -93,30 +114,23 @@ def build_job(
     tier = tiers.for_urgency(urgency)
     if not isinstance(text, str) or not text.strip():
         raise _invalid("text", "is empty; give the document to summarize")
-    if len(text) > tier.max_input_chars:
-        raise _invalid(
-            "text", f"is {len(text)} characters; the {tier.name} tier takes at most {tier.max_input_chars}"
-        )
     if instructions is not None and not isinstance(instructions, str):
         raise _invalid("instructions", "must be a string")
-    if isinstance(instructions, str) and len(instructions) > MAX_INSTRUCTIONS_CHARS:
-        raise _invalid("instructions", f"is longer than {MAX_INSTRUCTIONS_CHARS} characters")
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise _invalid("max_tokens", f"must be a positive integer, not {max_tokens!r}")
-        if max_tokens > tier.max_tokens:
-            raise _invalid(
-                "max_tokens", f"{max_tokens} is above the {tier.name} tier's cap of {tier.max_tokens}"
-            )
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise _invalid("max_tokens", f"must be a positive integer, not {max_tokens!r}")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata)
+    ):
+        raise _invalid("metadata", "must be a JSON object with string keys")
     if metadata is not None:
-        if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
-            raise _invalid("metadata", "must be a JSON object with string keys")
         try:
-            encoded = json.dumps(metadata, allow_nan=False)
+            json.dumps(metadata, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise _invalid("metadata", f"is not JSON-serializable: {exc}") from None
-        if len(encoded.encode()) > MAX_METADATA_BYTES:
-            raise _invalid("metadata", f"is larger than {MAX_METADATA_BYTES} bytes as JSON")
+        except RecursionError:
+            raise _invalid("metadata", f"nests deeper than {MAX_METADATA_DEPTH} levels") from None
     try:
         spec = JobSpec(
             job_id=job_id,
@@ -126,11 +140,56 @@ def build_job(
             max_tokens=max_tokens,
             metadata=metadata,
             stream=stream,
+            producer_id=producer_id,
         )
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error["loc"] else "job"
         raise _invalid(field, error["msg"]) from None
+    check_caps(spec, tier)
+    return spec, tier
+
+
+def check_caps(spec: JobSpec, tier: Tier) -> None:
+    """The tier's caps and the size limits, for producer input and every delivery alike."""
+    if len(spec.text) > tier.max_input_chars:
+        raise _invalid(
+            "text",
+            f"is {len(spec.text)} characters; the {tier.name} tier takes at most {tier.max_input_chars}",
+        )
+    if spec.max_tokens is not None and spec.max_tokens > tier.max_tokens:
+        raise _invalid(
+            "max_tokens", f"{spec.max_tokens} is above the {tier.name} tier's cap of {tier.max_tokens}"
+        )
+    if spec.metadata is not None:
+        if _depth(spec.metadata) > MAX_METADATA_DEPTH:
+            raise _invalid("metadata", f"nests deeper than {MAX_METADATA_DEPTH} levels")
+        encoded = json.dumps(spec.metadata, allow_nan=False, separators=(",", ":"))
+        if len(encoded.encode()) > MAX_METADATA_BYTES:
+            raise _invalid("metadata", f"is larger than {MAX_METADATA_BYTES} bytes as JSON")
+
+
+def _depth(value: object, level: int = 1) -> int:
+    """Levels of objects and arrays, counted no deeper than one past the limit."""
+    if level > MAX_METADATA_DEPTH:
+        return level
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return max(
+        (_depth(child, level + 1) for child in children if isinstance(child, dict | list)), default=level
+    )
+
+
+def check_job(job: object, tiers: TierTable, queue: str | None) -> tuple[JobSpec, Tier]:
+    """A delivered job, checked where it runs: schema, known tier, the queue it came from, the tier's caps.
+
+    ``queue`` is the routing key it was delivered with; a job naming another tier than its queue's
+    is refused, so a sender cannot run a slow tier's model on a fast tier's pool (or the reverse).
+    """
+    spec = parse_job(job)
+    tier = resolve_tier(spec, tiers)
+    if queue is not None and queue != tier.queue:
+        raise _invalid("tier", f"{spec.tier!r} is not the tier of queue {queue!r}; send it to {tier.queue!r}")
+    check_caps(spec, tier)
     return spec, tier
 
 
@@ -185,4 +244,6 @@ def resolve_tier(spec: JobSpec, tiers: TierTable) -> Tier:
     try:
         return tiers.tiers[spec.tier]
     except KeyError:
-        raise _invalid("tier", f"unknown tier {spec.tier!r}") from None
+        raise _invalid(
+            "tier", f"unknown tier {spec.tier!r}; the tiers are {', '.join(tiers.tiers)}"
+        ) from None

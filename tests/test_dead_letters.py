@@ -115,33 +115,6 @@ def test_a_permanent_failure_is_dead_lettered_and_replayable(sim: SimServer) -> 
     assert run_tierq(["dlq", "show", job_id]).returncode == 1, "a replayed job leaves the dead-letter store"
 
 
-def test_malformed_messages_are_dead_lettered_and_the_worker_keeps_running(
-    workers: dict[str, WorkerProcess],
-) -> None:
-    secret = f"SECRET-{uuid.uuid4()}"
-    ids = {name: f"{name}-{uuid.uuid4()}" for name in ("badjson", "pickle", "unknown", "fields")}
-    _publish_bytes(
-        b'{"not json' + secret.encode(), "application/json", {"id": ids["badjson"], "task": SUMMARIZE_TASK}
-    )
-    _publish_bytes(b"\x80\x04" + secret.encode(), "application/x-python-serialize", {"id": ids["pickle"]})
-    body = json.dumps([[], {"job": {"text": secret}}, {}]).encode()
-    _publish_bytes(body, "application/json", {"id": ids["unknown"], "task": "tierq.nope", "lang": "py"})
-    _send_raw(ids["fields"], {"job_id": ids["fields"], "tier": "fast", "text": secret, "colour": "red"})
-
-    assert _dlq(ids["badjson"])["reason"] == "undecodable message"
-    assert _dlq(ids["pickle"])["reason"] == "undecodable message"
-    assert _dlq(ids["unknown"])["reason"] == "unknown task"
-    fields = _dlq(ids["fields"])
-    assert fields["error_type"] == "InvalidJobError" and "colour" in fields["error"]
-    with pytest.raises(JobFailedError):
-        get_job(ids["fields"]).result(timeout=10)
-
-    replies = app.control.ping(destination=[workers["fast"].node], timeout=2)
-    assert replies, "the worker is still running"
-    assert submit(DOC, urgency="critical").result(timeout=30).tier == "fast"
-    assert secret not in workers["fast"].log_path.read_text(), "no message body in the logs"
-
-
 def test_a_job_that_keeps_crashing_its_worker_is_given_up(
     sim: SimServer, redis_client: redis.Redis, workers: dict[str, WorkerProcess]
 ) -> None:

@@ -43,9 +43,10 @@ KEDA_API = "keda.sh/v1alpha1"
 KEDA_KINDS = {"ScaledObject", "ScaledJob", "TriggerAuthentication", "ClusterTriggerAuthentication"}
 
 #: every subcommand the deployment files may run
-EXPECTED_COMMANDS = {"worker", "submit", "result", "tiers", "sim", "demo", "flower", "stats"}
+EXPECTED_COMMANDS = {"worker", "submit", "result", "tiers", "sim", "demo", "flower", "stats", "api"}
 TIER_NAMES = ("fast", "standard", "slow")
 METRICS_PORT = 9808
+API_PORT = 8080
 
 #: the metric names the workers export (histograms by base name)
 METRIC_NAMES = {
@@ -315,7 +316,7 @@ def test_compose_has_the_services() -> None:
     doc = compose()
     assert "version" not in doc
     services = doc["services"]
-    core = {"redis", "simulator", "worker-fast", "worker-standard", "worker-slow", "flower"}
+    core = {"redis", "simulator", "worker-fast", "worker-standard", "worker-slow", "flower", "api"}
     assert core <= set(services)
     for name in core:
         assert "profiles" not in services[name], f"{name} must start by default"
@@ -338,18 +339,20 @@ def test_compose_redis() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", sorted(["simulator", "worker-fast", "worker-standard", "worker-slow", "flower"])
+    "name", sorted(["simulator", "worker-fast", "worker-standard", "worker-slow", "flower", "api"])
 )
 def test_compose_service_runs_a_real_command(name: str) -> None:
     svc = compose()["services"][name]
     sub, params = check_tierq_argv(compose_argv(svc))
-    expected = {"simulator": "sim", "flower": "flower"}.get(name, "worker")
+    expected = {"simulator": "sim", "flower": "flower", "api": "api"}.get(name, "worker")
     assert sub == expected
     if sub == "worker":
         assert params["tier"] == [name.removeprefix("worker-")]
         assert params["name"] is None, "the node name must stay <tier>@%h for the health check"
-    if sub in {"sim", "flower"}:
+    if sub in {"sim", "flower", "api"}:
         assert params["address" if sub == "flower" else "host"] == "0.0.0.0"
+    if sub == "api":
+        assert params["port"] == API_PORT and not params["insecure_no_auth"]
 
 
 @pytest.mark.parametrize("tier", TIER_NAMES)
@@ -385,12 +388,22 @@ def test_compose_flower_requires_basic_auth() -> None:
     assert all(str(p).startswith("127.0.0.1:") for p in flower["ports"])
 
 
+def test_compose_api_requires_tokens() -> None:
+    api = compose()["services"]["api"]
+    tokens = api["environment"]["TIERQ_API_TOKENS"]
+    assert re.fullmatch(r"\$\{TIERQ_API_TOKENS:\?[^}]+\}", tokens), tokens
+    assert api["environment"]["TIERQ_BROKER_URL"] == "redis://redis:6379/0"
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert [str(p) for p in api["ports"]] == [f"127.0.0.1:{API_PORT}:{API_PORT}"]
+    assert f"127.0.0.1:{API_PORT}/healthz" in api["healthcheck"]["test"][-1]
+
+
 def test_compose_no_literal_secrets() -> None:
     for name, svc in compose()["services"].items():
         env = svc.get("environment") or {}
         assert isinstance(env, dict), f"{name}: use the mapping form for environment"
         for key, value in env.items():
-            if re.search(r"API_KEY|BASIC_AUTH", key):
+            if re.search(r"API_KEY|BASIC_AUTH|TOKENS", key):
                 assert value is None or str(value).startswith("${"), f"{name}: {key} is written down"
 
 
@@ -446,7 +459,7 @@ def test_k8s_namespace_config_and_secret() -> None:
     assert config["TIERQ_LOG_FORMAT"] == "json"
     assert config["TIERQ_METRICS_PORT"] == str(METRICS_PORT)
     secret = k8s_objects("Secret")["tierq-secrets"]
-    assert set(secret["stringData"]) == {"ANTHROPIC_API_KEY", "TIERQ_FLOWER_BASIC_AUTH"}
+    assert set(secret["stringData"]) == {"ANTHROPIC_API_KEY", "TIERQ_FLOWER_BASIC_AUTH", "TIERQ_API_TOKENS"}
     assert all("REPLACE_ME" in v for v in secret["stringData"].values()), "placeholders only"
     # the template is not applied by `kubectl apply -f deploy/k8s/`, which would overwrite the real one
     assert not k8s_objects("Secret", top_level_only=True)
@@ -505,6 +518,24 @@ def test_k8s_flower() -> None:
     # /metrics and /healthcheck skip Flower's auth: the Service stays internal
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     assert service["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_k8s_api() -> None:
+    dep = k8s_objects("Deployment")["tierq-api"]
+    pod = dep["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    sub, params = check_tierq_argv([*container["command"], *container["args"]])
+    assert sub == "api" and params["port"] == API_PORT and params["host"] == "0.0.0.0"
+    assert not params["insecure_no_auth"]
+    (tokens,) = [e for e in container["env"] if e["name"] == "TIERQ_API_TOKENS"]
+    assert tokens["valueFrom"]["secretKeyRef"] == {"name": "tierq-secrets", "key": "TIERQ_API_TOKENS"}
+    assert "TIERQ_BROKER_URL" in {e["name"] for e in container["env"]}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "httpGet" not in container["livenessProbe"], "a Redis outage must not restart the API"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(API_PORT)
+    service = k8s_objects("Service")["tierq-api"]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
 
 
 SCALED_OBJECT_SCHEMA: dict[str, Any] = {

@@ -99,7 +99,7 @@ def test_stats_reports_per_tier_percentiles() -> None:
 def test_stats_stream_is_bounded(redis_client: Any) -> None:
     stream = StatsStream(redis_client, KEY_PREFIX + "bounded-", maxlen=100)
     for i in range(1000):
-        stream.record({"tier": "fast", "outcome": "succeeded", "ttft_ms": i})
+        stream.record(tier="fast", outcome="succeeded", ttft_ms=i)
     assert redis_client.xlen(Keys(KEY_PREFIX + "bounded-").stats) < 300  # MAXLEN ~ trims in whole nodes
     assert len(stream.recent(10)) == 10
 
@@ -128,10 +128,11 @@ def test_producer_context_reaches_the_worker_log(workers: dict[str, WorkerProces
 
 
 def test_redact_result_repr() -> None:
+    shown = "{'job_id': 'a', 'timings': {'ttft_ms': 12.0}, '<redacted>': '<metadata and summary>'}"
     text = "{'job_id': 'a', 'timings': {'ttft_ms': 12.0}, 'summary': 'secret words that go on"
-    assert (
-        redact_result_repr(text) == "{'job_id': 'a', 'timings': {'ttft_ms': 12.0}, 'summary': '<redacted>'}"
-    )
+    assert redact_result_repr(text) == shown
+    text = "{'job_id': 'a', 'timings': {'ttft_ms': 12.0}, 'metadata': {'k': 'secret'}, 'summary': 'words"
+    assert redact_result_repr(text) == shown
     assert redact_result_repr("None") == "None"
 
 
@@ -189,7 +190,7 @@ def test_flower_lists_jobs_with_their_queues_behind_auth(flower: tuple[str, str]
         assert task["name"] == "tierq.summarize"
         assert task["routing_key"] == expected_queue[urgency]
         assert "chars redacted" in task["kwargs"] and DOC[:30] not in json.dumps(task)
-        assert "'summary': '<redacted>'" in task["result"] and "ttft_ms" in task["result"]
+        assert "'<redacted>': '<metadata and summary>'" in task["result"] and "ttft_ms" in task["result"]
 
     def fast_worker_listed() -> bool:
         # /api/workers asks the workers live (a broadcast with a 1 s reply window): a busy machine

@@ -83,13 +83,17 @@ def test_the_same_job_id_is_enqueued_once(sim: SimServer, workers: dict[str, Wor
     assert get_job(job_id).status() == "succeeded"
 
 
-def test_a_generated_job_id_needs_no_claim(redis_client: redis.Redis) -> None:
-    job = submit(DOC, urgency="high")
-    job.result(timeout=30)
-    assert not redis_client.exists(Keys(KEY_PREFIX).submitted(job.id))
-    claimed = submit(DOC, urgency="high", job_id=f"claimed-{uuid.uuid4()}")  # the key the check reads
-    assert redis_client.exists(Keys(KEY_PREFIX).submitted(claimed.id))
+def test_a_generated_job_id_is_claimed_by_the_worker_not_at_submit(redis_client: redis.Redis) -> None:
+    keys = Keys(KEY_PREFIX)
+    job_id = f"claimed-{uuid.uuid4()}"
+    claimed = submit(DOC, urgency="high", job_id=job_id)  # a caller's id: claimed before publishing
+    fingerprint = redis_client.get(keys.submitted(job_id))
+    assert fingerprint is not None and len(fingerprint) == 32
     claimed.result(timeout=30)
+    assert redis_client.get(keys.submitted(job_id)) == fingerprint, "the worker found its own claim"
+    job = submit(DOC, urgency="high")  # a generated id: no round trip at submit, the worker claims it
+    job.result(timeout=30)
+    assert redis_client.get(keys.submitted(job.id)) == fingerprint, "same request, same fingerprint"
 
 
 def test_the_fast_tier_falls_back_after_repeated_overloads(

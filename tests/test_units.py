@@ -31,7 +31,7 @@ from tasks.errors import (
     UpstreamUnavailableError,
 )
 from tasks.job import build_job
-from tasks.tiers import load_tier_table
+from tasks.tiers import TierTable, load_tier_table
 from worker.core.settings import Settings, get_settings
 from worker.llm.aioloop import EventLoopThread
 from worker.llm.client import (
@@ -45,7 +45,7 @@ from worker.llm.client import (
 from worker.llm.pricing import PRICES, Usage, cost_usd
 from worker.ops.embedded import free_port
 from worker.runtime.context import Context
-from worker.runtime.jobs import Attempt, plan_retry, run_attempt
+from worker.runtime.jobs import Attempt, JobRef, plan_retry, run_attempt
 
 DOC = " ".join(
     f"Sentence {i} explains how queue number {i} keeps its latency under control with care."
@@ -277,26 +277,33 @@ def _attempt(retries: int = 0, deadline_in: float = 15.0) -> Attempt:
     return Attempt("t1", retries, now, now, now + deadline_in, now)
 
 
+def _ref(tiers: TierTable, job: dict[str, object], queue: str | None = "tierq.fast") -> JobRef:
+    return JobRef.read(str(job.get("job_id", "t1")), job, queue, tiers)
+
+
 def test_plan_retry_by_error_kind() -> None:
     tiers = load_tier_table(None)
-    job = {"tier": "fast"}
+    job = _ref(tiers, {"job_id": "t1", "tier": "fast", "text": "a document"})
     rng = random.Random(1)
-    assert plan_retry(RateLimitedError("429", 429, None, 1.5), _attempt(), tiers, job, rng) == (
+    assert plan_retry(RateLimitedError("429", 429, None, 1.5), _attempt(), job, rng) == (
         1.5,
         "retryable",
     )
-    delay, _ = plan_retry(OverloadedError("529", 529), _attempt(retries=1), tiers, job, rng)
+    delay, _ = plan_retry(OverloadedError("529", 529), _attempt(retries=1), job, rng)
     assert delay is not None and 0.5 <= delay <= 1.0  # base 0.5 s doubled once, jittered in [ceil/2, ceil]
-    assert plan_retry(RequestRejectedError("400", 400), _attempt(), tiers, job)[0] is None
-    assert plan_retry(ValueError("bug"), _attempt(), tiers, job)[0] is None
-    exhausted = plan_retry(OverloadedError("529"), _attempt(retries=2), tiers, job)
+    assert plan_retry(RequestRejectedError("400", 400), _attempt(), job)[0] is None
+    assert plan_retry(ValueError("bug"), _attempt(), job)[0] is None
+    exhausted = plan_retry(OverloadedError("529"), _attempt(retries=2), job)
     assert exhausted == (None, "retries exhausted (2)")
-    late = plan_retry(RateLimitedError("429", 429, None, 30.0), _attempt(), tiers, job)
+    late = plan_retry(RateLimitedError("429", 429, None, 30.0), _attempt(), job)
     assert late == (None, "deadline would pass before another attempt")
+    invalid = _ref(tiers, {"job_id": "t1", "tier": "slow", "text": "a document"})
+    assert invalid.problem is not None and invalid.tier_name == "fast", "the queue's tier, not the body's"
+    assert plan_retry(invalid.problem, _attempt(), invalid) == (None, "invalid job")
 
 
 def test_run_attempt_logs_one_completed_line_without_text(sim: SimServer, ctx: Context) -> None:
-    job = {"job_id": uuid.uuid4().hex, "tier": "fast", "text": DOC}
+    job = _ref(ctx.tiers, {"job_id": uuid.uuid4().hex, "tier": "fast", "text": DOC})
     with structlog.testing.capture_logs() as logs:
         result = run_attempt(job, _attempt(), ctx)
     assert [e["event"] for e in logs] == ["summarize.completed"]
@@ -311,10 +318,17 @@ def test_run_attempt_logs_one_completed_line_without_text(sim: SimServer, ctx: C
 
 
 def test_malformed_job_is_a_permanent_invalid_job(ctx: Context) -> None:
-    with pytest.raises(InvalidJobError, match="malformed job message"):
-        run_attempt({"job_id": "x", "tier": "fast", "text": "t", "extra": 1}, _attempt(), ctx)
-    with pytest.raises(InvalidJobError, match="unknown tier"):
-        run_attempt({"job_id": "x", "tier": "nope", "text": "t"}, _attempt(), ctx)
+    cases = {
+        "malformed job message": {"job_id": "x", "tier": "fast", "text": "t", "extra": 1},
+        "unknown tier": {"job_id": "x", "tier": "nope", "text": "t"},
+        "not the tier of queue": {"job_id": "x", "tier": "slow", "text": "t"},
+        "the fast tier takes at most": {"job_id": "x", "tier": "fast", "text": "t" * 300_000},
+        "above the fast tier's cap": {"job_id": "x", "tier": "fast", "text": "t", "max_tokens": 64_000},
+        "nests deeper": {"job_id": "x", "tier": "fast", "text": "t", "metadata": {"a": [[[[[[[[[1]]]]]]]]]}},
+    }
+    for message, job in cases.items():
+        with pytest.raises(InvalidJobError, match=message):
+            run_attempt(_ref(ctx.tiers, job), _attempt(), ctx)
 
 
 def test_cost_table() -> None:

@@ -10,6 +10,7 @@ Everything a producer needs is importable from here; the errors are tierq's one 
 
 from tasks.errors import (
     BrokerUnavailableError,
+    IdempotencyConflictError,
     InvalidJobError,
     JobError,
     JobExpiredError,
@@ -24,6 +25,7 @@ from worker.core.settings import Settings
 
 __all__ = [
     "BrokerUnavailableError",
+    "IdempotencyConflictError",
     "InvalidJobError",
     "Job",
     "JobError",

@@ -32,6 +32,7 @@ from kombu.exceptions import OperationalError
 from tasks.errors import (
     BrokerUnavailableError,
     DeadlineExceededError,
+    IdempotencyConflictError,
     InvalidJobError,
     JobExpiredError,
     JobFailedError,
@@ -50,9 +51,8 @@ from tasks.job import (
     build_job,
     carried_context,
     check_deadline,
+    check_job,
     kwargs_repr,
-    parse_job,
-    resolve_tier,
 )
 from tasks.result import JobResult
 from tasks.tiers import TierTable, load_tier_table
@@ -105,7 +105,7 @@ _STATUS = {
     "RETRY": "retrying",
     "SUCCESS": "succeeded",
     "FAILURE": "failed",
-    "REVOKED": "revoked",
+    "REVOKED": "cancelled",
 }
 
 
@@ -189,7 +189,7 @@ class Job:
         return f"Job(id={self.id!r})"
 
     def status(self) -> str:
-        """One of pending, running, retrying, succeeded, failed, refused, expired, revoked."""
+        """One of pending, running, retrying, succeeded, failed, refused, expired, cancelled."""
         with _reachable("result backend unavailable"):
             state = str(self._async.state)
             if state in ("FAILURE", "REVOKED") and _expired(self._async.result):
@@ -282,6 +282,22 @@ class Job:
         """Drop the stored result."""
         self._async.forget()
 
+    def cancel(self) -> bool:
+        """Cancel the job: unrun if it is still queued, stopped if it is running; False if it had ended.
+
+        The worker that takes (or runs) it sees the mark and ends it ``cancelled`` without a summary.
+        """
+        if self.ready():
+            return False
+        client = self._producer.redis
+        if client is not None:
+            with _reachable("result backend unavailable, job not cancelled"):
+                ttl = self._producer.settings.result_expires_s
+                client.set(self._producer.keys.cancelled(self.id), time.time(), ex=ttl)
+        with _reachable("broker unavailable, job not cancelled"):
+            self._producer.app.control.revoke(self.id)
+        return True
+
 
 def submit(
     text: str,
@@ -293,6 +309,7 @@ def submit(
     *,
     stream: bool = False,
     deadline_s: float | None = None,
+    producer_id: str | None = None,
     app: Celery | None = None,
     tiers: TierTable | None = None,
     producer: Producer | None = None,
@@ -302,20 +319,32 @@ def submit(
     With ``stream=True`` the worker publishes text as the model produces it, for :meth:`Job.stream`.
     ``deadline_s`` shortens the tier's deadline (seconds from now); the job then expires unrun if it
     is still queued at the deadline, and every attempt's HTTP timeout is what is left of it.
+    A caller's ``job_id`` is an idempotency key: submitting the same request under it again
+    enqueues nothing and returns the first job (``duplicate=True``). ``producer_id`` names the
+    sender in the job, its log line and result.
 
     Raises:
         InvalidJobError: a field is invalid (``.field`` names it); nothing was enqueued.
+        IdempotencyConflictError: ``job_id`` was already used for a different request.
         BrokerUnavailableError: the broker did not take the job within a few seconds.
     """
     producer = producer or default_producer()
     tiers = tiers or producer.tiers
     app = app or producer.app
     spec, tier = build_job(
-        tiers, text, urgency, instructions, max_tokens, job_id or uuid.uuid4().hex, metadata, stream
+        tiers,
+        text,
+        urgency,
+        instructions,
+        max_tokens,
+        job_id or uuid.uuid4().hex,
+        metadata,
+        stream,
+        producer_id,
     )
     allowed_s = check_deadline(deadline_s, tier)
     # a caller's own job id is an idempotency key: the second submit of it enqueues nothing
-    claim = _claim(producer, spec.job_id) if job_id is not None else None
+    claim = _claim(producer, spec) if job_id is not None else None
     if claim is False:
         return Job(spec.job_id, app, None, duplicate=True, producer=producer)
     try:
@@ -353,8 +382,8 @@ def replay(job_id: str, *, app: Celery | None = None, tiers: TierTable | None = 
         raise InvalidJobError(f"job_id: no dead letter for {job_id!r}", field="job_id")
     if not isinstance(letter.payload, dict) or "text" not in letter.payload:
         raise InvalidJobError(f"job_id: the dead letter of {job_id!r} kept no job to replay", field="job_id")
-    spec = parse_job(letter.payload)
-    tier = resolve_tier(spec, tiers)
+    # through the worker's own checks: a job that broke its tier's rules is refused here, not re-enqueued
+    spec, tier = check_job(letter.payload, tiers, None)
     with _reachable("result backend unavailable, job not replayed"):
         if producer.guard is not None:
             producer.guard.forget(job_id)
@@ -365,13 +394,23 @@ def replay(job_id: str, *, app: Celery | None = None, tiers: TierTable | None = 
     return job
 
 
-def _claim(producer: Producer, job_id: str) -> bool | None:
-    """Claim a job id for one submit (``SET NX``); None when there is no Redis to claim it in."""
-    if producer.redis is None:
+def _claim(producer: Producer, spec: JobSpec) -> bool | None:
+    """Claim a job id with its request's fingerprint; None when there is no Redis to claim it in.
+
+    False when the same request already holds it; IdempotencyConflictError when another does.
+    """
+    if producer.guard is None:
         return None
+    fingerprint = spec.fingerprint()
     with _reachable("result backend unavailable, job not enqueued"):
-        ttl = producer.settings.result_expires_s
-        return bool(producer.redis.set(producer.keys.submitted(job_id), time.time(), nx=True, ex=ttl))
+        holder = producer.guard.claim(spec.job_id, fingerprint, producer.settings.result_expires_s)
+    if holder is None:
+        return True
+    if holder != fingerprint:
+        raise IdempotencyConflictError(
+            f"job_id: {spec.job_id!r} was already used for a different request; use a new job id"
+        )
+    return False
 
 
 def _unclaim(producer: Producer, job_id: str) -> None:

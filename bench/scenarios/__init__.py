@@ -1,4 +1,4 @@
-"""The scenarios, by name, in the order ``all`` runs them."""
+"""The scenarios, by name, in the order ``all`` runs them (``http`` runs only when named)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from bench.harness import Harness
 from bench.result import Options, ScenarioResult
-from bench.scenarios import concurrency, cost, isolation, overhead, streaming
+from bench.scenarios import concurrency, cost, http_api, isolation, overhead, streaming
 
 __all__ = ["SCENARIOS", "ScenarioFn"]
 
@@ -19,4 +19,5 @@ SCENARIOS: dict[str, tuple[str, ScenarioFn]] = {
     "streaming": (streaming.TITLE, streaming.run),
     "concurrency": (concurrency.TITLE, concurrency.run),
     "cost": (cost.TITLE, cost.run),
+    "http": (http_api.TITLE, http_api.run),
 }

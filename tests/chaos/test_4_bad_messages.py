@@ -125,11 +125,10 @@ def test_malformed_oversized_and_poison_messages(chaos: Chaos, pool: Pool, produ
         )
     )
     assert row.lost == 0 and row.duplicates == 0, outcomes
-    assert {name: letters[job_id]["reason"] for name, job_id in bad.items()} == {  # type: ignore[index]
-        "badjson": "undecodable message",
-        "pickle": "undecodable message",
-        "unknown": "unknown task",
-    }
+    reasons = {name: str(letters[job_id]["reason"]) for name, job_id in bad.items()}  # type: ignore[index]
+    assert reasons["badjson"].startswith("undecodable: "), reasons
+    assert reasons["pickle"].startswith("undecodable: "), reasons
+    assert reasons["unknown"].startswith("unknown task 'tierq.nope'"), reasons
     assert fast.alive(), "malformed messages do not stop the worker"
     assert outcomes[str(normal["job_id"])]["status"] == "succeeded"
 

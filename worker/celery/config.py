@@ -104,7 +104,9 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
         # unless set; producers always say "task-sent" (after the publish), which tells Flower the queue
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": True,
-        "result_extended": True,
+        # no extended results: they would keep every job's arguments (its document) in the result
+        # backend for result_expires; a job's tier is in its result, its queue in Flower's events
+        "result_extended": False,
         "result_expires": settings.result_expires_s,
         # a producer facing a dead broker gives up after a few seconds instead of hanging
         "task_publish_retry_policy": {

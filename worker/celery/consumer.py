@@ -1,80 +1,159 @@
-"""Celery's consumer, with malformed messages dead-lettered and logged without their body.
+"""Celery's consumer, with every delivery checked before Celery builds a request from it.
 
-Celery rejects a message it cannot decode, whose format it does not know, that names an unknown
-task or that is otherwise invalid, and the worker keeps running; but it logs the message body,
-which here is a document. This consumer (set as ``worker_consumer``) records each such message in
-the dead-letter store and logs one ``message.rejected`` line with its id, task name and sizes.
+Any sender may put anything on a tier's queue. Celery stops its worker for some malformed
+messages (a body that is not ``[args, kwargs, embed]``, a ``timelimit`` that is not a pair: the
+message goes back to the queue and every new worker dies on it), logs the body of others, and
+runs any task it knows (its own built-ins included). This consumer (set as ``worker_consumer``)
+checks each delivery against :func:`tasks.message.check_message` first: one that does not fit is
+dead-lettered with its reason, counted, logged once without its body, marked failed when its id is
+free, and acknowledged; the worker goes on with the next message.
 """
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 from typing import Any
 
-from celery import signals
-from celery.exceptions import NotRegistered
-from celery.utils.log import get_logger as celery_logger
 from celery.worker.consumer import Consumer
 
+from tasks.errors import InvalidJobError
+from tasks.message import MalformedMessage, bounded, check_message, job_id_of
 from worker.celery.process import context
+from worker.celery.transport import Channel
+from worker.observe import metrics
 from worker.observe.logging import get_logger
 
-__all__ = ["TierqConsumer"]
+__all__ = ["KINDS", "TierqConsumer", "refuse"]
 
 #: bytes of a malformed message's body kept in its dead letter
 MAX_KEPT_BYTES = 65_536
+#: what can be wrong with a delivery (the ``kind`` label of ``tierq_messages_rejected_total``)
+KINDS = ("envelope", "undecodable", "headers", "unknown_task", "body", "unexpected")
 
 _log = get_logger("tierq.consumer")
-_celery_log = celery_logger("celery.worker.consumer")
 
 
-def _record(message: Any, reason: str, exc: BaseException | None) -> None:
-    headers = getattr(message, "headers", None) or {}
-    body = getattr(message, "body", b"")
-    raw = body if isinstance(body, bytes) else str(body).encode("utf-8", "replace")
-    job_id = str(headers.get("id") or f"malformed-{uuid.uuid4().hex}")
-    content_type = getattr(message, "content_type", None)
+def _kind(reason: str) -> str:
+    if reason.startswith("unknown task"):
+        return "unknown_task"
+    return next((kind for kind in KINDS if reason.startswith(kind)), "body")
+
+
+def refuse(
+    raw: bytes,
+    reason: str,
+    kind: str,
+    job_id: str | None,
+    queue: str | None,
+    task: object = None,
+    content_type: object = None,
+    backend: Any = None,
+) -> str:
+    """Dead-letter a delivery that is not a tierq job, log it and count it; the dead letter's id.
+
+    ``backend``: Celery's result backend, to mark the job failed (the transport has none to give).
+
+    The dead letter is keyed by the message's job id when that id is free (and the job is marked
+    failed under it, so its sender reads ``failed``, not ``pending`` forever); otherwise by a hash
+    of the raw message, so a malformed message can never overwrite another job's result or dead letter.
+    """
+    digest = hashlib.sha256(raw).hexdigest()
+    letter_id = f"malformed-{digest[:24]}"
+    try:
+        ctx = context()
+    except RuntimeError:  # not in a started worker: nothing to record into
+        ctx = None
+    if job_id is not None and ctx is not None and ctx.guard is not None:
+        holder = ctx.guard.claim(job_id, f"malformed:{digest[:32]}", ctx.settings.result_expires_s)
+        if holder is None or holder == f"malformed:{digest[:32]}":
+            letter_id = job_id
     _log.error(
         "message.rejected",
         reason=reason,
-        job_id=job_id,
-        task=headers.get("task"),
-        content_type=content_type,
+        kind=kind,
+        job_id=letter_id,
+        queue=bounded(queue, 128) if queue is not None else None,
+        task=bounded(task, 128) if task is not None else None,
+        content_type=bounded(content_type, 128) if content_type is not None else None,
         body_bytes=len(raw),
-        error_type=type(exc).__name__ if exc is not None else None,
     )
-    payload = {
-        "raw": raw[:MAX_KEPT_BYTES].decode("utf-8", "replace"),
-        "content_type": content_type,
-        "task": headers.get("task"),
-    }
-    store = context().dead_letters
-    if store is not None:
-        store.add(job_id, reason, exc, None, 0, {}, payload, error_type=type(exc).__name__ if exc else reason)
+    metrics.observe_rejected(queue, kind)
+    if ctx is None:
+        return letter_id
+    error = InvalidJobError(f"malformed message: {reason}", field="message")
+    if ctx.dead_letters is not None:
+        payload = {
+            "raw": raw[:MAX_KEPT_BYTES].decode("utf-8", "replace"),
+            "content_type": bounded(content_type, 128) if content_type is not None else None,
+            "task": bounded(task, 128) if task is not None else None,
+            "queue": queue,
+        }
+        ctx.dead_letters.add(letter_id, reason, error, None, 0, {}, payload, error_type="MalformedMessage")
+    if letter_id == job_id and backend is not None:
+        try:
+            backend.mark_as_failure(job_id, error)
+        except Exception as exc:  # the dead letter is written; a status write that fails is logged
+            _log.warning("message.status_failed", job_id=job_id, error=bounded(str(exc)))
+    return letter_id
+
+
+def _raw(message: Any) -> bytes:
+    body = getattr(message, "body", b"")
+    return body if isinstance(body, bytes) else str(body).encode("utf-8", "replace")
+
+
+def _refuse_entry(raw: bytes, reason: str, queue: str) -> None:
+    """A Redis list entry that is not even a kombu message (see :mod:`worker.celery.transport`)."""
+    refuse(raw, reason, "envelope", None, queue)
 
 
 class TierqConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer; malformed messages go to the dead-letter store, their bodies stay out of logs."""
+    """Celery's consumer; deliveries that are not tierq job messages never reach Celery's strategy."""
 
-    def on_decode_error(self, message: Any, exc: BaseException) -> None:
-        _record(message, "undecodable message", exc)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # this process consumes: broken list entries on a Redis queue are refused, not raised
+        Channel.on_malformed = _refuse_entry
+        super().__init__(*args, **kwargs)
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handle = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Any) -> None:
+            headers = message.headers
+            queue = (message.delivery_info or {}).get("routing_key")
+            try:
+                body = message.decode()
+            except Exception as exc:  # refused content type, bad JSON, nesting too deep ...
+                reason = f"undecodable: {type(exc).__name__}: {bounded(str(exc))}"
+                self._refuse(message, reason, headers, queue, job_id_of(headers))
+                return
+            try:
+                check_message(headers, body)
+            except MalformedMessage as exc:
+                self._refuse(message, exc.reason, headers, queue, exc.job_id)
+                return
+            try:
+                handle(message)
+            except Exception as exc:
+                if message.acknowledged:
+                    raise
+                reason = f"unexpected: {type(exc).__name__}: {bounded(str(exc))}"
+                self._refuse(message, reason, headers, queue, job_id_of(headers))
+
+        return on_task_received
+
+    def _refuse(
+        self, message: Any, reason: str, headers: object, queue: object, job_id: str | None = None
+    ) -> None:
+        task = headers.get("task") if isinstance(headers, dict) else None
+        refuse(
+            _raw(message),
+            reason,
+            _kind(reason),
+            job_id,
+            queue if isinstance(queue, str) else None,
+            task,
+            getattr(message, "content_type", None),
+            self.app.backend,
+        )
         message.ack()
-
-    def on_unknown_message(self, body: Any, message: Any) -> None:
-        _record(message, "unknown message format", None)
-        message.reject_log_error(_celery_log, self.connection_errors)
-        signals.task_rejected.send(sender=self, message=message, exc=None)
-
-    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        _record(message, "unknown task", exc)
-        headers = message.headers or {}
-        job_id, name = headers.get("id"), headers.get("task")
-        message.reject_log_error(_celery_log, self.connection_errors)
-        if job_id:
-            self.app.backend.mark_as_failure(job_id, NotRegistered(name))
-        signals.task_unknown.send(sender=self, message=message, exc=exc, name=name, id=job_id)
-
-    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        _record(message, "invalid task message", exc)
-        message.reject_log_error(_celery_log, self.connection_errors)
-        signals.task_rejected.send(sender=self, message=message, exc=exc)

@@ -6,11 +6,13 @@ import math
 from typing import Any
 
 from celery import Task, signals
+from celery.exceptions import Ignore
 
-from tasks.job import SUMMARIZE_TASK, kwargs_repr
+from tasks.errors import IdempotencyConflictError
+from tasks.job import SUMMARIZE_TASK
 from worker.celery.app import app
 from worker.celery.process import context
-from worker.runtime.jobs import Attempt, plan_retry, report_expired, report_failure, run_attempt
+from worker.runtime.jobs import Attempt, JobRef, plan_retry, report_expired, report_failure, run_attempt
 
 __all__ = ["summarize"]
 
@@ -25,18 +27,24 @@ __all__ = ["summarize"]
 def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     """Summarize ``job["text"]`` with its tier's model; retry what is worth retrying, in time.
 
-    Returns the :class:`~tasks.result.JobResult` as JSON: what Celery stores and producers read.
+    The message was checked by the consumer (:mod:`worker.celery.consumer`); the job itself is
+    checked here, against the tier of the queue it came from. Returns the
+    :class:`~tasks.result.JobResult` as JSON: what Celery stores and producers read.
     """
     request = self.request
     headers = dict(request.headers or {})
     queue = (request.delivery_info or {}).get("routing_key")
-    attempt = Attempt.from_headers(request.id, request.retries or 0, headers, queue)
     ctx = context()
+    ref = JobRef.read(request.id, job, queue, ctx.tiers)
+    attempt = Attempt.from_headers(request.id, request.retries or 0, headers, queue)
     try:
-        return run_attempt(job, attempt, ctx).to_json()
+        return run_attempt(ref, attempt, ctx).to_json()
     except Exception as exc:
-        delay, why = plan_retry(exc, attempt, ctx.tiers, job)
-        report_failure(exc, attempt, job, delay, why, ctx)
+        delay, why = plan_retry(exc, attempt, ref)
+        report_failure(exc, attempt, ref, delay, why, ctx)
+        if isinstance(exc, IdempotencyConflictError):
+            # the id's result belongs to the request that holds it: store nothing over it
+            raise Ignore() from exc
         if delay is None:
             raise
         raise self.retry(
@@ -45,7 +53,7 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
             headers=attempt.retry_headers(headers, exc),
             # Celery would show the real arguments in the retry's events: keep them redacted
             argsrepr="()",
-            kwargsrepr=kwargs_repr(job.get("tier"), job.get("text")) if isinstance(job, dict) else "{}",
+            kwargsrepr=ref.kwargs_repr(),
         ) from exc
 
 

@@ -31,6 +31,7 @@ from tasks.result import JobResult
 __all__ = [
     "COST",
     "JOB_SECONDS",
+    "MESSAGES_REJECTED",
     "QUEUE_WAIT",
     "TASKS_FAILED",
     "TASKS_REFUSED",
@@ -43,6 +44,7 @@ __all__ = [
     "observe_completed",
     "observe_failed",
     "observe_refused",
+    "observe_rejected",
     "observe_retried",
     "serve_metrics",
 ]
@@ -103,6 +105,11 @@ TOKENS_PER_S = Histogram(
     ["tier", "model"],
     buckets=_RATE_BUCKETS,
 )
+MESSAGES_REJECTED = Counter(
+    "tierq_messages_rejected",
+    "Deliveries that were not a tierq job message, dead-lettered and acknowledged, by what was wrong.",
+    ["queue_name", "kind"],
+)
 TOKENS = Counter("tierq_tokens", "Tokens billed, by kind (direction).", ["tier", "model", "direction"])
 COST = Counter("tierq_cost_usd", "Dollars spent, from the price table.", ["tier", "model"])
 
@@ -135,6 +142,11 @@ def observe_completed(result: JobResult, queue: str | None) -> None:
             TOKENS.labels(tier, model, direction).inc(tokens)
     if result.cost_usd:
         COST.labels(tier, model).inc(result.cost_usd)
+
+
+def observe_rejected(queue: str | None, kind: str) -> None:
+    """A malformed delivery (``kind``: one of ``worker.celery.consumer.KINDS``)."""
+    MESSAGES_REJECTED.labels(queue or "", kind).inc()
 
 
 def observe_refused(tier: str, queue: str | None) -> None:

@@ -352,6 +352,28 @@ def tiers() -> None:
 
 
 @cli.command()
+def schemas(
+    out: Annotated[Path, typer.Option(help="Where to write them.")] = Path("docs/schemas/v1"),
+    check: Annotated[bool, typer.Option("--check", help="Only compare; exit 1 when a file differs.")] = False,
+) -> None:
+    """Write the contract's JSON Schemas (job, headers, body, result, status), generated from the models."""
+    from tasks.schemas import rendered
+
+    stale = []
+    for name, text in rendered().items():
+        path = out / name
+        if check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                stale.append(str(path))
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        sys.stdout.write(f"{path}\n")
+    if stale:
+        raise _fail(f"out of date (run tierq schemas): {', '.join(stale)}", code=1)
+
+
+@cli.command()
 def flower(
     port: Annotated[int, typer.Option(help="Port for Flower's UI and API.")] = 5555,
     address: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
@@ -380,6 +402,63 @@ def flower(
     with suppress(Exception):
         app.control.enable_events()
     app.start(["flower", f"--port={port}", f"--address={address}"])
+
+
+@cli.command()
+def api(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    tokens_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="TIERQ_API_TOKENS_FILE", help="TOML or JSON: producer name = sha256 hex of its token."
+        ),
+    ] = None,
+    tokens: Annotated[
+        str | None,
+        typer.Option(envvar="TIERQ_API_TOKENS", help="Token hashes as name:sha256hex,name2:sha256hex."),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option("--insecure-no-auth", help="No tokens: every caller is 'anonymous' (local use)."),
+    ] = False,
+) -> None:
+    """Serve the HTTP API: submit, read, stream and cancel jobs (docs/http.md)."""
+    with _extra("api"):
+        import uvicorn
+
+        from worker.api import load_tokens, make_api
+    from tierq import Producer
+    from worker.core.settings import get_settings
+    from worker.observe.logging import configure_logging
+
+    try:
+        table = load_tokens(tokens_file, tokens)
+        settings = get_settings()
+        producer = Producer(settings)
+    except TierqError as exc:
+        raise _fail(str(exc)) from None
+    if not len(table) and not insecure_no_auth:
+        raise _fail(
+            "no API tokens: set TIERQ_API_TOKENS_FILE (or --tokens-file) or TIERQ_API_TOKENS, "
+            "or pass --insecure-no-auth for local use (see docs/http.md)"
+        )
+    if not len(table):
+        _warn("serving without tokens (--insecure-no-auth): every caller is the producer 'anonymous'")
+    configure_logging(settings)
+    app = make_api(producer, table if len(table) else None)
+    who = f"producers: {', '.join(table.names)}" if len(table) else "no auth"
+    _err.print(f"tierq API on http://{host}:{port} ({who})", highlight=False)
+    # SIGTERM: stop taking connections, give open event streams 10 s (clients resume with Last-Event-ID)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
 
 
 @cli.command()

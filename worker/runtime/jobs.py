@@ -15,6 +15,8 @@ from typing import Any
 
 from tasks.errors import (
     DeadlineExceededError,
+    IdempotencyConflictError,
+    InvalidJobError,
     LLMError,
     OverloadedError,
     PoisonJobError,
@@ -30,12 +32,12 @@ from tasks.job import (
     FIRST_STARTED_AT_HEADER,
     OVERLOADS_HEADER,
     STREAM_HEADER,
-    TIER_HEADER,
     JobSpec,
     build_prompt,
-    parse_job,
-    resolve_tier,
+    check_job,
+    kwargs_repr,
 )
+from tasks.message import bounded
 from tasks.result import Fallback, JobResult, Timings
 from tasks.tiers import Tier, TierTable
 from worker.core.settings import Settings
@@ -52,6 +54,7 @@ __all__ = [
     "REFUSED",
     "RETRYING",
     "Attempt",
+    "JobRef",
     "build_result",
     "plan_retry",
     "report_expired",
@@ -116,6 +119,11 @@ class Attempt:
         return min(limit, self.deadline_hint) if self.deadline_hint else limit
 
     @property
+    def enqueued_at_source(self) -> str:
+        """Where the job's start of time comes from: its producer's stamp, or the first attempt's start."""
+        return "producer" if self.enqueued_at is not None else "first_seen"
+
+    @property
     def queue_wait_ms(self) -> float | None:
         """Enqueue → first attempt started, in milliseconds."""
         if self.enqueued_at is None:
@@ -148,17 +156,84 @@ def _float_or_none(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def run_attempt(job: object, attempt: Attempt, ctx: Context) -> JobResult:
+@dataclass(frozen=True, slots=True)
+class JobRef:
+    """A delivered job as every path sees it: checked once, where the message is read.
+
+    ``spec`` and ``tier`` are set when the job is valid for the queue it came from; otherwise
+    ``problem`` says why, and ``tier`` is the queue's own tier (never a name the sender made up).
+    """
+
+    job_id: str
+    #: a tier of the table (the job's, else its queue's), or None when neither is known
+    tier: Tier | None
+    stream: bool
+    spec: JobSpec | None = None
+    problem: InvalidJobError | None = None
+    #: the body's job as sent, kept for the dead letter of a job that did not check
+    raw: dict[str, Any] | None = None
+
+    @classmethod
+    def read(cls, task_id: str, job: object, queue: str | None, tiers: TierTable) -> JobRef:
+        """Check a delivered job (:func:`tasks.job.check_job`); never raises."""
+        try:
+            spec, tier = check_job(job, tiers, queue)
+        except InvalidJobError as exc:
+            raw = job if isinstance(job, dict) else None
+            stream = raw is not None and raw.get("stream") is True
+            return cls(task_id, _queue_tier(queue, tiers), stream, problem=exc, raw=raw)
+        return cls(spec.job_id, tier, spec.stream, spec)
+
+    @classmethod
+    def queued(cls, task_id: str, headers: dict[str, Any], queue: str | None, tiers: TierTable) -> JobRef:
+        """A job known only by its message's headers (dropped unrun by Celery as expired)."""
+        return cls(task_id, _queue_tier(queue, tiers), headers.get(STREAM_HEADER) is True)
+
+    @property
+    def tier_name(self) -> str:
+        """The tier, for labels and logs: always one of the table's names, or "unknown"."""
+        return self.tier.name if self.tier is not None else "unknown"
+
+    def kwargs_repr(self) -> str:
+        """What Celery events show for the job: its tier and size, never its text."""
+        text = self.spec.text if self.spec is not None else (self.raw or {}).get("text")
+        return kwargs_repr(self.tier_name, text)
+
+    def payload(self) -> dict[str, Any] | None:
+        """What a dead letter keeps to replay the job: the checked job, else the job as sent."""
+        if self.spec is not None:
+            return self.spec.model_dump(mode="json", exclude_none=True)
+        return self.raw
+
+
+def _queue_tier(queue: str | None, tiers: TierTable) -> Tier | None:
+    return next((t for t in tiers.tiers.values() if t.queue == queue), None)
+
+
+def run_attempt(ref: JobRef, attempt: Attempt, ctx: Context) -> JobResult:
     """Run one attempt of a job: call the model, build the result, log ``summarize.completed``."""
-    spec = parse_job(job)
-    tier = resolve_tier(spec, ctx.tiers)
+    if ref.problem is not None:
+        raise ref.problem
+    spec, tier = ref.spec, ref.tier
+    assert spec is not None and tier is not None  # a JobRef without a problem has both
     deadline = attempt.deadline(tier)
     if time.time() >= deadline:
         raise DeadlineExceededError(f"deadline passed before the job started (tier {tier.name})")
     guard = ctx.guard
     if guard is None:
         return _call_model(spec, tier, attempt, deadline, ctx)
-    begin = guard.begin(spec.job_id, starts_ttl_s=tier.deadline_s + STARTS_TTL_MARGIN_S)
+    begin = guard.begin(
+        spec.job_id,
+        starts_ttl_s=tier.deadline_s + STARTS_TTL_MARGIN_S,
+        fingerprint=spec.fingerprint(),
+        claim_ttl_s=ctx.settings.result_expires_s,
+    )
+    if begin.conflict:
+        if begin.acquired:
+            guard.release(spec.job_id)
+        raise IdempotencyConflictError(
+            f"job_id: {spec.job_id!r} already names a different request; this one was not run"
+        )
     if begin.result is not None:
         _log.info(DEDUPLICATED, reason="result already recorded", starts=begin.starts)
         return begin.result
@@ -211,16 +286,25 @@ def _call_model(
             reply.request_id,
         )
     result = build_result(spec, tier, attempt, reply, time.time())
-    _log.info(COMPLETED, **_log_figures(result), **_content(ctx.settings, spec, result))
-    metrics.observe_completed(result, attempt.queue)
-    _record_stats(
-        ctx,
-        result.tier,
-        result.model,
-        "succeeded",
-        result.timings.model_dump(exclude_none=True),
-        result.cost_usd,
+    _log.info(
+        COMPLETED,
+        enqueued_at=attempt.enqueued_at_source,
+        **_log_figures(result),
+        **_content(ctx.settings, spec, result),
     )
+    metrics.observe_completed(result, attempt.queue)
+    if ctx.stats is not None:
+        timings = result.timings
+        ctx.stats.record(
+            tier=result.tier,
+            outcome="succeeded",
+            model=result.model,
+            cost_usd=result.cost_usd,
+            queue_wait_ms=timings.queue_wait_ms,
+            ttft_ms=timings.ttft_ms,
+            total_ms=timings.total_ms,
+            output_tokens_per_s=timings.output_tokens_per_s,
+        )
     if publisher is not None:
         publisher.end("succeeded")
     return result
@@ -285,14 +369,14 @@ def _content(settings: Settings, spec: JobSpec, result: JobResult) -> dict[str, 
 def report_expired(task_id: str, headers: dict[str, Any], queue: str | None, ctx: Context) -> None:
     """Report a job Celery dropped unrun because its message expired (the deadline passed in the queue)."""
     attempt = Attempt.from_headers(task_id, 0, headers, queue)
-    job = {"job_id": task_id, "tier": headers.get(TIER_HEADER), "stream": headers.get(STREAM_HEADER) is True}
+    ref = JobRef.queued(task_id, headers, queue, ctx.tiers)
     report_failure(
-        DeadlineExceededError("deadline passed while the job was queued"), attempt, job, None, "expired", ctx
+        DeadlineExceededError("deadline passed while the job was queued"), attempt, ref, None, "expired", ctx
     )
 
 
 def plan_retry(
-    exc: BaseException, attempt: Attempt, tiers: TierTable, job: object, rng: random.Random | None = None
+    exc: BaseException, attempt: Attempt, ref: JobRef, rng: random.Random | None = None
 ) -> tuple[float | None, str]:
     """Seconds to wait before the next attempt, or None to give up, and why.
 
@@ -306,7 +390,11 @@ def plan_retry(
         return None, "refused"
     if isinstance(exc, SpendLimitError):
         return None, "spend_limit"
-    tier = tiers.tiers.get(job.get("tier", "")) if isinstance(job, dict) else None
+    if isinstance(exc, IdempotencyConflictError):
+        return None, "idempotency_conflict"
+    if isinstance(exc, InvalidJobError):
+        return None, "invalid job"
+    tier = ref.tier if ref.spec is not None else None
     after_text = isinstance(exc, StreamInterruptedError) and tier is not None and tier.retry_after_text
     if not isinstance(exc, RetryableLLMError) and not after_text:
         return None, "not retryable"
@@ -331,33 +419,31 @@ def _publisher(ctx: Context, job_id: str, run: int) -> TokenPublisher | None:
     return TokenPublisher(ctx.redis, stream_key(job_id, ctx.settings.key_prefix), run)
 
 
-def _record_stats(
-    ctx: Context, tier: str, model: str | None, outcome: str, timings: dict[str, Any], cost: float | None
-) -> None:
-    if ctx.stats is not None:
-        ctx.stats.record({"tier": tier, "model": model, "outcome": outcome, "cost_usd": cost, **timings})
-
-
 def report_failure(
-    exc: BaseException, attempt: Attempt, job: object, delay: float | None, why: str, ctx: Context
+    exc: BaseException, attempt: Attempt, ref: JobRef, delay: float | None, why: str, ctx: Context
 ) -> None:
-    """Log and count ``summarize.retrying`` if another attempt follows, else the one ``summarize.failed``."""
+    """Log and count ``summarize.retrying`` if another attempt follows, else the one ``summarize.failed``.
+
+    A job that failed for good is dead-lettered under its id, except an idempotency conflict: its
+    dead letter gets an id of its own, so the job that holds the id keeps its result and dead letter.
+    """
     if isinstance(exc, RefusedError):
-        _report_refused(exc, attempt, job, ctx)
+        _report_refused(exc, attempt, ref, ctx)
         return
+    tier = ref.tier_name
     figures: dict[str, Any] = {
+        "job_id": ref.job_id,
+        "tier": tier,
         "error_type": type(exc).__name__,
-        "error": str(exc),
+        "error": bounded(str(exc), 1000),
         "status_code": getattr(exc, "status_code", None),
         "request_id": getattr(exc, "request_id", None),
         "retries": attempt.retries,
         "queue_wait_ms": attempt.queue_wait_ms,
         "total_ms": attempt.total_ms(time.time()),
     }
-    tier = str(job.get("tier")) if isinstance(job, dict) else "?"
-    figures["tier"] = tier
-    if isinstance(job, dict):
-        figures["job_id"] = job.get("job_id")
+    if isinstance(exc, InvalidJobError):
+        figures["field"] = exc.field
     if delay is not None:
         _log.warning(RETRYING, delay_s=delay, **figures)
         metrics.observe_retried(tier, attempt.queue, figures["error_type"])
@@ -367,36 +453,49 @@ def report_failure(
     else:
         _log.error(FAILED, reason="unexpected error", exc_info=exc, **figures)
     metrics.observe_failed(tier, attempt.queue, figures["error_type"])
+    if ctx.stats is not None:
+        ctx.stats.record(
+            tier=tier, outcome="failed", queue_wait_ms=figures["queue_wait_ms"], total_ms=figures["total_ms"]
+        )
     timings = {"queue_wait_ms": figures["queue_wait_ms"], "total_ms": figures["total_ms"]}
-    _record_stats(ctx, tier, None, "failed", timings, None)
-    job_id = str(figures.get("job_id") or attempt.task_id)
-    payload = job if isinstance(job, dict) and "text" in job else None
+    letter_id = ref.job_id
+    if isinstance(exc, IdempotencyConflictError) and ref.spec is not None:
+        letter_id = f"{ref.job_id}~{ref.spec.fingerprint()[:12]}"
     if ctx.dead_letters is not None:
-        ctx.dead_letters.add(job_id, why, exc, tier, attempt.retries + 1, timings, payload)
-    if isinstance(job, dict) and job.get("stream") is True:
-        publisher = _publisher(ctx, job_id, attempt.retries)
+        ctx.dead_letters.add(
+            letter_id,
+            why,
+            exc,
+            ref.tier.name if ref.tier else None,
+            attempt.retries + 1,
+            timings,
+            ref.payload(),
+        )
+    if ref.stream and letter_id == ref.job_id:
+        publisher = _publisher(ctx, ref.job_id, attempt.retries)
         if publisher is not None:
             publisher.end("failed")
 
 
-def _report_refused(exc: RefusedError, attempt: Attempt, job: object, ctx: Context) -> None:
+def _report_refused(exc: RefusedError, attempt: Attempt, ref: JobRef, ctx: Context) -> None:
     """The one ``summarize.refused`` line, a metric and the stream's end; no dead letter: a replay
     would be refused again, and the job's result (the stored error) says why."""
-    tier = str(job.get("tier")) if isinstance(job, dict) else "?"
-    job_id = str(job.get("job_id") or attempt.task_id) if isinstance(job, dict) else attempt.task_id
-    timings = {"queue_wait_ms": attempt.queue_wait_ms, "total_ms": attempt.total_ms(time.time())}
+    tier = ref.tier_name
+    queue_wait_ms, total_ms = attempt.queue_wait_ms, attempt.total_ms(time.time())
     _log.warning(
         REFUSED,
         tier=tier,
-        job_id=job_id,
+        job_id=ref.job_id,
         category=exc.category,
         request_id=exc.request_id,
         retries=attempt.retries,
-        **timings,
+        queue_wait_ms=queue_wait_ms,
+        total_ms=total_ms,
     )
     metrics.observe_refused(tier, attempt.queue)
-    _record_stats(ctx, tier, None, "refused", timings, None)
-    if isinstance(job, dict) and job.get("stream") is True:
-        publisher = _publisher(ctx, job_id, attempt.retries)
+    if ctx.stats is not None:
+        ctx.stats.record(tier=tier, outcome="refused", queue_wait_ms=queue_wait_ms, total_ms=total_ms)
+    if ref.stream:
+        publisher = _publisher(ctx, ref.job_id, attempt.retries)
         if publisher is not None:
             publisher.end("refused")

@@ -51,6 +51,8 @@ class Begin:
     result: JobResult | None
     acquired: bool
     starts: int
+    #: the job id is held by another request (a different fingerprint): this one must not run
+    conflict: bool = False
 
 
 class RunGuard:
@@ -66,24 +68,44 @@ class RunGuard:
         self._release = client.register_script(_RELEASE)
         self._beating = False
 
+    def claim(self, job_id: str, fingerprint: str, ttl_s: int) -> str | None:
+        """Claim a job id for a request's fingerprint (``SET NX``): None when this call claimed it,
+        else the fingerprint that already holds it (this one's for a repeat, another's for a conflict)."""
+        key = self.keys.submitted(job_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(key, fingerprint, nx=True, ex=ttl_s)
+        pipe.get(key)
+        claimed, holder = pipe.execute()
+        if claimed or holder is None:
+            return None
+        return _holder(holder, fingerprint)
+
     def is_running(self, job_id: str) -> bool:
         """Whether an attempt of the job holds its run lock."""
         return bool(self.client.exists(self.keys.running(job_id)))
 
-    def begin(self, job_id: str, starts_ttl_s: float) -> Begin:
-        """One round trip: the recorded result, the run lock and the start count."""
+    def begin(self, job_id: str, starts_ttl_s: float, fingerprint: str, claim_ttl_s: int) -> Begin:
+        """One round trip: the claim on the id, the recorded result, the run lock and the start count.
+
+        The id is claimed for ``fingerprint`` (the request's) unless a submit or an earlier
+        delivery already did; when another request holds it, ``conflict`` is set.
+        """
         running = self.keys.running(job_id)
         starts = self.keys.starts(job_id)
+        claim = self.keys.submitted(job_id)
         pipe = self.client.pipeline(transaction=False)
+        pipe.set(claim, fingerprint, nx=True, ex=claim_ttl_s)
+        pipe.get(claim)
         pipe.get(self.keys.result(job_id))
         pipe.set(running, self._token, nx=True, px=int(LOCK_TTL_S * 1000))
         pipe.incr(starts)
         pipe.expire(starts, int(starts_ttl_s))
-        stored, acquired, count, _ = pipe.execute()
+        _, holder, stored, acquired, count, _ = pipe.execute()
         if acquired:
             self._hold(running)
-        result = _parse(stored)
-        return Begin(result=result, acquired=bool(acquired), starts=int(count))
+        conflict = holder is not None and _holder(holder, fingerprint) != fingerprint
+        result = None if conflict else _parse(stored)
+        return Begin(result=result, acquired=bool(acquired), starts=int(count), conflict=conflict)
 
     def acquire(self, job_id: str) -> bool:
         """Take the run lock if it is free."""
@@ -165,6 +187,17 @@ class RunGuard:
                 pipe.execute()
             except redis.RedisError as exc:
                 _log.warning("guard.heartbeat_failed", held=len(held), error=str(exc))
+
+
+def _holder(raw: bytes, fingerprint: str) -> str:
+    """The fingerprint a claim holds. A claim written before claims held fingerprints (a timestamp)
+    is taken as this request's: the job it names was submitted by a previous version."""
+    holder = bytes(raw).decode(errors="replace")
+    if holder.startswith("malformed:") or (
+        len(holder) == 32 and all(c in "0123456789abcdef" for c in holder)
+    ):
+        return holder
+    return fingerprint
 
 
 def _parse(stored: object) -> JobResult | None:

@@ -6,7 +6,8 @@ database::
     <prefix>tierq:result:<job_id>      a finished job's result, for a redelivered message (guard)
     <prefix>tierq:running:<job_id>     the run lock an attempt holds while it runs (guard)
     <prefix>tierq:starts:<job_id>      how many times the job started (guard: poison)
-    <prefix>tierq:submitted:<job_id>   a caller-given job id, claimed by its first submit
+    <prefix>tierq:submitted:<job_id>   a job id, claimed with its request's fingerprint by its first submit
+    <prefix>tierq:cancel:<job_id>      a job cancelled by its producer (checked before and during a run)
     <prefix>tierq:tokens:<job_id>      a streamed job's text (Redis stream)
     <prefix>tierq:dlq                  dead letters by time (sorted set)
     <prefix>tierq:dlq:<job_id>         one dead letter (hash)
@@ -41,6 +42,10 @@ class Keys:
     def submitted(self, job_id: str) -> str:
         """The claim on a caller-given job id."""
         return f"{self.prefix}tierq:submitted:{job_id}"
+
+    def cancelled(self, job_id: str) -> str:
+        """The mark of a job its producer cancelled."""
+        return f"{self.prefix}tierq:cancel:{job_id}"
 
     def tokens(self, job_id: str) -> str:
         """A streamed job's text."""

@@ -49,9 +49,30 @@ class StatsStream:
         client = backend_redis(settings)
         return None if client is None else cls(client, settings.key_prefix, settings.stats_maxlen)
 
-    def record(self, entry: dict[str, Any]) -> None:
+    def record(
+        self,
+        *,
+        tier: str,
+        outcome: str,
+        model: str | None = None,
+        cost_usd: float | None = None,
+        queue_wait_ms: float | None = None,
+        ttft_ms: float | None = None,
+        total_ms: float | None = None,
+        output_tokens_per_s: float | None = None,
+    ) -> None:
         """Append one job's figures; a Redis error is logged, never raised (stats must not fail a job)."""
-        fields = {k: str(v) for k, v in entry.items() if k in FIELDS and v is not None}
+        entry = {
+            "tier": tier,
+            "model": model,
+            "outcome": outcome,
+            "queue_wait_ms": queue_wait_ms,
+            "ttft_ms": ttft_ms,
+            "total_ms": total_ms,
+            "output_tokens_per_s": output_tokens_per_s,
+            "cost_usd": cost_usd,
+        }
+        fields = {k: str(v) for k, v in entry.items() if v is not None}
         try:
             self.client.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
         except redis.RedisError as exc:

@@ -96,26 +96,38 @@ class TokenPublisher:
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
     """One entry read back: a text delta (``text``) of a ``run``, the end marker (``end``), or
-    ``restarted``: the job started over after text of an earlier run was read (drop that text)."""
+    ``restarted``: the job started over after text of an earlier run was read (drop that text).
+
+    ``id`` is the Redis entry id of a text or end entry (None for ``restarted``, which is not stored):
+    what a reader passes as ``after`` to resume behind it.
+    """
 
     text: str | None = None
     run: int = 0
     end: str | None = None
     restarted: bool = False
+    id: str | None = None
 
 
 def read_entries(
-    client: redis.Redis, key: str, deadline: float | None = None
+    client: redis.Redis, key: str, deadline: float | None = None, after: str | None = None
 ) -> Iterator[StreamEntry | None]:
-    """Entries from the start of the stream as they come; ``None`` after each idle ``BLOCK_MS``.
+    """Entries from the start of the stream (or those after the entry id ``after``) as they come;
+    ``None`` after each idle ``BLOCK_MS``.
 
     Stops after the end marker, or at ``deadline`` (a ``time.monotonic()`` instant). Text of a run
     that a later run follows within the same read is skipped: a late reader gets only the text of
-    the run that finished. When a new run's text follows text already yielded, a ``restarted``
-    entry comes first.
+    the run that finished. When a new run's text follows text already yielded (before ``after``,
+    too), a ``restarted`` entry comes first.
     """
-    last: bytes | str = "0-0"
+    last: bytes | str = after or "0-0"
     yielded_run: bytes | None = None
+    if after is not None:
+        # resuming: the run of the text read before, so that a later run's text is announced
+        before: list[tuple[bytes, dict[bytes, bytes]]]
+        before = client.xrevrange(key, max=after, count=1)  # type: ignore[assignment]
+        if before and b"t" in before[0][1]:
+            yielded_run = before[0][1].get(b"a", b"0")
     while True:
         block = BLOCK_MS
         if deadline is not None:
@@ -134,7 +146,7 @@ def read_entries(
         for entry_id, fields in entries:
             last = entry_id
             if b"end" in fields:
-                yield StreamEntry(end=fields[b"end"].decode())
+                yield StreamEntry(end=fields[b"end"].decode(), id=entry_id.decode())
                 return
             run = fields.get(b"a", b"0")
             if run != latest:
@@ -142,4 +154,4 @@ def read_entries(
             if yielded_run is not None and run != yielded_run:
                 yield StreamEntry(run=int(run), restarted=True)
             yielded_run = run
-            yield StreamEntry(text=fields[b"t"].decode(), run=int(run))
+            yield StreamEntry(text=fields[b"t"].decode(), run=int(run), id=entry_id.decode())
