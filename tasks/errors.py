@@ -8,9 +8,11 @@
     │   └── IdempotencyConflictError     a job id already names a different request
     ├── BrokerUnavailableError       the broker did not answer in time
     ├── PoisonJobError               a job kept crashing its worker; given up unrun
+    ├── CancelRequestedError         the job's producer cancelled it (worker side)
     ├── JobError                     a job ended without a summary (producer side)
     │   ├── JobFailedError
     │   │   ├── JobExpiredError      its deadline passed, queued or running
+    │   │   ├── JobCancelledError    its producer cancelled it
     │   │   └── JobRefusedError      the model refused (stop_reason "refusal")
     │   └── JobTimeoutError
     └── LLMError                     a call to the model failed
@@ -37,10 +39,12 @@ from __future__ import annotations
 
 __all__ = [
     "BrokerUnavailableError",
+    "CancelRequestedError",
     "ConfigError",
     "DeadlineExceededError",
     "IdempotencyConflictError",
     "InvalidJobError",
+    "JobCancelledError",
     "JobError",
     "JobExpiredError",
     "JobFailedError",
@@ -94,6 +98,10 @@ class PoisonJobError(TierqError):
     """Raised when a job started more often than its attempts allow: it keeps crashing its worker."""
 
 
+class CancelRequestedError(TierqError):
+    """Raised in the worker when the job's producer cancelled it: the job ends ``cancelled``."""
+
+
 class JobError(TierqError):
     """Raised on the producer side when a job did not produce a summary."""
 
@@ -108,6 +116,10 @@ class JobFailedError(JobError):
 
 class JobExpiredError(JobFailedError):
     """Raised when a job's deadline passed before it produced a summary."""
+
+
+class JobCancelledError(JobFailedError):
+    """Raised when the job was cancelled (``Job.cancel()``, ``DELETE /v1/jobs/{id}``) before it ended."""
 
 
 class JobRefusedError(JobFailedError):

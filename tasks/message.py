@@ -30,8 +30,11 @@ from tasks.job import (
 )
 
 __all__ = [
+    "DEFAULT_CELERY_QUEUE",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
+    "STRAY_QUEUES",
+    "UNROUTABLE_QUEUE",
     "Embed",
     "Envelope",
     "Kwargs",
@@ -42,6 +45,15 @@ __all__ = [
     "check_message",
     "job_id_of",
 ]
+
+#: queues no tierq worker reads, where jobs can sit unseen: Celery's default queue (where a plain
+#: Celery client sends when nobody routed it), and where kombu puts a message whose routing key
+#: matched no queue (tierq sets it as the Redis transport's ``deadletter_queue``; kombu drops such
+#: messages otherwise). Their lengths are in ``tierq doctor``, ``tierq stats`` and
+#: ``tierq_stray_messages``.
+DEFAULT_CELERY_QUEUE = "celery"
+UNROUTABLE_QUEUE = "tierq.unroutable"
+STRAY_QUEUES = (DEFAULT_CELERY_QUEUE, UNROUTABLE_QUEUE)
 
 #: headers a message may carry, and their size as JSON: Celery's own and tierq's fit many times over
 MAX_HEADERS = 64

@@ -103,9 +103,6 @@ def _cases() -> dict[str, Callable[[str], Case]]:
             None,
         ),
         "headers a list": lambda i: Case(_envelope(_body(_job(i)), [1, 2]), "envelope: ", None),
-        "delivery_info a number": lambda i: Case(
-            _envelope(_body(_job(i)), _headers(i), delivery_info=5), "envelope: ", None
-        ),
         # a kombu message, but not a tierq job message
         "body [1]": lambda i: _message_case(i, b"[1]", "body: not [args, kwargs, embed]"),
         "body an object": lambda i: _message_case(
@@ -205,6 +202,16 @@ def test_hostile_deliveries_are_dead_lettered_and_the_worker_keeps_serving(
     for job in jobs.values():
         body = _body(job)
         redis_client.lpush(_queue_key(), _envelope(body, _headers(job["job_id"])))
+    # a message that lies about its queue: the queue is the list the worker popped it from
+    lies = {
+        "a slow job claiming the slow queue": {"exchange": "tierq", "routing_key": "tierq.slow"},
+        "a slow job naming no queue": {"exchange": "", "routing_key": None},
+    }
+    for n, (name, delivery_info) in enumerate(lies.items()):
+        job = _job(f"liar-{n}-{uuid.uuid4().hex[:8]}", tier="slow")
+        jobs[name] = job
+        entry = _envelope(_body(job), _headers(job["job_id"]), delivery_info=delivery_info)
+        redis_client.lpush(_queue_key(), entry)
 
     def letters() -> dict[str, DeadLetter | None]:
         found = {name: _letter(store, case) for name, case in cases.items()}

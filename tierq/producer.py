@@ -34,6 +34,7 @@ from tasks.errors import (
     DeadlineExceededError,
     IdempotencyConflictError,
     InvalidJobError,
+    JobCancelledError,
     JobExpiredError,
     JobFailedError,
     JobRefusedError,
@@ -197,8 +198,11 @@ class Job:
             if state == "FAILURE" and _refused(self._async.result):
                 return "refused"
             guard = self._producer.guard
-            if state == "PENDING" and guard is not None and guard.is_running(self.id):
-                return "running"
+            if state == "PENDING" and guard is not None:
+                if guard.is_cancelled(self.id):
+                    return "cancelled"
+                if guard.is_running(self.id):
+                    return "running"
         return _STATUS.get(state, state.lower())
 
     def ready(self) -> bool:
@@ -213,6 +217,7 @@ class Job:
             JobTimeoutError: the job did not end in time (it may still end later).
             JobFailedError: the job ended in failure; ``error_type`` names why.
             JobRefusedError: the model refused (a JobFailedError; ``category`` and ``explanation``).
+            JobCancelledError: the job was cancelled before it ended (a JobFailedError).
             JobFailedError: the stored result is not a tierq result (``error_type`` "MalformedResult").
         """
         try:
@@ -229,6 +234,8 @@ class Job:
         error_type = type(value).__name__ if isinstance(value, BaseException) else str(state)
         if _expired(value):
             raise JobExpiredError(f"job {self.id} expired: {value}", error_type=error_type)
+        if state == "REVOKED":
+            raise JobCancelledError(f"job {self.id} was cancelled", error_type=error_type)
         if isinstance(value, RefusedError):
             raise JobRefusedError(
                 f"job {self.id} refused: {value}", error_type, value.category, value.explanation

@@ -16,7 +16,6 @@ raised: its class, the names of its classes, ``str()`` and its public attributes
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import sys
 import time
@@ -58,8 +57,8 @@ def _dead_letter(job_id: str, wait_s: float) -> dict[str, Any] | None:
         letter = wait_until(lambda: store.get(job_id), wait_s, f"the dead letter of {job_id}")
     except AssertionError:  # none: the outcome says so
         return None
-    fields = dataclasses.asdict(letter)
-    fields.pop("payload", None)  # the document's text: not needed, and not for logs
+    # the document's text: not needed, and not for logs
+    fields: dict[str, Any] = letter.model_dump(mode="json", exclude={"payload"})
     return fields
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from tasks.job import SUMMARIZE_TASK
+from tasks.message import UNROUTABLE_QUEUE
 from tasks.tiers import TierTable
 from worker.core.settings import Settings
 
@@ -58,6 +59,9 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
             "unacked_restore_interval": settings.restore_interval_s,
             "unacked_restore_throttle": 1,
             "socket_connect_timeout": 5,
+            # a message whose routing key matches no queue lands here (kombu drops it otherwise),
+            # where doctor, stats and tierq_stray_messages show it
+            "deadletter_queue": UNROUTABLE_QUEUE,
         }
         if settings.key_prefix:
             transport_options["global_keyprefix"] = settings.key_prefix

@@ -15,6 +15,7 @@ import hashlib
 from typing import Any
 
 from celery.worker.consumer import Consumer
+from pydantic import JsonValue
 
 from tasks.errors import InvalidJobError
 from tasks.message import MalformedMessage, bounded, check_message, job_id_of
@@ -22,6 +23,7 @@ from worker.celery.process import context
 from worker.celery.transport import Channel
 from worker.observe import metrics
 from worker.observe.logging import get_logger
+from worker.store.deadletter import FailureTimings
 
 __all__ = ["KINDS", "TierqConsumer", "refuse"]
 
@@ -82,13 +84,15 @@ def refuse(
         return letter_id
     error = InvalidJobError(f"malformed message: {reason}", field="message")
     if ctx.dead_letters is not None:
-        payload = {
+        payload: dict[str, JsonValue] = {
             "raw": raw[:MAX_KEPT_BYTES].decode("utf-8", "replace"),
             "content_type": bounded(content_type, 128) if content_type is not None else None,
             "task": bounded(task, 128) if task is not None else None,
             "queue": queue,
         }
-        ctx.dead_letters.add(letter_id, reason, error, None, 0, {}, payload, error_type="MalformedMessage")
+        ctx.dead_letters.add(
+            letter_id, reason, error, None, 0, FailureTimings(), payload, error_type="MalformedMessage"
+        )
     if letter_id == job_id and backend is not None:
         try:
             backend.mark_as_failure(job_id, error)

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task, signals
 from celery.exceptions import Ignore
 
-from tasks.errors import IdempotencyConflictError
+from tasks.errors import CancelRequestedError, IdempotencyConflictError, TierqError
 from tasks.job import SUMMARIZE_TASK
 from worker.celery.app import app
 from worker.celery.process import context
@@ -23,6 +23,9 @@ __all__ = ["summarize"]
     max_retries=None,
     acks_late=True,
     Request="worker.celery.request:RedactedRequest",
+    # tierq's own errors are logged once, as summarize.failed: Celery logs them as expected (one
+    # line at info, no traceback) instead of "raised unexpected" with a traceback
+    throws=(TierqError,),
 )  # type: ignore[untyped-decorator]
 def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     """Summarize ``job["text"]`` with its tier's model; retry what is worth retrying, in time.
@@ -44,6 +47,10 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         report_failure(exc, attempt, ref, delay, why, ctx)
         if isinstance(exc, IdempotencyConflictError):
             # the id's result belongs to the request that holds it: store nothing over it
+            raise Ignore() from exc
+        if isinstance(exc, CancelRequestedError):
+            # stored as Celery stores a revoked task, which producers read as "cancelled"
+            self.backend.mark_as_revoked(request.id, "cancelled", request=request)
             raise Ignore() from exc
         if delay is None:
             raise

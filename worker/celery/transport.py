@@ -93,7 +93,12 @@ class Channel(kombu_redis.Channel):
         if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict):
             self._refuse(item, "envelope: not a kombu message (no properties)", queue)
             return
-        tag = payload["properties"].get("delivery_tag")
+        # the queue is the list the entry was popped from, whatever the sender wrote: the worker
+        # checks a job's tier against it, and kombu restores an unacked message to it
+        properties = payload["properties"]
+        info = properties.get("delivery_info")
+        properties["delivery_info"] = {**(info if isinstance(info, dict) else {}), "routing_key": queue}
+        tag = properties.get("delivery_tag")
         try:
             self.connection._deliver(payload, queue)
         except self.connection_errors:

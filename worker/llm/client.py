@@ -29,6 +29,7 @@ import anthropic
 import httpx2
 
 from tasks.errors import (
+    CancelRequestedError,
     ConfigError,
     DeadlineExceededError,
     LLMError,
@@ -43,6 +44,7 @@ from tasks.errors import (
 from tasks.result import Usage
 from tasks.tiers import Effort
 from worker.core.batching import TextBatcher
+from worker.core.cancel import CancelToken
 from worker.core.settings import Settings
 from worker.llm.aioloop import EventLoopThread
 
@@ -142,9 +144,16 @@ def make_async_client(settings: Settings) -> anthropic.AsyncAnthropic:
 class _ReplyReader:
     """Folds a reply's server-sent events into an :class:`LLMReply` (for the sync and async paths)."""
 
-    def __init__(self, request: LLMRequest, deadline: float, on_text: Callable[[str], None] | None) -> None:
+    def __init__(
+        self,
+        request: LLMRequest,
+        deadline: float,
+        on_text: Callable[[str], None] | None,
+        cancel: CancelToken | None = None,
+    ) -> None:
         self.deadline = deadline
         self.on_text = on_text
+        self.cancel = cancel
         self.parts: list[str] = []
         self.first_token_at: float | None = None
         self.request_id: str | None = None
@@ -162,6 +171,8 @@ class _ReplyReader:
     def feed(self, sse: ServerSentEvent) -> None:
         """Fold one event in; event and block types this reader does not know are skipped, as the
         API reference asks (https://platform.claude.com/docs/en/build-with-claude/streaming)."""
+        if self.cancel is not None and self.cancel.cancelled:
+            raise CancelRequestedError("cancelled by its producer while the model was replying")
         kind = sse.event
         if kind == "content_block_delta":
             delta = json.loads(sse.data)["delta"]
@@ -261,13 +272,14 @@ def stream_reply(
     deadline: float,
     on_text: Callable[[str], None] | None = None,
     connect_timeout_s: float = 5.0,
+    cancel: CancelToken | None = None,
 ) -> LLMReply:
     """Stream one reply in this thread, giving up at ``deadline`` (a ``time.time()`` instant).
 
     Raises an :class:`~tasks.errors.LLMError`; SDK errors never escape.
     """
     args = _create_args(request, deadline, connect_timeout_s)
-    reader = _ReplyReader(request, deadline, on_text)
+    reader = _ReplyReader(request, deadline, on_text, cancel)
     with reader.mapping_errors():
         response = client.messages.with_raw_response.create(**args).http_response
         try:
@@ -300,6 +312,10 @@ async def astream_reply(
     return reader.reply()
 
 
+#: what :meth:`_TextHandoff.cancel` hands over: a string no reply's text can be (it is compared by identity)
+_CANCELLED = str(object())
+
+
 class _TextHandoff:
     """Texts from the event loop to the thread waiting on the call, joined by a :class:`TextBatcher`
     (each hand-off wakes that thread: one per delta cost ~3 CPU-ms a job), then ``None`` at the end."""
@@ -311,6 +327,10 @@ class _TextHandoff:
     def put(self, text: str) -> None:
         """On the loop: one delta."""
         self._hand_over(self._batcher.add(text))
+
+    def cancel(self) -> None:
+        """From any thread: wake the waiting thread with the cancel mark."""
+        self.texts.put_nowait(_CANCELLED)
 
     def close(self, _: object = None) -> None:
         """On the loop, after the call's last delta: what is held, then the end."""
@@ -330,18 +350,22 @@ def stream_reply_on_loop(
     on_text: Callable[[str], None] | None = None,
     connect_timeout_s: float = 5.0,
     gather_s: float = 0.0,
+    cancel: CancelToken | None = None,
 ) -> LLMReply:
     """:func:`astream_reply` on ``loop`` (an :class:`~worker.llm.aioloop.EventLoopThread`), waited for here.
 
     ``on_text`` runs in this (the calling) thread, never on the loop: what it does (a Redis write
     for a streamed job) must not hold up every other call the loop is reading. It gets the first
     text as soon as it arrives, then the texts gathered every ``gather_s`` seconds, joined.
+    ``cancel`` wakes the waiting thread at once, and the call on the loop is cancelled.
     """
     handoff = _TextHandoff(gather_s)
     put = None if on_text is None else handoff.put
     call = astream_reply(client, request, deadline, put, connect_timeout_s)
     future = loop.submit(call)
     future.add_done_callback(handoff.close)  # runs on the loop, after the call's last text
+    if cancel is not None:
+        cancel.on_cancel(handoff.cancel)
     # the reply's own timeouts end it first; this only keeps a thread from waiting on a lost loop
     end = time.monotonic() + max(0.0, deadline - time.time()) + connect_timeout_s + _LOOP_GRACE_S
     while True:
@@ -352,6 +376,9 @@ def stream_reply_on_loop(
             raise DeadlineExceededError("deadline passed waiting for the event loop") from None
         if text is None:
             return future.result()
+        if text is _CANCELLED:
+            future.cancel()
+            raise CancelRequestedError("cancelled by its producer while the model was replying")
         if on_text is not None:
             on_text(text)
 
@@ -377,13 +404,22 @@ class LLM:
         io: str,
         on_text: Callable[[str], None] | None = None,
         gather_s: float = 0.0,
+        cancel: CancelToken | None = None,
     ) -> LLMReply:
-        """Stream one reply, giving up at ``deadline``; raises an :class:`~tasks.errors.LLMError`."""
+        """Stream one reply, giving up at ``deadline`` (or when ``cancel`` is set: CancelRequestedError);
+        raises an :class:`~tasks.errors.LLMError`."""
         if io == "asyncio":
             return stream_reply_on_loop(
-                self.async_client, self.loop, request, deadline, on_text, self.connect_timeout_s, gather_s
+                self.async_client,
+                self.loop,
+                request,
+                deadline,
+                on_text,
+                self.connect_timeout_s,
+                gather_s,
+                cancel,
             )
-        return stream_reply(self.client, request, deadline, on_text, self.connect_timeout_s)
+        return stream_reply(self.client, request, deadline, on_text, self.connect_timeout_s, cancel)
 
     def close(self) -> None:
         """Close the async client on the loop, stop the loop, close the sync client."""

@@ -167,9 +167,12 @@ def observe_retried(tier: str, queue: str | None, exception: str) -> None:
 class QueueDepthCollector(Collector):
     """``celery_queue_length``: messages waiting per tier queue, read from Redis at scrape time."""
 
-    def __init__(self, redis_url: str, queues: dict[str, str], key_prefix: str = "") -> None:
+    def __init__(
+        self, redis_url: str, queues: dict[str, str], key_prefix: str = "", stray: Iterable[str] = ()
+    ) -> None:
         self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._queues = queues  # tier -> queue
+        self._stray = tuple(stray)
         self._prefix = key_prefix
 
     def _keys(self, queue: str) -> list[str]:
@@ -180,9 +183,14 @@ class QueueDepthCollector(Collector):
         family = GaugeMetricFamily(
             "celery_queue_length", "Messages waiting in each tier's queue.", labels=["queue_name", "tier"]
         )
+        stray = GaugeMetricFamily(
+            "tierq_stray_messages",
+            "Messages on queues no tierq worker reads (Celery's default queue, unroutable messages).",
+            labels=["queue_name"],
+        )
         try:
             pipe = self._client.pipeline(transaction=False)
-            for queue in self._queues.values():
+            for queue in (*self._queues.values(), *self._stray):
                 for key in self._keys(queue):
                     pipe.llen(key)
             lengths: Iterable[int] = pipe.execute()
@@ -191,7 +199,10 @@ class QueueDepthCollector(Collector):
         values = iter(lengths)
         for tier, queue in self._queues.items():
             family.add_metric([queue, tier], sum(next(values) for _ in range(4)))
+        for queue in self._stray:
+            stray.add_metric([queue], sum(next(values) for _ in range(4)))
         yield family
+        yield stray
 
 
 _served: dict[str, Any] = {}

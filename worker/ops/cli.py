@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks.errors import TierqError
+from tasks.message import STRAY_QUEUES
 
 if TYPE_CHECKING:
     from tasks.tiers import Tier
@@ -167,7 +168,7 @@ def _serve_worker_metrics(port: int, addr: str) -> None:
     extra = []
     if settings.broker_url.startswith(("redis://", "rediss://")):
         queues = {name: tier.queue for name, tier in get_tier_table().tiers.items()}
-        extra.append(QueueDepthCollector(settings.broker_url, queues, settings.key_prefix))
+        extra.append(QueueDepthCollector(settings.broker_url, queues, settings.key_prefix, STRAY_QUEUES))
     try:
         bound = serve_metrics(port, addr, extra)
     except OSError as exc:
@@ -503,6 +504,36 @@ def stats(
             _ms(row["output_tokens_per_s_p50"]), f"{row['cost_usd']:.4f}",
         )  # fmt: skip
     _console().print(table)
+    for queue, count in _stray_counts(get_settings()).items():
+        if count:
+            _warn(f"{count} message(s) on {queue!r}, a queue no tierq worker reads ({_STRAY_WHY[queue]})")
+
+
+#: why a message would be on a stray queue
+_STRAY_WHY = {
+    "celery": "Celery's default queue: a producer that did not route to a tier's queue",
+    "tierq.unroutable": "its routing key matched no tier's queue",
+}
+
+
+def _stray_counts(settings: Settings) -> dict[str, int]:
+    """Messages on the queues no tierq worker reads (Redis brokers only; empty when unreachable)."""
+    import redis
+
+    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return {}
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for queue in STRAY_QUEUES:
+            for name in (queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9))):
+                pipe.llen(settings.key_prefix + name)
+        lengths = iter(pipe.execute())
+    except redis.RedisError:
+        return {}
+    finally:
+        client.close()
+    return {queue: sum(next(lengths) for _ in range(4)) for queue in STRAY_QUEUES}
 
 
 def _ms(value: float | None) -> str:
@@ -701,6 +732,11 @@ def doctor() -> None:
         warning = redis_eviction_warning(settings.broker_url)
         policy = "redis maxmemory-policy"
         rows.append((policy, _WARN, warning) if warning else (policy, _OK, "noeviction"))
+        for queue, count in _stray_counts(settings).items():
+            label = f"stray queue {queue}"
+            rows.append(
+                (label, _WARN, f"{count} message(s): {_STRAY_WHY[queue]}") if count else (label, _OK, "empty")
+            )
     where = settings.anthropic_base_url or "https://api.anthropic.com"
     api_ok = False
     if settings.api_key() is None and not settings.anthropic_base_url:

@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import JsonValue, TypeAdapter, ValidationError
+
 from tasks.errors import (
+    CancelRequestedError,
     DeadlineExceededError,
     IdempotencyConflictError,
     InvalidJobError,
@@ -40,15 +43,18 @@ from tasks.job import (
 from tasks.message import bounded
 from tasks.result import Fallback, JobResult, Timings
 from tasks.tiers import Tier, TierTable
+from worker.core.cancel import CancelToken
 from worker.core.settings import Settings
 from worker.llm.client import LLMReply, LLMRequest
 from worker.llm.pricing import cost_usd
 from worker.observe import metrics
 from worker.observe.logging import get_logger
 from worker.runtime.context import Context
+from worker.store.deadletter import FailureTimings
 from worker.store.streams import FLUSH_INTERVAL_S, TokenPublisher, stream_key
 
 __all__ = [
+    "CANCELLED",
     "COMPLETED",
     "FAILED",
     "REFUSED",
@@ -68,6 +74,8 @@ FAILED = "summarize.failed"
 RETRYING = "summarize.retrying"
 #: the job's end when the model refused: neither a summary nor a failure of tierq or the API
 REFUSED = "summarize.refused"
+#: the job's end when its producer cancelled it
+CANCELLED = "summarize.cancelled"
 
 DEDUPLICATED = "summarize.deduplicated"
 
@@ -171,15 +179,17 @@ class JobRef:
     spec: JobSpec | None = None
     problem: InvalidJobError | None = None
     #: the body's job as sent, kept for the dead letter of a job that did not check
-    raw: dict[str, Any] | None = None
+    raw: dict[str, JsonValue] | None = None
 
     @classmethod
     def read(cls, task_id: str, job: object, queue: str | None, tiers: TierTable) -> JobRef:
         """Check a delivered job (:func:`tasks.job.check_job`); never raises."""
         try:
+            if queue is None:  # never from tierq's transports: without it the tier cannot be checked
+                raise InvalidJobError("queue: the message names no queue it came from", field="queue")
             spec, tier = check_job(job, tiers, queue)
         except InvalidJobError as exc:
-            raw = job if isinstance(job, dict) else None
+            raw = _json_object(job)
             stream = raw is not None and raw.get("stream") is True
             return cls(task_id, _queue_tier(queue, tiers), stream, problem=exc, raw=raw)
         return cls(spec.job_id, tier, spec.stream, spec)
@@ -199,11 +209,22 @@ class JobRef:
         text = self.spec.text if self.spec is not None else (self.raw or {}).get("text")
         return kwargs_repr(self.tier_name, text)
 
-    def payload(self) -> dict[str, Any] | None:
+    def payload(self) -> dict[str, JsonValue] | None:
         """What a dead letter keeps to replay the job: the checked job, else the job as sent."""
         if self.spec is not None:
             return self.spec.model_dump(mode="json", exclude_none=True)
         return self.raw
+
+
+def _json_object(job: object) -> dict[str, JsonValue] | None:
+    """A job as sent, when it is a JSON object (the consumer has checked that a body's job is)."""
+    try:
+        return _JSON_OBJECT.validate_python(job)
+    except ValidationError:
+        return None
+
+
+_JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
 
 
 def _queue_tier(queue: str | None, tiers: TierTable) -> Tier | None:
@@ -237,20 +258,24 @@ def run_attempt(ref: JobRef, attempt: Attempt, ctx: Context) -> JobResult:
     if begin.result is not None:
         _log.info(DEDUPLICATED, reason="result already recorded", starts=begin.starts)
         return begin.result
-    if begin.starts > tier.max_retries + 1 + MAX_CRASHES:
+    if begin.cancelled or begin.starts > tier.max_retries + 1 + MAX_CRASHES:
         if begin.acquired:
             guard.release(spec.job_id)
+        if begin.cancelled:
+            raise CancelRequestedError("cancelled by its producer before it ran")
         raise PoisonJobError(f"started {begin.starts} times without finishing; given up unrun")
-    if not begin.acquired:
+    cancel = begin.cancel
+    if cancel is None:
         # another delivery of this job is running: wait for its result, or for its lock to lapse
         other = guard.wait_for_other(spec.job_id, deadline)
-        if other is not None:
+        if isinstance(other, JobResult):
             _log.info(DEDUPLICATED, reason="another attempt finished it", starts=begin.starts)
             return other
-        if time.time() >= deadline:
+        if other is None:
             raise DeadlineExceededError("deadline passed waiting for another attempt of this job")
+        cancel = other
     try:
-        result = _call_model(spec, tier, attempt, deadline, ctx, run=begin.starts)
+        result = _call_model(spec, tier, attempt, deadline, ctx, run=begin.starts, cancel=cancel)
     except BaseException:
         guard.release(spec.job_id)
         raise
@@ -259,7 +284,13 @@ def run_attempt(ref: JobRef, attempt: Attempt, ctx: Context) -> JobResult:
 
 
 def _call_model(
-    spec: JobSpec, tier: Tier, attempt: Attempt, deadline: float, ctx: Context, run: int | None = None
+    spec: JobSpec,
+    tier: Tier,
+    attempt: Attempt,
+    deadline: float,
+    ctx: Context,
+    run: int | None = None,
+    cancel: CancelToken | None = None,
 ) -> JobResult:
     """Call the model and report success. ``run``: this start's number (streamed with the text)."""
     request = LLMRequest(
@@ -276,7 +307,7 @@ def _call_model(
     if publisher is not None:
         # on the loop, texts are gathered there and written as they come here, in this job's thread
         on_text = publisher.send if tier.io == "asyncio" else publisher.text
-    reply = ctx.llm.call(request, deadline, tier.io, on_text, gather_s=FLUSH_INTERVAL_S)
+    reply = ctx.llm.call(request, deadline, tier.io, on_text, gather_s=FLUSH_INTERVAL_S, cancel=cancel)
     if reply.refusal is not None:
         category, explanation = reply.refusal
         raise RefusedError(
@@ -392,6 +423,8 @@ def plan_retry(
         return None, "spend_limit"
     if isinstance(exc, IdempotencyConflictError):
         return None, "idempotency_conflict"
+    if isinstance(exc, CancelRequestedError):
+        return None, "cancelled"
     if isinstance(exc, InvalidJobError):
         return None, "invalid job"
     tier = ref.tier if ref.spec is not None else None
@@ -430,6 +463,9 @@ def report_failure(
     if isinstance(exc, RefusedError):
         _report_refused(exc, attempt, ref, ctx)
         return
+    if isinstance(exc, CancelRequestedError):
+        _report_cancelled(exc, attempt, ref, ctx)
+        return
     tier = ref.tier_name
     figures: dict[str, Any] = {
         "job_id": ref.job_id,
@@ -457,7 +493,7 @@ def report_failure(
         ctx.stats.record(
             tier=tier, outcome="failed", queue_wait_ms=figures["queue_wait_ms"], total_ms=figures["total_ms"]
         )
-    timings = {"queue_wait_ms": figures["queue_wait_ms"], "total_ms": figures["total_ms"]}
+    timings = FailureTimings(queue_wait_ms=figures["queue_wait_ms"], total_ms=figures["total_ms"])
     letter_id = ref.job_id
     if isinstance(exc, IdempotencyConflictError) and ref.spec is not None:
         letter_id = f"{ref.job_id}~{ref.spec.fingerprint()[:12]}"
@@ -475,6 +511,28 @@ def report_failure(
         publisher = _publisher(ctx, ref.job_id, attempt.retries)
         if publisher is not None:
             publisher.end("failed")
+
+
+def _report_cancelled(exc: CancelRequestedError, attempt: Attempt, ref: JobRef, ctx: Context) -> None:
+    """The one ``summarize.cancelled`` line, a metric and the stream's end; no dead letter: its
+    producer asked for it."""
+    tier = ref.tier_name
+    queue_wait_ms, total_ms = attempt.queue_wait_ms, attempt.total_ms(time.time())
+    _log.info(
+        CANCELLED,
+        tier=tier,
+        job_id=ref.job_id,
+        detail=str(exc),
+        queue_wait_ms=queue_wait_ms,
+        total_ms=total_ms,
+    )
+    metrics.observe_failed(tier, attempt.queue, type(exc).__name__)
+    if ctx.stats is not None:
+        ctx.stats.record(tier=tier, outcome="cancelled", queue_wait_ms=queue_wait_ms, total_ms=total_ms)
+    if ref.stream:
+        publisher = _publisher(ctx, ref.job_id, attempt.retries)
+        if publisher is not None:
+            publisher.end("cancelled")
 
 
 def _report_refused(exc: RefusedError, attempt: Attempt, ref: JobRef, ctx: Context) -> None:

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import redis
+from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 
 from worker.core.settings import Settings
 from worker.observe.logging import get_logger
 from worker.store.clients import backend_redis
 from worker.store.keys import Keys
 
-__all__ = ["DeadLetter", "DeadLetterStore"]
+__all__ = ["DeadLetter", "DeadLetterStore", "FailureTimings"]
 
 #: seconds a dead letter is kept
 TTL_S = 30 * 24 * 3600
@@ -27,9 +27,19 @@ TTL_S = 30 * 24 * 3600
 _log = get_logger("tierq.deadletter")
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
+class FailureTimings(BaseModel):
+    """Where a failed job's time went, in milliseconds; None when unknown."""
+
+    model_config = ConfigDict(frozen=True)
+
+    queue_wait_ms: float | None = None
+    total_ms: float | None = None
+
+
+class DeadLetter(BaseModel):
     """One dead-lettered job."""
+
+    model_config = ConfigDict(frozen=True)
 
     job_id: str
     reason: str
@@ -38,23 +48,16 @@ class DeadLetter:
     tier: str | None
     attempts: int
     failed_at: float
-    timings: dict[str, Any]
-    payload: Any
+    timings: FailureTimings
+    #: the job to replay (``tierq dlq replay``), or what was kept of a malformed message
+    payload: dict[str, JsonValue] | None
 
     def summary(self) -> dict[str, Any]:
-        """Everything but the payload's text: safe to list and log."""
-        text = self.payload.get("text") if isinstance(self.payload, dict) else None
-        return {
-            "job_id": self.job_id,
-            "tier": self.tier,
-            "reason": self.reason,
-            "error_type": self.error_type,
-            "error": self.error,
-            "attempts": self.attempts,
-            "failed_at": self.failed_at,
-            "timings": self.timings,
-            "payload": f"<{len(text)} chars of text>" if isinstance(text, str) else "<redacted>",
-        }
+        """Everything but the payload's text, as JSON-ready data: safe to list and log."""
+        text = self.payload.get("text") if self.payload is not None else None
+        shown = self.model_dump(mode="json", exclude={"payload"})
+        shown["payload"] = f"<{len(text)} chars of text>" if isinstance(text, str) else "<redacted>"
+        return shown
 
 
 class DeadLetterStore:
@@ -81,8 +84,8 @@ class DeadLetterStore:
         exc: BaseException | None,
         tier: str | None,
         attempts: int,
-        timings: dict[str, Any],
-        payload: Any,
+        timings: FailureTimings,
+        payload: dict[str, JsonValue] | None,
         error_type: str | None = None,
     ) -> None:
         """Record a job that failed for good (see :meth:`record`)."""
@@ -110,7 +113,7 @@ class DeadLetterStore:
             "tier": letter.tier or "",
             "attempts": str(letter.attempts),
             "failed_at": repr(letter.failed_at),
-            "timings": json.dumps(letter.timings),
+            "timings": letter.timings.model_dump_json(),
             "payload": json.dumps(letter.payload),
         }
         try:
@@ -128,17 +131,21 @@ class DeadLetterStore:
         if not raw:
             return None
         fields = {k.decode(): v.decode() for k, v in raw.items()}
-        return DeadLetter(
-            job_id=fields["job_id"],
-            reason=fields["reason"],
-            error_type=fields["error_type"],
-            error=fields["error"],
-            tier=fields["tier"] or None,
-            attempts=int(fields["attempts"]),
-            failed_at=float(fields["failed_at"]),
-            timings=json.loads(fields["timings"]),
-            payload=json.loads(fields["payload"]),
-        )
+        try:
+            return DeadLetter(
+                job_id=fields["job_id"],
+                reason=fields["reason"],
+                error_type=fields["error_type"],
+                error=fields["error"],
+                tier=fields["tier"] or None,
+                attempts=int(fields["attempts"]),
+                failed_at=float(fields["failed_at"]),
+                timings=FailureTimings.model_validate_json(fields["timings"]),
+                payload=json.loads(fields["payload"]),
+            )
+        except (KeyError, ValueError, ValidationError) as exc:  # not one of ours: shown, never trusted
+            _log.warning("dlq.unreadable", job_id=job_id, error=str(exc)[:200])
+            return None
 
     def list(self, limit: int = 100) -> list[DeadLetter]:
         """The newest dead letters first; ids whose entry expired are dropped from the index."""

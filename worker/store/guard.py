@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import redis
 
 from tasks.result import JobResult
+from worker.core.cancel import CancelToken
 from worker.observe.logging import get_logger
 from worker.store.keys import Keys
 
@@ -53,6 +54,10 @@ class Begin:
     starts: int
     #: the job id is held by another request (a different fingerprint): this one must not run
     conflict: bool = False
+    #: the job's producer cancelled it
+    cancelled: bool = False
+    #: set by the heartbeat when the job is cancelled while this attempt holds its lock
+    cancel: CancelToken | None = None
 
 
 class RunGuard:
@@ -63,7 +68,8 @@ class RunGuard:
         self.prefix = key_prefix
         self.keys = Keys(key_prefix)
         self._token = uuid.uuid4().hex
-        self._held: set[str] = set()
+        #: run locks this process holds: lock key → (the job's cancel mark, its token)
+        self._held: dict[str, tuple[str, CancelToken]] = {}
         self._lock = threading.Lock()
         self._release = client.register_script(_RELEASE)
         self._beating = False
@@ -79,6 +85,10 @@ class RunGuard:
         if claimed or holder is None:
             return None
         return _holder(holder, fingerprint)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        """Whether the job's producer cancelled it."""
+        return bool(self.client.exists(self.keys.cancelled(job_id)))
 
     def is_running(self, job_id: str) -> bool:
         """Whether an attempt of the job holds its run lock."""
@@ -100,33 +110,41 @@ class RunGuard:
         pipe.set(running, self._token, nx=True, px=int(LOCK_TTL_S * 1000))
         pipe.incr(starts)
         pipe.expire(starts, int(starts_ttl_s))
-        _, holder, stored, acquired, count, _ = pipe.execute()
-        if acquired:
-            self._hold(running)
+        pipe.exists(self.keys.cancelled(job_id))
+        _, holder, stored, acquired, count, _, cancelled = pipe.execute()
+        cancel = self._hold(job_id) if acquired else None
         conflict = holder is not None and _holder(holder, fingerprint) != fingerprint
         result = None if conflict else _parse(stored)
-        return Begin(result=result, acquired=bool(acquired), starts=int(count), conflict=conflict)
+        return Begin(
+            result=result,
+            acquired=bool(acquired),
+            starts=int(count),
+            conflict=conflict,
+            cancelled=bool(cancelled),
+            cancel=cancel,
+        )
 
-    def acquire(self, job_id: str) -> bool:
-        """Take the run lock if it is free."""
+    def acquire(self, job_id: str) -> CancelToken | None:
+        """Take the run lock if it is free: the attempt's cancel token, else None."""
         running = self.keys.running(job_id)
         if self.client.set(running, self._token, nx=True, px=int(LOCK_TTL_S * 1000)):
-            self._hold(running)
-            return True
-        return False
+            return self._hold(job_id)
+        return None
 
     def recorded(self, job_id: str) -> JobResult | None:
         """The job's recorded result, if it succeeded."""
         return _parse(self.client.get(self.keys.result(job_id)))
 
-    def wait_for_other(self, job_id: str, deadline: float) -> JobResult | None:
-        """Wait while another attempt holds the lock; its result, or None once the lock is ours."""
+    def wait_for_other(self, job_id: str, deadline: float) -> JobResult | CancelToken | None:
+        """Wait while another attempt holds the lock: its result, or the cancel token once the lock
+        is ours, or None at the deadline."""
         while time.time() < deadline:
             result = self.recorded(job_id)
             if result is not None:
                 return result
-            if self.acquire(job_id):
-                return None
+            cancel = self.acquire(job_id)
+            if cancel is not None:
+                return cancel
             time.sleep(WAIT_POLL_S)
         return None
 
@@ -156,7 +174,7 @@ class RunGuard:
         """Release the lock if this process holds it."""
         running = self.keys.running(job_id)
         with self._lock:
-            self._held.discard(running)
+            self._held.pop(running, None)
         try:
             self._release(keys=[running], args=[self._token])
         except redis.RedisError as exc:  # it expires on its own
@@ -166,27 +184,35 @@ class RunGuard:
         """Drop the recorded result and start count (before a dead letter is replayed)."""
         self.client.delete(self.keys.result(job_id), self.keys.starts(job_id))
 
-    def _hold(self, key: str) -> None:
+    def _hold(self, job_id: str) -> CancelToken:
+        cancel = CancelToken()
         with self._lock:
-            self._held.add(key)
+            self._held[self.keys.running(job_id)] = (self.keys.cancelled(job_id), cancel)
             if not self._beating:
                 self._beating = True
                 threading.Thread(target=self._heartbeat, name="tierq-guard-heartbeat", daemon=True).start()
+        return cancel
 
     def _heartbeat(self) -> None:
+        """Every third of the lock's life: keep the held locks, and see which jobs were cancelled."""
         while True:
             time.sleep(LOCK_TTL_S / 3)
             with self._lock:
-                held = list(self._held)
+                held = list(self._held.items())
             if not held:
                 continue
             try:
                 pipe = self.client.pipeline(transaction=False)
-                for key in held:
+                for key, (mark, _) in held:
                     pipe.pexpire(key, int(LOCK_TTL_S * 1000))
-                pipe.execute()
+                    pipe.exists(mark)
+                replies = pipe.execute()
             except redis.RedisError as exc:
                 _log.warning("guard.heartbeat_failed", held=len(held), error=str(exc))
+                continue
+            for (_, (_, cancel)), cancelled in zip(held, replies[1::2], strict=True):
+                if cancelled:
+                    cancel.cancel()
 
 
 def _holder(raw: bytes, fingerprint: str) -> str:

@@ -5,7 +5,7 @@ subscribes late still reads everything from the start) and an end marker when th
 :meth:`tierq.producer.Job.stream` reads them with ``XREAD BLOCK``. Entries::
 
     {"t": "<text>", "a": "<run>"}      text (one or a few deltas) of the job's Nth start
-    {"end": "succeeded" | "failed" | "refused"}   the job ended; its result is in the result backend
+    {"end": "succeeded" | "failed" | "refused" | "cancelled"}   the job ended; read its result
 
 A job starts again from the top when its worker was lost mid-reply (a redelivery) or it is retried,
 so a stream can hold an abandoned run's text before the run that finished: :func:`read_entries`
