@@ -158,16 +158,20 @@ class WorkerProcess:
         if self.proc.poll() is not None:
             raise RuntimeError(f"worker exited early:\n{self.log_path.read_text()[-3000:]}")
 
-    def queue_depths(self) -> dict[str, float]:
-        """``celery_queue_length`` by tier, as this worker's ``/metrics`` reports it to an operator."""
+    def metric(self, name: str, label: str) -> dict[str, float]:
+        """One metric family's samples by one label, as this worker's ``/metrics`` serves them."""
         with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
             text = response.read().decode()
         return {
-            sample.labels["tier"]: sample.value
+            sample.labels[label]: sample.value
             for family in text_string_to_metric_families(text)
-            if family.name == "celery_queue_length"
+            if family.name == name
             for sample in family.samples
         }
+
+    def queue_depths(self) -> dict[str, float]:
+        """``celery_queue_length`` by tier, as this worker's ``/metrics`` reports it to an operator."""
+        return self.metric("celery_queue_length", "tier")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

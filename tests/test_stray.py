@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-import urllib.request
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis
 from kombu.transport.virtual.base import UndeliverableWarning
-from prometheus_client.parser import text_string_to_metric_families
 
 from tasks.job import SUMMARIZE_TASK
 from tasks.message import DEFAULT_CELERY_QUEUE, UNROUTABLE_QUEUE
@@ -42,21 +40,13 @@ def stray(redis_client: redis.Redis) -> Iterator[None]:
         redis_client.delete(KEY_PREFIX + DEFAULT_CELERY_QUEUE, KEY_PREFIX + UNROUTABLE_QUEUE)
 
 
-def _stray_metric(worker: WorkerProcess) -> dict[str, float]:
-    with urllib.request.urlopen(worker.metrics_url, timeout=5) as response:
-        text = response.read().decode()
-    return {
-        sample.labels["queue_name"]: sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "tierq_stray_messages"
-        for sample in family.samples
-    }
-
-
 @pytest.mark.usefixtures("stray")
 def test_stray_messages_show_in_doctor_stats_and_metrics(workers: dict[str, WorkerProcess]) -> None:
     assert wait_until(
-        lambda: _stray_metric(workers["fast"]) == {DEFAULT_CELERY_QUEUE: 1, UNROUTABLE_QUEUE: 1},
+        lambda: (
+            workers["fast"].metric("tierq_stray_messages", "queue_name")
+            == {DEFAULT_CELERY_QUEUE: 1, UNROUTABLE_QUEUE: 1}
+        ),
         10,
         "the stray messages in the worker's metrics",
     )

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 import structlog
+from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 from simulator import SimServer
 from tasks.errors import (
@@ -32,6 +33,7 @@ from tasks.errors import (
 )
 from tasks.job import build_job
 from tasks.tiers import TierTable, load_tier_table
+from worker.celery.delivery import delivered_queue
 from worker.core.settings import Settings, get_settings
 from worker.llm.aioloop import EventLoopThread
 from worker.llm.client import (
@@ -499,3 +501,12 @@ def test_a_result_stored_by_the_previous_version_still_reads() -> None:
     assert result.to_json()["fallback"] == {"from": "claude-haiku-4-5", "after_overloads": 2}
     with pytest.raises(ValueError, match="not a job result"):
         JobResult.from_json({"summary": "only"})
+
+
+def test_delivered_queue_strips_rabbitmqs_countdown_prefix() -> None:
+    assert delivered_queue({"routing_key": "tierq.fast"}) == "tierq.fast"
+    assert delivered_queue({"routing_key": calculate_routing_key(3, "tierq.fast")}) == "tierq.fast"
+    assert delivered_queue({"routing_key": "1.0.tierq.fast"}) == "1.0.tierq.fast", (
+        "only 28 levels are a countdown"
+    )
+    assert delivered_queue({"routing_key": None}) is None and delivered_queue(None) is None

@@ -19,6 +19,7 @@ from pydantic import JsonValue
 
 from tasks.errors import InvalidJobError
 from tasks.message import MalformedMessage, bounded, check_message, job_id_of
+from worker.celery.delivery import delivered_queue
 from worker.celery.process import context
 from worker.celery.transport import Channel
 from worker.observe import metrics
@@ -124,7 +125,7 @@ class TierqConsumer(Consumer):  # type: ignore[misc]
 
         def on_task_received(message: Any) -> None:
             headers = message.headers
-            queue = (message.delivery_info or {}).get("routing_key")
+            queue = delivered_queue(message.delivery_info)
             try:
                 body = message.decode()
             except Exception as exc:  # refused content type, bad JSON, nesting too deep ...

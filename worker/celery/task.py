@@ -11,6 +11,7 @@ from celery.exceptions import Ignore
 from tasks.errors import CancelRequestedError, IdempotencyConflictError, TierqError
 from tasks.job import SUMMARIZE_TASK
 from worker.celery.app import app
+from worker.celery.delivery import delivered_queue
 from worker.celery.process import context
 from worker.runtime.jobs import Attempt, JobRef, plan_retry, report_expired, report_failure, run_attempt
 
@@ -36,7 +37,7 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     """
     request = self.request
     headers = dict(request.headers or {})
-    queue = (request.delivery_info or {}).get("routing_key")
+    queue = delivered_queue(request.delivery_info)
     ctx = context()
     ref = JobRef.read(request.id, job, queue, ctx.tiers)
     attempt = Attempt.from_headers(request.id, request.retries or 0, headers, queue)
@@ -68,7 +69,7 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
 def _on_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
     """A message past its deadline (``expires``) is dropped unrun by Celery: report it as expired."""
     if expired and request is not None and request.task == SUMMARIZE_TASK:
-        queue = (request.delivery_info or {}).get("routing_key")
+        queue = delivered_queue(request.delivery_info)
         report_expired(request.id, dict(request.headers or {}), queue, context())
 
 

@@ -406,6 +406,17 @@ def report_expired(task_id: str, headers: dict[str, Any], queue: str | None, ctx
     )
 
 
+#: errors no retry can help, and the reason a job that ends with one gives (checked in this order)
+_NEVER_RETRIED: tuple[tuple[type[BaseException], str], ...] = (
+    (DeadlineExceededError, "expired"),
+    (RefusedError, "refused"),
+    (SpendLimitError, "spend_limit"),
+    (IdempotencyConflictError, "idempotency_conflict"),
+    (CancelRequestedError, "cancelled"),
+    (InvalidJobError, "invalid job"),
+)
+
+
 def plan_retry(
     exc: BaseException, attempt: Attempt, ref: JobRef, rng: random.Random | None = None
 ) -> tuple[float | None, str]:
@@ -415,18 +426,9 @@ def plan_retry(
     with jitter. No retry is planned past the tier's ``max_retries`` or one that could not start
     at least :data:`MIN_ATTEMPT_S` before the deadline.
     """
-    if isinstance(exc, DeadlineExceededError):
-        return None, "expired"
-    if isinstance(exc, RefusedError):
-        return None, "refused"
-    if isinstance(exc, SpendLimitError):
-        return None, "spend_limit"
-    if isinstance(exc, IdempotencyConflictError):
-        return None, "idempotency_conflict"
-    if isinstance(exc, CancelRequestedError):
-        return None, "cancelled"
-    if isinstance(exc, InvalidJobError):
-        return None, "invalid job"
+    for kind, why in _NEVER_RETRIED:
+        if isinstance(exc, kind):
+            return None, why
     tier = ref.tier if ref.spec is not None else None
     after_text = isinstance(exc, StreamInterruptedError) and tier is not None and tier.retry_after_text
     if not isinstance(exc, RetryableLLMError) and not after_text:
