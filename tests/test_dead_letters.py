@@ -105,6 +105,8 @@ def test_a_permanent_failure_is_dead_lettered_and_replayable(sim: SimServer) -> 
     listed = json.loads(run_tierq(["dlq", "list", "--json"]).stdout)
     assert any(row["job_id"] == job_id for row in listed)
     assert DOC[:30] not in run_tierq(["dlq", "list"]).stdout
+    narrow = run_tierq(["dlq", "list", "--limit", "5"], {"COLUMNS": "80"}).stdout
+    assert job_id in narrow, "a whole job id to copy into show or replay, even 80 columns wide"
     assert json.loads(run_tierq(["dlq", "show", job_id, "--payload"]).stdout)["payload"]["text"] == DOC
 
     replayed = run_tierq(["dlq", "replay", job_id])  # the simulator's fault was used up: it succeeds now

@@ -63,8 +63,9 @@ class Settings(BaseSettings):
 
     #: port of each worker's Prometheus ``/metrics`` (unset: not served); 0 picks a free one
     metrics_port: int | None = None
-    #: address the metrics server binds
-    metrics_addr: str = "0.0.0.0"
+    #: address the metrics server binds: loopback unless told otherwise (containers set 0.0.0.0, so
+    #: that Prometheus can scrape them; the metrics carry no secret, but need not face a network)
+    metrics_addr: str = "127.0.0.1"
     #: entries kept in the Redis stream of recent jobs that ``tierq stats`` reads
     stats_maxlen: int = 10_000
     #: ``user:password`` for Flower's UI and API; Flower refuses to start without it unless told

@@ -209,7 +209,7 @@ _served: dict[str, Any] = {}
 _serve_lock = threading.Lock()
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0", extra: Iterable[Collector] = ()) -> int:
+def serve_metrics(port: int, addr: str = "127.0.0.1", extra: Iterable[Collector] = ()) -> int:
     """Serve ``/metrics`` on ``port`` (0 picks one) from this process, once; return the port."""
     with _serve_lock:
         if "port" in _served:

@@ -634,7 +634,10 @@ def dlq_list(
         _print_json(letters)
         return
     table = Table(title=f"dead letters ({len(letters)})")
-    for column in ("job id", "tier", "reason", "error", "attempts", "failed at", "payload"):
+    # whole job ids, never cut: they are what `dlq show` and `dlq replay` take
+    longest = max((len(row["job_id"]) for row in letters), default=6)
+    table.add_column("job id", no_wrap=True, min_width=longest)
+    for column in ("tier", "reason", "error", "attempts", "failed at", "payload"):
         table.add_column(column)
     for row in letters:
         failed_at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["failed_at"]))
