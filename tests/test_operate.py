@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -191,6 +192,12 @@ def test_flower_lists_jobs_with_their_queues_behind_auth(flower: tuple[str, str]
         assert task["routing_key"] == expected_queue[urgency]
         assert "chars redacted" in task["kwargs"] and DOC[:30] not in json.dumps(task)
         assert "'<redacted>': '<metadata and summary>'" in task["result"] and "ttft_ms" in task["result"]
+
+    status, page = _get(f"{url}/tasks", auth=auth)  # the task list's columns: the queue, not the arguments
+    headers = re.findall(r"<th[^>]*>([^<]*)</th>", page.decode())
+    assert status == 200 and "Routing Key" in headers and not {"args", "kwargs", "Result"} & set(headers), (
+        headers
+    )
 
     def fast_worker_listed() -> bool:
         # /api/workers asks the workers live (a broadcast with a 1 s reply window): a busy machine

@@ -374,6 +374,10 @@ def schemas(
         raise _fail(f"out of date (run tierq schemas): {', '.join(stale)}", code=1)
 
 
+#: the columns of Flower's task list: each job's queue (its tier) and timings, never its arguments or result
+FLOWER_TASK_COLUMNS = "name,uuid,state,routing_key,received,started,runtime,retries,worker"
+
+
 @cli.command()
 def flower(
     port: Annotated[int, typer.Option(help="Port for Flower's UI and API.")] = 5555,
@@ -402,7 +406,7 @@ def flower(
     # periodic request 5 s from now (it goes on asking, for workers that start later)
     with suppress(Exception):
         app.control.enable_events()
-    app.start(["flower", f"--port={port}", f"--address={address}"])
+    app.start(["flower", f"--port={port}", f"--address={address}", f"--tasks_columns={FLOWER_TASK_COLUMNS}"])
 
 
 @cli.command()
