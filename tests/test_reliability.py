@@ -11,7 +11,7 @@ import redis
 from simulator import SimServer
 from tasks.errors import InvalidJobError, JobExpiredError
 from tests.conftest import KEY_PREFIX, WorkerProcess
-from tests.helpers import wait_until
+from tests.helpers import run_tierq, wait_until
 from tierq import get_job, submit
 from worker.store.keys import Keys
 
@@ -48,6 +48,10 @@ def test_a_job_whose_deadline_passes_in_the_queue_expires_unrun(
     assert line["queue_wait_ms"] >= 500 and line["total_ms"] >= 500
     for blocker in blockers:
         blocker.result(timeout=30)
+    # the dead letter kept the job: it can be replayed, with a fresh deadline
+    replayed = run_tierq(["dlq", "replay", job.id])
+    assert replayed.returncode == 0, replayed.stderr
+    assert get_job(job.id).result(timeout=60).tier == "slow"
 
 
 def test_a_deadline_that_passes_mid_stream_expires_the_job(

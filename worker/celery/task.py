@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Task, signals
 from celery.exceptions import Ignore
+from celery.worker import state as worker_state
 
 from tasks.errors import CancelRequestedError, IdempotencyConflictError, TierqError
 from tasks.job import SUMMARIZE_TASK
@@ -69,8 +70,12 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
 def _on_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
     """A message past its deadline (``expires``) is dropped unrun by Celery: report it as expired."""
     if expired and request is not None and request.task == SUMMARIZE_TASK:
+        # Celery remembers an expired id as revoked for hours, and would drop its replay (same id)
+        # unrun: the message is acknowledged and reported here, so nothing needs that memory
+        worker_state.revoked.discard(request.id)
         queue = delivered_queue(request.delivery_info)
-        report_expired(request.id, dict(request.headers or {}), queue, context())
+        kwargs = request.kwargs if isinstance(request.kwargs, dict) else {}
+        report_expired(request.id, dict(request.headers or {}), queue, context(), kwargs.get("job"))
 
 
 def _countdown(delay: float) -> float:

@@ -397,10 +397,19 @@ def _content(settings: Settings, spec: JobSpec, result: JobResult) -> dict[str, 
     return {"text": spec.text, "summary": result.summary}
 
 
-def report_expired(task_id: str, headers: dict[str, Any], queue: str | None, ctx: Context) -> None:
-    """Report a job Celery dropped unrun because its message expired (the deadline passed in the queue)."""
+def report_expired(
+    task_id: str, headers: dict[str, Any], queue: str | None, ctx: Context, job: object = None
+) -> None:
+    """Report a job Celery dropped unrun because its message expired (the deadline passed in the queue).
+
+    ``job`` is the message's job, when Celery had decoded it: the dead letter keeps it for a replay.
+    """
     attempt = Attempt.from_headers(task_id, 0, headers, queue)
-    ref = JobRef.queued(task_id, headers, queue, ctx.tiers)
+    ref = (
+        JobRef.queued(task_id, headers, queue, ctx.tiers)
+        if job is None
+        else JobRef.read(task_id, job, queue, ctx.tiers)
+    )
     report_failure(
         DeadlineExceededError("deadline passed while the job was queued"), attempt, ref, None, "expired", ctx
     )
