@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import redis
 from celery.worker.consumer import Consumer
 from pydantic import JsonValue
 
@@ -67,9 +68,14 @@ def refuse(
     except RuntimeError:  # not in a started worker: nothing to record into
         ctx = None
     if job_id is not None and ctx is not None and ctx.guard is not None:
-        holder = ctx.guard.claim(job_id, f"malformed:{digest[:32]}", ctx.settings.result_expires_s)
-        if holder is None or holder == f"malformed:{digest[:32]}":
-            letter_id = job_id
+        mark = f"malformed:{digest[:32]}"
+        try:
+            holder = ctx.guard.claim(job_id, mark, ctx.settings.result_expires_s)
+        except redis.RedisError as exc:  # the backend is away: keyed by hash, the worker goes on
+            _log.warning("message.claim_failed", job_id=job_id, error=bounded(str(exc)))
+        else:
+            if holder is None or holder == mark:
+                letter_id = job_id
     _log.error(
         "message.rejected",
         reason=reason,
