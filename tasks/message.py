@@ -43,6 +43,7 @@ __all__ = [
     "TaskHeaders",
     "bounded",
     "check_message",
+    "is_job_id",
     "job_id_of",
 ]
 
@@ -202,9 +203,14 @@ def check_message(headers: object, body: object) -> Envelope:
 def job_id_of(headers: object) -> str | None:
     """The message's ``id`` header when it is a usable job id, else None (never trusted otherwise)."""
     value = headers.get("id") if isinstance(headers, dict) else None
-    if isinstance(value, str) and 0 < len(value) <= MAX_JOB_ID_CHARS and _ID_RE.fullmatch(value):
-        return value
-    return None
+    return value if is_job_id(value) else None
+
+
+def is_job_id(value: object) -> bool:
+    """Whether a value is what ``JobSpec.job_id`` takes (and so a Celery task id and a key part)."""
+    return (
+        isinstance(value, str) and 0 < len(value) <= MAX_JOB_ID_CHARS and _ID_RE.fullmatch(value) is not None
+    )
 
 
 _ID_RE = re.compile(JOB_ID_PATTERN)

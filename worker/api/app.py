@@ -8,7 +8,6 @@ only ids under its own name.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tasks.errors import BrokerUnavailableError, JobFailedError, JobRefusedError, JobTimeoutError
+from tasks.message import is_job_id
 from tierq import Job, Producer, get_job, submit
 from worker.api.auth import TokenTable
 from worker.api.events import job_events
@@ -58,8 +58,6 @@ STREAM_MARGIN_S = 60.0
 RESULT_WAIT_S = 5.0
 #: statuses of a job that has ended
 ENDED = frozenset({"succeeded", "failed", "refused", "expired", "cancelled"})
-#: what ``tasks.job.JobSpec`` takes as a job id
-_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 _bearer = HTTPBearer(auto_error=False, description="A producer's token (see docs/http.md).")
 
@@ -157,7 +155,7 @@ def make_api(
 
     def owned(job_id: str, name: str) -> Job:
         """The caller's job by id; 404 for another producer's, or one never submitted here."""
-        mine = _JOB_ID_RE.fullmatch(job_id) is not None and job_id.startswith(f"{name}.")
+        mine = is_job_id(job_id) and job_id.startswith(f"{name}.")
         if mine and producer.redis is not None:
             # every job made here is claimed under its id as it is submitted
             with _reachable():

@@ -46,6 +46,7 @@ __all__ = [
     "observe_refused",
     "observe_rejected",
     "observe_retried",
+    "queue_list_keys",
     "serve_metrics",
 ]
 
@@ -164,6 +165,12 @@ def observe_retried(tier: str, queue: str | None, exception: str) -> None:
     TASKS_RETRIED.labels(_TASK, _HOST, queue or "", tier, exception).inc()
 
 
+def queue_list_keys(queue: str, key_prefix: str = "") -> list[str]:
+    """The Redis lists that hold a kombu queue's messages: the queue's own, and the sub-lists
+    ``QUEUE\\x06\\x16N`` where kombu keeps priorities 3, 6 and 9 (their lengths add up to the queue's)."""
+    return [key_prefix + name for name in [queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9))]]
+
+
 class QueueDepthCollector(Collector):
     """``celery_queue_length``: messages waiting per tier queue, read from Redis at scrape time."""
 
@@ -176,8 +183,7 @@ class QueueDepthCollector(Collector):
         self._prefix = key_prefix
 
     def _keys(self, queue: str) -> list[str]:
-        # kombu keeps priorities 3, 6 and 9 in sub-lists named QUEUE\x06\x16N
-        return [self._prefix + name for name in [queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9))]]
+        return queue_list_keys(queue, self._prefix)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(

@@ -524,14 +524,16 @@ def _stray_counts(settings: Settings) -> dict[str, int]:
     """Messages on the queues no tierq worker reads (Redis brokers only; empty when unreachable)."""
     import redis
 
+    from worker.observe.metrics import queue_list_keys
+
     if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
         return {}
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=3, socket_connect_timeout=3)
     try:
         pipe = client.pipeline(transaction=False)
         for queue in STRAY_QUEUES:
-            for name in (queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9))):
-                pipe.llen(settings.key_prefix + name)
+            for key in queue_list_keys(queue, settings.key_prefix):
+                pipe.llen(key)
         lengths = iter(pipe.execute())
     except redis.RedisError:
         return {}

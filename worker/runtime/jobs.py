@@ -500,14 +500,11 @@ def report_failure(
     else:
         _log.error(FAILED, reason="unexpected error", exc_info=exc, **figures)
     metrics.observe_failed(tier, attempt.queue, figures["error_type"])
-    if ctx.stats is not None:
-        ctx.stats.record(
-            tier=tier, outcome="failed", queue_wait_ms=figures["queue_wait_ms"], total_ms=figures["total_ms"]
-        )
     timings = FailureTimings(queue_wait_ms=figures["queue_wait_ms"], total_ms=figures["total_ms"])
-    letter_id = ref.job_id
-    if isinstance(exc, IdempotencyConflictError) and ref.spec is not None:
-        letter_id = f"{ref.job_id}~{ref.spec.fingerprint()[:12]}"
+    conflict = isinstance(exc, IdempotencyConflictError) and ref.spec is not None
+    # a conflicting request's stream is the job's that holds the id: it is not ended here
+    _record_end(ctx, ref, attempt, "failed", timings, end_stream=not conflict)
+    letter_id = f"{ref.job_id}~{ref.spec.fingerprint()[:12]}" if conflict and ref.spec else ref.job_id
     if ctx.dead_letters is not None:
         ctx.dead_letters.add(
             letter_id,
@@ -518,10 +515,28 @@ def report_failure(
             timings,
             ref.payload(),
         )
-    if ref.stream and letter_id == ref.job_id:
+
+
+def _record_end(
+    ctx: Context,
+    ref: JobRef,
+    attempt: Attempt,
+    outcome: str,
+    timings: FailureTimings,
+    end_stream: bool = True,
+) -> None:
+    """A job's end without a summary: its stats entry, and its stream's end marker if it streams."""
+    if ctx.stats is not None:
+        ctx.stats.record(
+            tier=ref.tier_name,
+            outcome=outcome,
+            queue_wait_ms=timings.queue_wait_ms,
+            total_ms=timings.total_ms,
+        )
+    if ref.stream and end_stream:
         publisher = _publisher(ctx, ref.job_id, attempt.retries)
         if publisher is not None:
-            publisher.end("failed")
+            publisher.end(outcome)
 
 
 def _report_cancelled(exc: CancelRequestedError, attempt: Attempt, ref: JobRef, ctx: Context) -> None:
@@ -538,12 +553,9 @@ def _report_cancelled(exc: CancelRequestedError, attempt: Attempt, ref: JobRef, 
         total_ms=total_ms,
     )
     metrics.observe_failed(tier, attempt.queue, type(exc).__name__)
-    if ctx.stats is not None:
-        ctx.stats.record(tier=tier, outcome="cancelled", queue_wait_ms=queue_wait_ms, total_ms=total_ms)
-    if ref.stream:
-        publisher = _publisher(ctx, ref.job_id, attempt.retries)
-        if publisher is not None:
-            publisher.end("cancelled")
+    _record_end(
+        ctx, ref, attempt, "cancelled", FailureTimings(queue_wait_ms=queue_wait_ms, total_ms=total_ms)
+    )
 
 
 def _report_refused(exc: RefusedError, attempt: Attempt, ref: JobRef, ctx: Context) -> None:
@@ -562,9 +574,4 @@ def _report_refused(exc: RefusedError, attempt: Attempt, ref: JobRef, ctx: Conte
         total_ms=total_ms,
     )
     metrics.observe_refused(tier, attempt.queue)
-    if ctx.stats is not None:
-        ctx.stats.record(tier=tier, outcome="refused", queue_wait_ms=queue_wait_ms, total_ms=total_ms)
-    if ref.stream:
-        publisher = _publisher(ctx, ref.job_id, attempt.retries)
-        if publisher is not None:
-            publisher.end("refused")
+    _record_end(ctx, ref, attempt, "refused", FailureTimings(queue_wait_ms=queue_wait_ms, total_ms=total_ms))
