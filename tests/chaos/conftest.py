@@ -20,10 +20,8 @@ import redis
 
 from simulator import SimConfig
 from tests.chaos.harness import (
-    RESTORE_INTERVAL_S,
     SIM_TIME_SCALE,
     TIERS_TOML,
-    VISIBILITY_TIMEOUT_S,
     ChaosSim,
     ChaosWorker,
     Producer,
@@ -56,8 +54,6 @@ class Chaos:
                 "TIERQ_KEY_PREFIX": self.prefix,
                 "TIERQ_TIERS_FILE": str(tiers_file),
                 "TIERQ_LOG_FORMAT": "json",
-                "TIERQ_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
-                "TIERQ_RESTORE_INTERVAL_S": str(RESTORE_INTERVAL_S),
                 "ANTHROPIC_BASE_URL": self.sim.url,
                 "ANTHROPIC_API_KEY": self.api_key,
             }

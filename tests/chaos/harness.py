@@ -29,10 +29,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from simulator import SimConfig, SimServer
 from tests.helpers import spawn, wait_until
 
-#: seconds before Redis hands an unacknowledged message (its worker died) to another worker
-VISIBILITY_TIMEOUT_S = 4
-#: seconds between a worker's scans for such messages
-RESTORE_INTERVAL_S = 1
 #: the chaos simulator runs 10x faster than the published model speeds
 SIM_TIME_SCALE = 0.1
 #: output tokens of a "long" slow-tier job (with a document of 320 sentences): ~2 s of streaming
@@ -437,10 +433,12 @@ def queued(client: redis.Redis, prefix: str, queue_name: str) -> int:
 
 
 def unacked_ids(client: redis.Redis, prefix: str) -> set[str]:
-    """Task ids of the messages delivered to a worker and not acknowledged yet."""
+    """Task ids of the messages delivered to a worker and not acknowledged yet (every queue's)."""
     ids = set()
-    raw: dict[bytes, bytes] = client.hgetall(f"{prefix}unacked")  # type: ignore[assignment]
-    for value in raw.values():
+    values: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix}unacked:*"):
+        values += client.hvals(key)  # type: ignore[operator]
+    for value in values:
         try:
             message = json.loads(value)[0]
             ids.add(str(message["headers"]["id"]))

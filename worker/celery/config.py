@@ -14,8 +14,11 @@ from worker.core.settings import Settings
 __all__ = ["TierRouter", "celery_config"]
 
 
-#: seconds added to the slowest deadline before Redis redelivers an unacknowledged job
+#: seconds added to the slowest deadline: a delivery left in kombu's shared unacked keys (by a
+#: version before leases) older than this is restored; and the result backend's visibility timeout
 VISIBILITY_MARGIN_S = 600
+#: seconds a worker holds the mutex of a queue's restore scan at most (if it dies holding it)
+RESTORE_MUTEX_EXPIRE_S = 2
 
 
 class TierRouter:
@@ -39,7 +42,7 @@ class TierRouter:
 
 def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
     """Celery settings: JSON only, explicit queues, late acks, task events when Flower asks."""
-    visibility_timeout = settings.visibility_timeout_s or int(tiers.slowest_deadline_s) + VISIBILITY_MARGIN_S
+    visibility_timeout = int(tiers.slowest_deadline_s) + VISIBILITY_MARGIN_S
     amqp = settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
     if amqp:
         # RabbitMQ: durable quorum queues (replicated, poison-message aware) and publisher confirms;
@@ -51,13 +54,18 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
         exchange = Exchange("tierq", type="direct")
         arguments = None
         transport_options = {
+            # each delivery is leased: its worker renews it, a live worker of its queue restores it
+            # lease_s after its worker died (worker/celery/transport.py: LeasedQoS), scanning every
+            # restore_interval_s
+            "lease_s": settings.lease_s,
+            "unacked_restore_interval": settings.restore_interval_s,
+            "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": RESTORE_MUTEX_EXPIRE_S,
+            # only for deliveries in kombu's shared keys, left by a version before leases
             "visibility_timeout": visibility_timeout,
             "max_connections": settings.redis_max_connections,
             # consume a multi-tier worker's queues in the order given (fast first), not round-robin
             "queue_order_strategy": "priority",
-            # scan for unacknowledged messages past the visibility timeout every restore_interval_s
-            "unacked_restore_interval": settings.restore_interval_s,
-            "unacked_restore_throttle": 1,
             "socket_connect_timeout": 5,
             # a message whose routing key matches no queue lands here (kombu drops it otherwise),
             # where doctor, stats and tierq_stray_messages show it

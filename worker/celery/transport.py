@@ -22,26 +22,220 @@ metric) and goes on; a producer's channel never consumes, so it needs none.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from queue import Empty
 from typing import Any, ClassVar
 
 import kombu.transport
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 from tasks.message import bounded
+from worker.core.settings import DEFAULT_LEASE_S
+from worker.observe.logging import get_logger
 
-__all__ = ["TRANSPORT", "Channel", "Transport", "use_for_redis_urls"]
+__all__ = [
+    "LEGACY_KEYS",
+    "TRANSPORT",
+    "Channel",
+    "LeasedQoS",
+    "Transport",
+    "unacked_keys",
+    "use_for_redis_urls",
+]
+
+_log = get_logger("tierq.transport")
 
 #: the value of Celery's ``broker_transport`` that selects this module
 TRANSPORT = "worker.celery.transport:Transport"
 
 
-class Channel(kombu_redis.Channel):
-    """kombu's Redis channel with its synchronous client made once per connection pool."""
+# ---------------------------------------------------------------------------------------------
+# leases: a dead worker's deliveries come back in seconds, a live one's never
+# ---------------------------------------------------------------------------------------------
 
+#: kombu's own unacked keys (one namespace for every queue), read only to recover deliveries that
+#: a version before leases left there
+LEGACY_KEYS = ("unacked", "unacked_index", "unacked_mutex")
+
+
+def unacked_keys(queue: str | None) -> tuple[str, str, str]:
+    """The unacked hash, lease index and restore mutex of ``queue`` (None: kombu's shared ones).
+
+    Each queue (tier) has its own: a worker restores only the queues it consumes, so restoring one
+    tier never touches another's.
+    """
+    if queue is None:
+        return LEGACY_KEYS
+    return f"unacked:{queue}", f"unacked_index:{queue}", f"unacked_mutex:{queue}"
+
+
+class LeasedQoS(kombu_redis.QoS):
+    """kombu's Redis ack emulation with a lease per delivery, kept alive by its worker.
+
+    kombu keeps each unacknowledged delivery in a hash and scores it with its delivery time in a
+    sorted set; any worker restores the ones older than the visibility timeout, which must outlast
+    the slowest job (40 minutes here), so a killed worker's jobs waited that long. Here the score is
+    a lease: a thread of the worker that holds the delivery renews it every ``lease_s / 3`` seconds
+    while it is unacknowledged, however long the job runs; a worker of the same queue restores
+    deliveries whose lease was not renewed for ``lease_s`` (their worker is dead), scanning every
+    ``unacked_restore_interval`` seconds, as Sidekiq Pro's super_fetch does. Each queue has its own
+    hash, index and mutex (:func:`unacked_keys`).
+
+    A worker that has just (re)connected does not restore anything for ``lease_s``: after a Redis
+    outage every lease looks lapsed until the live workers have renewed theirs.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        #: delivery tag → its queue, for the deliveries this channel holds unacknowledged
+        self._leases: dict[str, str] = {}
+        #: monotonic time since which renewals have succeeded without a break (None: not yet)
+        self._connected_since: float | None = None
+        self._keeper: threading.Thread | None = None
+        #: deliveries of dead workers this channel put back on their queue
+        self.recovered = 0
+
+    @property
+    def lease_s(self) -> float:
+        return float(getattr(self.channel, "lease_s", DEFAULT_LEASE_S))
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        delivery = message.delivery_info
+        exchange, queue = delivery["exchange"], delivery["routing_key"]
+        hash_key, index_key, _ = unacked_keys(queue)
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(index_key, {delivery_tag: time.time()})
+            pipe.hset(hash_key, delivery_tag, dumps([message._raw, exchange, queue]))  # type: ignore[no-untyped-call]
+            pipe.execute()
+        self._leases[delivery_tag] = queue
+        virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+        self._keep_leases()
+
+    def ack(self, delivery_tag: str) -> None:
+        self._remove_from_indices(delivery_tag, queue=self._leases.pop(delivery_tag, None)).execute()
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        queue = self._leases.pop(delivery_tag, None)
+        if requeue:
+            self.restore_by_tag(delivery_tag, leftmost=True, queue=queue)
+        else:
+            self._remove_from_indices(delivery_tag, queue=queue).execute()
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def restore_unacked(self, client: Any = None) -> None:
+        with self.channel.conn_or_acquire(client) as client:
+            for tag in list(self._delivered):
+                self.restore_by_tag(tag, client=client, queue=self._leases.pop(tag, None))
+        self._delivered.clear()
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None, queue: str | None = None) -> Any:
+        hash_key, index_key, _ = unacked_keys(queue)
+        with self.pipe_or_acquire(pipe) as pipe:
+            return pipe.zrem(index_key, delivery_tag).hdel(hash_key, delivery_tag)
+
+    def restore_by_tag(
+        self, tag: str, client: Any = None, leftmost: bool = False, queue: str | None = None
+    ) -> None:
+        hash_key = unacked_keys(queue)[0]
+
+        def restore_transaction(pipe: Any) -> None:
+            raw = pipe.hget(hash_key, tag)
+            pipe.multi()
+            self._remove_from_indices(tag, pipe, queue=queue)
+            if raw:
+                message, exchange, routing_key = loads(bytes_to_str(raw))  # type: ignore[no-untyped-call]
+                self.channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
+
+        with self.channel.conn_or_acquire(client) as client:
+            client.transaction(restore_transaction, hash_key)
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        """Put back the deliveries of this channel's queues whose lease lapsed (their worker died).
+
+        Called by kombu every ``unacked_restore_interval`` seconds. Also restores what kombu's
+        shared keys still hold past the old visibility timeout (left by a version before leases).
+        """
+        since = self._connected_since
+        if since is None or time.monotonic() - since < self.lease_s:
+            return  # not sure yet that a lapsed lease means a dead worker
+        queues: list[str | None] = sorted(self.channel.active_queues)
+        with self.channel.conn_or_acquire() as client:
+            for queue in queues:
+                self._restore_lapsed(client, queue, time.time() - self.lease_s, num)
+            legacy_s = getattr(self.channel, "visibility_timeout", None)
+            if legacy_s:
+                self._restore_lapsed(client, None, time.time() - float(legacy_s), num)
+
+    def _restore_lapsed(self, client: Any, queue: str | None, ceil: float, num: int | None) -> None:
+        _, index_key, mutex_key = unacked_keys(queue)
+        try:
+            with kombu_redis.Mutex(client, mutex_key, self.channel.unacked_mutex_expire):
+                lapsed = client.zrange(
+                    index_key, ceil, 0, desc=True, byscore=True, offset=0 if num else None, num=num or None
+                )
+                for tag in lapsed or []:
+                    tag = bytes_to_str(tag)  # type: ignore[no-untyped-call]
+                    if tag in self._leases:
+                        continue  # ours: alive (a renewal is late, not lost)
+                    self.restore_by_tag(tag, client, queue=queue)
+                    self.recovered += 1
+                    _log.warning("delivery.recovered", queue=queue or "unacked", delivery_tag=tag)
+        except kombu_redis.MutexHeld:
+            pass
+
+    def _keep_leases(self) -> None:
+        if self._keeper is None:
+            self._keeper = threading.Thread(target=self._renew_forever, name="tierq-leases", daemon=True)
+            self._keeper.start()
+
+    def start_keeping(self) -> None:
+        """Renew this channel's leases from now on (as it starts consuming)."""
+        self._keep_leases()
+
+    def renew(self) -> None:
+        """Renew the lease of every delivery this channel holds (one round trip)."""
+        held = list(self._leases.items())
+        now = time.time()
+        by_queue: dict[str, dict[str, float]] = {}
+        for tag, queue in held:
+            by_queue.setdefault(queue, {})[tag] = now
+        with self.channel.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.ping()
+            for queue, tags in by_queue.items():
+                pipe.zadd(unacked_keys(queue)[1], tags, xx=True)
+            pipe.execute()
+
+    def _renew_forever(self) -> None:
+        while not (self.channel.closed and not self._leases):
+            try:
+                self.renew()
+            except Exception as exc:  # Redis away: the leases lapse unless it comes back in time
+                if self._connected_since is not None:
+                    _log.warning(
+                        "delivery.lease_renewal_failed", held=len(self._leases), error=bounded(str(exc))
+                    )
+                self._connected_since = None
+            else:
+                if self._connected_since is None:
+                    self._connected_since = time.monotonic()
+            time.sleep(self.lease_s / 3)
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel with its synchronous client made once per connection pool, and leased
+    deliveries (:class:`LeasedQoS`)."""
+
+    QoS = LeasedQoS
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "lease_s")  # type: ignore[assignment]
+    #: seconds a delivery's lease outlives its worker's last renewal
+    lease_s: float = DEFAULT_LEASE_S
     _tierq_client: Any = None
     #: what to do with a list entry that is not a kombu message: ``(raw, reason, queue)``
     on_malformed: ClassVar[Callable[[bytes, str, str], object] | None] = None
@@ -54,6 +248,15 @@ class Channel(kombu_redis.Channel):
         if client is None or client.connection_pool is not pool:
             client = self._tierq_client = super()._create_client()  # type: ignore[no-untyped-call]
         return client
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        tag = super().basic_consume(queue, *args, **kwargs)  # type: ignore[no-untyped-call]
+        self.qos.start_keeping()
+        return tag
+
+    def _restore(self, message: Any, leftmost: bool = False) -> None:
+        queue = message.delivery_info.get("routing_key")
+        self.qos.restore_by_tag(message.delivery_tag, leftmost=leftmost, queue=queue)
 
     def _brpop_read(self, **options: Any) -> bool:
         """kombu 5.7's ``Channel._brpop_read``, with a malformed list entry refused instead of raised."""

@@ -15,10 +15,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.tiers import TierTable, load_tier_table
 
-__all__ = ["DEFAULT_BROKER_URL", "Settings", "get_settings", "get_tier_table"]
+__all__ = ["DEFAULT_BROKER_URL", "DEFAULT_LEASE_S", "Settings", "get_settings", "get_tier_table"]
 
 #: the Redis these machines run; ``make demo`` starts its own instead
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+#: seconds a Redis delivery (and a job's run lock) lives past its worker's last heartbeat
+DEFAULT_LEASE_S = 3.0
 
 
 class Settings(BaseSettings):
@@ -36,12 +38,13 @@ class Settings(BaseSettings):
     tiers_file: Path | None = None
     #: seconds a finished job's result is kept
     result_expires_s: int = 24 * 3600
-    #: seconds before Redis redelivers a message whose worker never acknowledged it (died); unset:
-    #: the slowest tier's deadline plus ten minutes. Shorter recovers faster from a killed worker;
-    #: the run guard keeps an early redelivery from calling the model beside the running attempt
-    visibility_timeout_s: int | None = None
-    #: seconds between a worker's scans for such messages
-    restore_interval_s: int = 10
+    #: seconds a job's delivery and run lock outlive its worker's last heartbeat (every third of
+    #: this): a worker that died (kill -9, OOM, a lost node) has its jobs put back on their queue by
+    #: a live worker of the same tier this long after its last heartbeat. A live worker's jobs are
+    #: never redelivered, however long they run; it must not stall longer than this (GC, swap)
+    lease_s: float = Field(default=DEFAULT_LEASE_S, ge=1.0, le=600.0)
+    #: seconds between a worker's scans for deliveries whose lease lapsed
+    restore_interval_s: float = Field(default=1.0, gt=0, le=60.0)
     #: connections per process to Redis (redis-py 8 fails instead of waiting when the pool is full)
     redis_max_connections: int = 512
 

@@ -46,7 +46,7 @@ class Context:
             tiers=tiers if tiers is not None else load_tier_table(settings.tiers_file),
             llm=LLM(settings),
             redis=client,
-            guard=None if client is None else RunGuard(client, prefix),
+            guard=None if client is None else RunGuard(client, prefix, settings.lease_s),
             dead_letters=None if client is None else DeadLetterStore(client, prefix),
             stats=None if client is None else StatsStream(client, prefix, settings.stats_maxlen),
         )

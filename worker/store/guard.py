@@ -2,14 +2,15 @@
 crashing its worker is given up.
 
 Celery delivers at least once: a message comes back when its worker dies before acknowledging it
-(kill -9, a lost connection, the visibility timeout). Before calling the model, an attempt:
+(kill -9, a lost connection: its lease lapses). Before calling the model, an attempt:
 
 - reads the job's recorded result (``tierq:result:<id>``, written when it succeeded) and returns
   it instead of calling the model again. Celery's own result cannot serve: ``task_track_started``
   overwrites it with STARTED as the redelivered message starts;
 - takes the job's run lock (``tierq:running:<id>``, ``SET NX PX``), which a heartbeat thread keeps
-  alive while the attempt runs and which expires ``LOCK_TTL_S`` after its worker died; a second
-  delivery waits for the first to finish (or die) instead of running beside it;
+  alive while the attempt runs and which expires ``lock_ttl_s`` (the deployment's lease, 3 s by
+  default) after its worker died; a second delivery waits for the first to finish (or die) instead
+  of running beside it;
 - counts its start (``tierq:starts:<id>``); past the limit the job is dead-lettered unrun.
 """
 
@@ -25,13 +26,11 @@ import redis
 
 from tasks.result import JobResult
 from worker.core.cancel import CancelToken
+from worker.core.settings import DEFAULT_LEASE_S
 from worker.observe.logging import get_logger
 from worker.store.keys import Keys
 
-__all__ = ["LOCK_TTL_S", "Begin", "RunGuard"]
-
-#: seconds a run lock outlives its last heartbeat (so a dead worker's job waits at most this long)
-LOCK_TTL_S = 10.0
+__all__ = ["Begin", "RunGuard"]
 #: seconds between a waiting duplicate's looks at the lock and the result
 WAIT_POLL_S = 0.25
 #: seconds an attempt keeps trying to record its result while Redis is away
@@ -63,8 +62,12 @@ class Begin:
 class RunGuard:
     """Run locks with a heartbeat, recorded results and start counts, in one Redis."""
 
-    def __init__(self, client: redis.Redis, key_prefix: str = "") -> None:
+    def __init__(
+        self, client: redis.Redis, key_prefix: str = "", lock_ttl_s: float = DEFAULT_LEASE_S
+    ) -> None:
         self.client = client
+        #: seconds a run lock outlives its last heartbeat (a dead worker's job waits at most this long)
+        self.lock_ttl_s = lock_ttl_s
         self.prefix = key_prefix
         self.keys = Keys(key_prefix)
         self._token = uuid.uuid4().hex
@@ -107,7 +110,7 @@ class RunGuard:
         pipe.set(claim, fingerprint, nx=True, ex=claim_ttl_s)
         pipe.get(claim)
         pipe.get(self.keys.result(job_id))
-        pipe.set(running, self._token, nx=True, px=int(LOCK_TTL_S * 1000))
+        pipe.set(running, self._token, nx=True, px=int(self.lock_ttl_s * 1000))
         pipe.incr(starts)
         pipe.expire(starts, int(starts_ttl_s))
         pipe.exists(self.keys.cancelled(job_id))
@@ -127,7 +130,7 @@ class RunGuard:
     def acquire(self, job_id: str) -> CancelToken | None:
         """Take the run lock if it is free: the attempt's cancel token, else None."""
         running = self.keys.running(job_id)
-        if self.client.set(running, self._token, nx=True, px=int(LOCK_TTL_S * 1000)):
+        if self.client.set(running, self._token, nx=True, px=int(self.lock_ttl_s * 1000)):
             return self._hold(job_id)
         return None
 
@@ -196,7 +199,7 @@ class RunGuard:
     def _heartbeat(self) -> None:
         """Every third of the lock's life: keep the held locks, and see which jobs were cancelled."""
         while True:
-            time.sleep(LOCK_TTL_S / 3)
+            time.sleep(self.lock_ttl_s / 3)
             with self._lock:
                 held = list(self._held.items())
             if not held:
@@ -204,7 +207,7 @@ class RunGuard:
             try:
                 pipe = self.client.pipeline(transaction=False)
                 for key, (mark, _) in held:
-                    pipe.pexpire(key, int(LOCK_TTL_S * 1000))
+                    pipe.pexpire(key, int(self.lock_ttl_s * 1000))
                     pipe.exists(mark)
                 replies = pipe.execute()
             except redis.RedisError as exc:
