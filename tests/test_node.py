@@ -45,7 +45,14 @@ BARE_DB = 13
 #: (two runs of this module at once on one Redis are not supported: their workers would share a queue)
 JOB_MARK = "tierq-node-"
 #: keys a fast-tier worker and kombu keep in a database without a key prefix, besides each job's
-WORKER_KEYS = ("tierq.fast", "unacked", "unacked_index", "unacked_mutex", "tierq:dlq", "tierq:stats:jobs")
+WORKER_KEYS = (
+    "tierq.fast",
+    "unacked:tierq.fast",
+    "unacked_index:tierq.fast",
+    "unacked_mutex:tierq.fast",
+    "tierq:dlq",
+    "tierq:stats:jobs",
+)
 WORKER_KEY_PATTERNS = ("_kombu.binding*", "*.reply.celery.pidbox")
 #: one retry, soon: an unreachable registry is a skip within seconds, not npm's minute of backoff
 NPM_FETCH = ("--fetch-retries=1", "--fetch-retry-mintimeout=1000", "--fetch-retry-maxtimeout=3000")

@@ -65,11 +65,12 @@ class Chaos:
         self.secrets: list[str] = []
         self._numbers = itertools.count(1)
 
-    def worker(self, tier: str) -> ChaosWorker:
+    def worker(self, tier: str, concurrency: int | None = None) -> ChaosWorker:
         """Start a worker subprocess for ``tier`` (not waiting for it to be ready)."""
         number = next(self._numbers)
         name = f"{tier}{number}"
-        proc = ChaosWorker(tier, name, self.env, self.tmp / f"worker-{number:02d}-{tier}.log")
+        log = self.tmp / f"worker-{number:02d}-{tier}.log"
+        proc = ChaosWorker(tier, name, self.env, log, concurrency)
         self.workers.append(proc)
         return proc
 
@@ -142,9 +143,9 @@ class Pool:
         self.chaos = chaos
         self.started: list[ChaosWorker] = []
 
-    def start(self, tier: str) -> ChaosWorker:
+    def start(self, tier: str, concurrency: int | None = None) -> ChaosWorker:
         """Start a worker for ``tier`` (not waiting for it to be ready)."""
-        proc = self.chaos.worker(tier)
+        proc = self.chaos.worker(tier, concurrency)
         self.started.append(proc)
         return proc
 
@@ -170,14 +171,27 @@ def pool(chaos: Chaos) -> Iterator[Pool]:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not ROWS:
         return
-    columns = ("scenario", "submitted", "completed", "failed", "expired", "duplicates", "lost", "llm_calls")
+    columns = (
+        "scenario",
+        "submitted",
+        "completed",
+        "failed",
+        "expired",
+        "duplicates",
+        "lost",
+        "llm_calls",
+        "rec_p50_s",
+        "rec_p99_s",
+    )
     width = max(len(row.scenario) for row in ROWS)
     terminalreporter.write_sep("=", "chaos: jobs per scenario")
     header = f"{columns[0]:<{width}}" + "".join(f" {c:>10}" for c in columns[1:])
     terminalreporter.write_line(header)
     for row in ROWS:
         figures = (row.submitted, row.completed, row.failed, row.expired, row.duplicates, row.lost)
-        line = f"{row.scenario:<{width}}" + "".join(f" {n:>10}" for n in (*figures, row.llm_calls))
+        recovery = [row.recovery(q) for q in (0.5, 0.99)]
+        times = ["-" if r is None else f"{r:.2f}" for r in recovery]
+        line = f"{row.scenario:<{width}}" + "".join(f" {n:>10}" for n in (*figures, row.llm_calls, *times))
         terminalreporter.write_line(line)
     for row in ROWS:
         if row.notes:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import queue
 import signal
 import subprocess
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -92,6 +94,7 @@ class StreamCounter:
         self._requests: Counter[str] = Counter()
         self._texts: Counter[str] = Counter()
         self._completed: Counter[str] = Counter()
+        self._arrivals: dict[str, list[float]] = {}
         self._garbled: set[str] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -105,6 +108,7 @@ class StreamCounter:
             return
         with self._lock:
             self._requests[job_id] += 1
+            self._arrivals.setdefault(job_id, []).append(time.time())
             garbled = job_id in self._garbled
         if garbled:
             await _drain(receive)
@@ -148,6 +152,11 @@ class StreamCounter:
         with self._lock:
             return self._requests[job_id]
 
+    def arrivals(self, job_id: str) -> list[float]:
+        """When each request of the job reached the simulator (wall clock), in order."""
+        with self._lock:
+            return list(self._arrivals.get(job_id, []))
+
     def streamed_text(self, job_id: str) -> int:
         """Responses for the job that sent at least one text delta."""
         with self._lock:
@@ -186,14 +195,17 @@ class ChaosSim(SimServer):
 class ChaosWorker:
     """``python -m worker worker --tier T --name N``; stdout and stderr (JSON lines) go to a file."""
 
-    def __init__(self, tier: str, name: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, tier: str, name: str, env: dict[str, str], log_path: Path, concurrency: int | None = None
+    ) -> None:
         self.tier = tier
         self.node = f"{name}@chaos"
         self.log_path = log_path
         self._log = log_path.open("wb")
+        threads = [] if concurrency is None else ["--concurrency", str(concurrency)]
         self.proc = spawn(
             "worker",
-            ["worker", "--tier", tier, "--name", self.node],
+            ["worker", "--tier", tier, "--name", self.node, *threads],
             env,
             inherit_env=False,
             stdout=self._log,
@@ -381,13 +393,25 @@ class Tally:
     lost: int = 0
     llm_calls: int = 0
     notes: list[str] = field(default_factory=list)
+    #: seconds from a kill to each interrupted job's next LLM request (recovery scenarios only)
+    recovery_s: list[float] = field(default_factory=list)
+
+    def recovery(self, q: float) -> float | None:
+        """The ``q`` quantile (0..1, nearest rank) of the recovery times, None without any."""
+        if not self.recovery_s:
+            return None
+        ordered = sorted(self.recovery_s)
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
     def line(self) -> str:
         note = f"  ({'; '.join(self.notes)})" if self.notes else ""
+        recovery = ""
+        if self.recovery_s:
+            recovery = f" recovery_p50={self.recovery(0.5):.2f}s recovery_p99={self.recovery(0.99):.2f}s"
         return (
             f"chaos {self.scenario}: submitted={self.submitted} completed={self.completed} "
             f"failed={self.failed} expired={self.expired} duplicates={self.duplicates} lost={self.lost} "
-            f"llm_calls={self.llm_calls}{note}"
+            f"llm_calls={self.llm_calls}{recovery}{note}"
         )
 
 
