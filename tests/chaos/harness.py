@@ -469,3 +469,67 @@ def unacked_ids(client: redis.Redis, prefix: str) -> set[str]:
         except (ValueError, KeyError, IndexError, TypeError):
             continue
     return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# a memory limit the kernel enforces
+# ---------------------------------------------------------------------------------------------
+
+#: where cgroup v1's memory controller is mounted (these machines), else cgroup v2's unified tree
+CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+
+
+class MemoryCgroup:
+    """A memory cgroup of its own: processes moved into it are OOM-killed by the kernel (SIGKILL, as
+    a container's memory limit does) once what they allocate after the move passes ``limit_bytes``.
+
+    :meth:`create` returns None where no cgroup can be made (not root, a read-only cgroupfs).
+    """
+
+    def __init__(self, path: Path, v1: bool) -> None:
+        self.path = path
+        self.v1 = v1
+
+    @classmethod
+    def create(cls, name: str) -> MemoryCgroup | None:
+        for root, v1 in ((CGROUP_V1_MEMORY, True), (CGROUP_V2, False)):
+            control = "memory.limit_in_bytes" if v1 else "memory.max"
+            if not root.is_dir() or (not v1 and not (root / "cgroup.controllers").exists()):
+                continue
+            path = root / name
+            try:
+                path.mkdir()
+            except OSError:
+                continue
+            if (path / control).exists():
+                return cls(path, v1)
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        return None
+
+    def limit(self, limit_bytes: int) -> None:
+        (self.path / ("memory.limit_in_bytes" if self.v1 else "memory.max")).write_text(str(limit_bytes))
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def usage(self) -> int:
+        return int((self.path / ("memory.usage_in_bytes" if self.v1 else "memory.current")).read_text())
+
+    def peak(self) -> int:
+        name = "memory.max_usage_in_bytes" if self.v1 else "memory.peak"
+        return int((self.path / name).read_text())
+
+    def oom_kills(self) -> int:
+        """Processes of this cgroup the kernel killed for memory."""
+        text = (self.path / ("memory.oom_control" if self.v1 else "memory.events")).read_text()
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.rmdir()

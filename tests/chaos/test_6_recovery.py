@@ -13,7 +13,17 @@ import time
 import pytest
 
 from tests.chaos.conftest import Chaos, Pool
-from tests.chaos.harness import ChaosWorker, Producer, Tally, document, new_id, new_tag, tally, unacked_ids
+from tests.chaos.harness import (
+    ChaosWorker,
+    MemoryCgroup,
+    Producer,
+    Tally,
+    document,
+    new_id,
+    new_tag,
+    tally,
+    unacked_ids,
+)
 from tests.helpers import wait_until
 
 #: the fast tier's recovery target (issue 12): p99 seconds from kill -9 to running again
@@ -132,3 +142,57 @@ def test_a_lost_node_every_pool_killed_at_once_then_restarted(
         assert chaos.sim.counter.requests(job_id) == 2
         assert _ran_on(pool.started, job_id) in ([restarted[0].node], [restarted[1].node])
     assert not unacked_ids(chaos.client, chaos.prefix)
+
+
+#: bytes a worker may allocate once moved into its cgroup: well under what 32 fast jobs of 50,000
+#: characters take in flight (~17 MB measured), well over an idle worker's needs
+MEMORY_LIMIT_BYTES = 8 * 1024 * 1024
+#: the fast tier's largest text
+FAST_TEXT_CHARS = 50_000
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_killed_for_memory(chaos: Chaos, pool: Pool, producer: Producer) -> None:
+    cgroup = MemoryCgroup.create(f"tierq-chaos-{chaos.tag}")
+    if cgroup is None:
+        pytest.skip("no memory cgroup can be made here (needs root and a writable cgroupfs)")
+    try:
+        survivor = pool.start("fast", concurrency=32)
+        victim = pool.start("fast", concurrency=32)
+        survivor.wait_ready()
+        victim.wait_ready()
+        cgroup.limit(MEMORY_LIMIT_BYTES)
+        cgroup.add(victim.pid)
+        ids = []
+        for _ in range(32):
+            tag = new_tag()
+            text = document(tag, 600)[:FAST_TEXT_CHARS]
+            chaos.secrets += [tag, text[:200]]
+            job_id = new_id("memory")
+            chaos.sim.state.add_faults(["stall:6"], job_id=job_id)
+            assert producer.submit(text, "critical", job_id=job_id)["ok"]
+            ids.append(job_id)
+        wait_until(lambda: not victim.alive(), 60, "the kernel to kill the worker for memory", interval=0.02)
+        killed_at = time.time()
+        producer.wait_ended(ids, timeout=120)
+        assert victim.proc.returncode == -9 and cgroup.oom_kills() >= 1, "killed by the kernel's OOM killer"
+        interrupted = [j for j in ids if chaos.sim.counter.requests(j) > 1]
+        recovery = _recovery(chaos, interrupted, killed_at)
+        row = _record(
+            chaos,
+            producer,
+            "10 fast worker OOM-killed",
+            ids,
+            recovery,
+            [f"{len(interrupted)} jobs in flight on the killed worker; its death seen within 20 ms"],
+        )
+        assert (row.completed, row.lost, row.duplicates) == (len(ids), 0, 0), row.line()
+        assert interrupted, "the killed worker held jobs"
+        p99 = row.recovery(0.99)
+        assert p99 is not None and p99 <= FAST_RECOVERY_P99_S, row.line()
+        assert all(_ran_on(pool.started, j) == [survivor.node] for j in interrupted)
+        assert not unacked_ids(chaos.client, chaos.prefix)
+    finally:
+        for worker in pool.started:
+            worker.kill()
+        cgroup.remove()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from queue import Empty
 from typing import Any, ClassVar
@@ -63,6 +64,30 @@ TRANSPORT = "worker.celery.transport:Transport"
 LEGACY_KEYS = ("unacked", "unacked_index", "unacked_mutex")
 
 
+#: returns a dead consumer's in-flight entries to the head of their queue and forgets the consumer
+_RETURN_IN_FLIGHT = """
+local moved = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'RIGHT') do moved = moved + 1 end
+redis.call('ZREM', KEYS[3], ARGV[1])
+return moved
+"""
+#: moves a queue's priority sub-lists to the back of the queue (a consumer that moves entries
+#: atomically reads one list only; tierq sends no priorities, a foreign sender may)
+_FLATTEN = """
+local moved = 0
+for i = 2, #KEYS do
+  while redis.call('LMOVE', KEYS[i], KEYS[1], 'RIGHT', 'LEFT') do moved = moved + 1 end
+end
+return moved
+"""
+
+
+def in_flight_keys(queue: str, consumer: str) -> tuple[str, str]:
+    """The list where ``consumer`` receives ``queue``'s entries (moved there atomically as they are
+    popped, gone once recorded as unacknowledged), and the index of those lists' leases."""
+    return f"inflight:{queue}:{consumer}", f"inflight_index:{queue}"
+
+
 def unacked_keys(queue: str | None) -> tuple[str, str, str]:
     """The unacked hash, lease index and restore mutex of ``queue`` (None: kombu's shared ones).
 
@@ -88,6 +113,12 @@ class LeasedQoS(kombu_redis.QoS):
 
     A worker that has just (re)connected does not restore anything for ``lease_s``: after a Redis
     outage every lease looks lapsed until the live workers have renewed theirs.
+
+    A consumer of one queue does not ``BRPOP``: Redis would drop the entry as it replies, and a worker
+    killed while reading the reply (an OOM kill lands there: a large message is being allocated)
+    loses it. It moves the entry (``BLMOVE``) into a list of its own (:func:`in_flight_keys`), leased like
+    its deliveries, and removes it from there in the same round trip that records it unacknowledged;
+    a dead consumer's list goes back to the queue.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -99,6 +130,10 @@ class LeasedQoS(kombu_redis.QoS):
         self._keeper: threading.Thread | None = None
         #: deliveries of dead workers this channel put back on their queue
         self.recovered = 0
+        #: this consumer's name in in-flight lists
+        self.consumer = uuid.uuid4().hex[:16]
+        #: queues this channel moves entries from (their in-flight lists are leased)
+        self.moving: set[str] = set()
 
     @property
     def lease_s(self) -> float:
@@ -108,9 +143,12 @@ class LeasedQoS(kombu_redis.QoS):
         delivery = message.delivery_info
         exchange, queue = delivery["exchange"], delivery["routing_key"]
         hash_key, index_key, _ = unacked_keys(queue)
+        received = self.channel.take_in_flight()
         with self.pipe_or_acquire() as pipe:
             pipe.zadd(index_key, {delivery_tag: time.time()})
             pipe.hset(hash_key, delivery_tag, dumps([message._raw, exchange, queue]))  # type: ignore[no-untyped-call]
+            if received is not None:  # recorded: out of the in-flight list in the same round trip
+                pipe.lrem(self.channel.prefixed(in_flight_keys(*received[:2])[0]), 1, received[2])
             pipe.execute()
         self._leases[delivery_tag] = queue
         virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
@@ -168,6 +206,8 @@ class LeasedQoS(kombu_redis.QoS):
         with self.channel.conn_or_acquire() as client:
             for queue in queues:
                 self._restore_lapsed(client, queue, time.time() - self.lease_s, num)
+            for queue in sorted(self.moving):
+                self._return_in_flight(client, queue, time.time() - self.lease_s)
             legacy_s = getattr(self.channel, "visibility_timeout", None)
             if legacy_s:
                 self._restore_lapsed(client, None, time.time() - float(legacy_s), num)
@@ -188,6 +228,25 @@ class LeasedQoS(kombu_redis.QoS):
                     _log.warning("delivery.recovered", queue=queue or "unacked", delivery_tag=tag)
         except kombu_redis.MutexHeld:
             pass
+
+    def _return_in_flight(self, client: Any, queue: str, ceil: float) -> None:
+        """Return the in-flight lists of ``queue``'s dead consumers to it; move its priority
+        sub-lists to its back (this consumer reads the queue's own list only)."""
+        prefixed = self.channel.prefixed
+        _, index_key = in_flight_keys(queue, self.consumer)
+        for raw in client.zrange(index_key, ceil, 0, desc=True, byscore=True) or []:
+            consumer = bytes_to_str(raw)  # type: ignore[no-untyped-call]
+            if consumer == self.consumer:
+                continue
+            lists = (in_flight_keys(queue, consumer)[0], queue, index_key)
+            moved = int(client.execute_command("EVAL", _RETURN_IN_FLIGHT, 3, *map(prefixed, lists), consumer))
+            if moved:
+                self.recovered += moved
+                _log.warning("delivery.recovered", queue=queue, in_flight=moved)
+        subs = [self.channel._q_for_pri(queue, p) for p in self.channel.priority_steps]
+        subs = [name for name in subs if name != queue]
+        if subs:
+            client.execute_command("EVAL", _FLATTEN, 1 + len(subs), *map(prefixed, [queue, *subs]))
 
     def _keep_leases(self) -> None:
         if self._keeper is None:
@@ -210,6 +269,8 @@ class LeasedQoS(kombu_redis.QoS):
             pipe.ping()
             for queue, tags in by_queue.items():
                 pipe.zadd(unacked_keys(queue)[1], tags, xx=True)
+            for queue in list(self.moving):
+                pipe.zadd(in_flight_keys(queue, self.consumer)[1], {self.consumer: now})
             pipe.execute()
 
     def _renew_forever(self) -> None:
@@ -237,6 +298,51 @@ class Channel(kombu_redis.Channel):
     #: seconds a delivery's lease outlives its worker's last renewal
     lease_s: float = DEFAULT_LEASE_S
     _tierq_client: Any = None
+    #: the queue whose entry the pending blocking read moves (None: a BRPOP of several queues)
+    _moving_from: str | None = None
+    #: (queue, consumer, entry) moved to this consumer's in-flight list and not yet recorded
+    _in_flight: tuple[str, str, bytes] | None = None
+    #: whether the server has LMOVE/BLMOVE (Redis 6.2); None until asked
+    _can_move: bool | None = None
+
+    def prefixed(self, key: str) -> str:
+        """``key`` with the deployment's key prefix, for commands kombu does not prefix."""
+        return f"{self.global_keyprefix or ''}{key}"
+
+    def take_in_flight(self) -> tuple[str, str, bytes] | None:
+        """The entry being delivered, if it came through this consumer's in-flight list; the caller
+        removes it from there."""
+        received, self._in_flight = self._in_flight, None
+        return received
+
+    def _single_queue(self) -> str | None:
+        queues = self.active_queues
+        if len(queues) != 1:
+            return None
+        if self._can_move is None:
+            with self.conn_or_acquire() as client:
+                version = str(client.info("server").get("redis_version", "0"))
+            self._can_move = tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) >= (6, 2)
+            if not self._can_move:
+                _log.warning("transport.no_blmove", redis_version=version)
+        return next(iter(queues)) if self._can_move else None
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        """kombu 5.7's ``_brpop_start``; a consumer of one queue moves the entry instead (BLMOVE)."""
+        queue = self._single_queue()
+        self._moving_from = queue
+        if queue is None:
+            super()._brpop_start(timeout)  # type: ignore[no-untyped-call]
+            return
+        qos: LeasedQoS = self.qos
+        qos.moving.add(queue)
+        in_flight = in_flight_keys(queue, qos.consumer)[0]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
+        wait = self.brpop_timeout if timeout is None else timeout
+        command = ("BLMOVE", self.prefixed(queue), self.prefixed(in_flight), "RIGHT", "LEFT", wait or 0)
+        self.client.connection.send_command(*command)
+
     #: what to do with a list entry that is not a kombu message: ``(raw, reason, queue)``
     on_malformed: ClassVar[Callable[[bytes, str, str], object] | None] = None
 
@@ -261,18 +367,33 @@ class Channel(kombu_redis.Channel):
     def _brpop_read(self, **options: Any) -> bool:
         """kombu 5.7's ``Channel._brpop_read``, with a malformed list entry refused instead of raised."""
         try:
+            moving = self._moving_from
             try:
-                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+                reply = self.client.parse_response(
+                    self.client.connection, "BRPOP" if moving is None else "BLMOVE", **options
+                )
             except self.connection_errors:
                 # if there's a ConnectionError, disconnect so the next iteration will reconnect
                 self.client.connection.disconnect()
                 raise
-            if not dest__item:
+            if not reply:
                 raise Empty()
-            dest, item = dest__item
-            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]  # type: ignore[no-untyped-call]
-            self._queue_cycle.rotate(dest)
-            self._deliver_entry(item, dest)
+            if moving is None:
+                dest, item = reply
+                dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]  # type: ignore[no-untyped-call]
+                self._queue_cycle.rotate(dest)
+                self._deliver_entry(item, dest)
+                return True
+            self._in_flight = (moving, self.qos.consumer, reply)
+            try:
+                self._deliver_entry(reply, moving)
+            except BaseException:
+                self._in_flight = None  # stays in the in-flight list: a live consumer returns it
+                raise
+            left = self.take_in_flight()  # not recorded: refused (dead-lettered), or put back by kombu
+            if left is not None:
+                with self.conn_or_acquire() as client:
+                    client.execute_command("LREM", self.prefixed(in_flight_keys(*left[:2])[0]), 1, left[2])
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
