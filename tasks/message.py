@@ -31,6 +31,7 @@ from tasks.job import (
 
 __all__ = [
     "DEFAULT_CELERY_QUEUE",
+    "DELIVERY_LIMIT_QUEUE",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
     "STRAY_QUEUES",
@@ -54,7 +55,9 @@ __all__ = [
 #: ``tierq_stray_messages``.
 DEFAULT_CELERY_QUEUE = "celery"
 UNROUTABLE_QUEUE = "tierq.unroutable"
-STRAY_QUEUES = (DEFAULT_CELERY_QUEUE, UNROUTABLE_QUEUE)
+#: RabbitMQ dead-letters here a message returned more often than its queue's delivery limit
+DELIVERY_LIMIT_QUEUE = "tierq.delivery-limit"
+STRAY_QUEUES = (DEFAULT_CELERY_QUEUE, UNROUTABLE_QUEUE, DELIVERY_LIMIT_QUEUE)
 
 #: headers a message may carry, and their size as JSON: Celery's own and tierq's fit many times over
 MAX_HEADERS = 64

@@ -22,7 +22,17 @@ SCHEMA_VERSION = "v1"
 _BASE = f"https://github.com/tierq/tierq/blob/main/docs/schemas/{SCHEMA_VERSION}"
 
 #: what ``Job.status()`` and ``GET /v1/jobs/{id}`` say
-STATUSES = ("pending", "running", "retrying", "succeeded", "failed", "refused", "expired", "cancelled")
+STATUSES = (
+    "pending",
+    "running",
+    "retrying",
+    "succeeded",
+    "failed",
+    "refused",
+    "expired",
+    "cancelled",
+    "unknown",
+)
 
 
 def _schema(name: str, title: str, model: type[BaseModel] | TypeAdapter[Any], mode: str) -> dict[str, Any]:

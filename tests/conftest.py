@@ -117,10 +117,12 @@ def tmp_dir() -> Path:
 class WorkerProcess:
     """A ``tierq worker`` subprocess; its stdout (JSON log lines) goes to a file."""
 
-    def __init__(self, tiers: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tiers: list[str], log_path: Path, env: dict[str, str] | None = None, name: str | None = None
+    ) -> None:
         self.tiers = tiers
         self.log_path = log_path
-        self.node = f"{'+'.join(tiers)}-{RUN_TAG}@test"
+        self.node = f"{name or '+'.join(tiers)}-{RUN_TAG}@test"
         self.metrics_port = free_port()
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self._log = log_path.open("wb")

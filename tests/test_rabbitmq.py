@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,15 +17,17 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from kombu import Queue  # type: ignore[attr-defined]
 
 from simulator import SimServer
 from tasks.errors import InvalidJobError, JobFailedError
+from tasks.message import DELIVERY_LIMIT_QUEUE
 from tasks.tiers import TierTable, load_tier_table
 from tests.conftest import KEY_PREFIX, RUN_TAG, WorkerProcess
 from tests.helpers import wait_until
 from tierq import get_job, submit
-from worker.celery.config import celery_config
-from worker.core.settings import Settings
+from worker.celery.config import celery_config, delivery_limit_queue
+from worker.core.settings import MAX_CRASHES, Settings
 
 AMQP_URL = os.environ.get("TIERQ_TEST_AMQP_URL")
 DOC = " ".join(
@@ -62,7 +65,7 @@ class Amqp:
         }
 
     def worker(self, tier: str, tmp: Path, name: str) -> WorkerProcess:
-        return WorkerProcess([tier], tmp / f"amqp-{name}.log", env=self.env)
+        return WorkerProcess([tier], tmp / f"amqp-{name}.log", env=self.env, name=f"amqp-{name}")
 
     def wait_ready(self, procs: list[WorkerProcess], timeout: float = 60) -> None:
         nodes = {p.node for p in procs}
@@ -169,7 +172,105 @@ def test_kill_9_mid_stream_over_rabbitmq(amqp: Amqp, sim: SimServer, tmp_dir: Pa
     sys.stdout.write(f"kill -9 over RabbitMQ: submitted 1, completed 1, llm calls {calls}, lost 0\n")
 
 
+@pytest.mark.timeout(120)
+def test_kill_9_of_a_fast_worker_over_rabbitmq_recovers_within_seconds(
+    amqp: Amqp, sim: SimServer, tmp_dir: Path
+) -> None:
+    """The module's fast worker survives; the victim's jobs run again on it as soon as RabbitMQ sees the
+    victim's connection close (no timer)."""
+    victim = amqp.worker("fast", tmp_dir, "fast-victim")
+    amqp.wait_ready([victim])
+    # consuming (Celery's "ready." follows the task consumer's start; a ping answers before it)
+    wait_until(lambda: " ready." in victim.log_path.read_text(errors="replace"), 30, "the victim consuming")
+    ids = [f"amqp-fast-kill-{uuid.uuid4().hex[:12]}" for _ in range(16)]
+    for job_id in ids:
+        sim.state.add_faults(["stall:6"], job_id=job_id)  # every first call hangs mid-stream for 6 s
+        amqp.submit(DOC, "critical", job_id=job_id)
+    wait_until(lambda: all(sim.state.request_count(j) for j in ids), 30, "every first call")
+    killed_at = time.time()
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    results = [get_job(j, app=amqp.app).result(timeout=60) for j in ids]
+    assert [r.job_id for r in results] == ids
+    moved = [j for j in ids if sim.state.request_count(j) == 2]
+    assert moved, "the victim held some of the jobs"
+    assert all(sim.state.request_count(j) <= 2 for j in ids)
+    recovery = sorted(
+        min(t["arrived_at"] for t in sim.state.timings(j) if (t["arrived_at"] or 0) > killed_at) - killed_at
+        for j in moved
+    )
+    victim.stop()
+    sys.stdout.write(
+        f"kill -9 of a fast worker over RabbitMQ: {len(moved)} of {len(ids)} jobs moved, recovery "
+        f"p50 {recovery[len(recovery) // 2]:.3f} s, max {recovery[-1]:.3f} s, lost 0\n"
+    )
+    assert recovery[-1] <= 5.0, recovery
+
+
+def _get(queue: Any, timeout: float) -> Any:
+    """One message from ``queue`` (unacknowledged), or None after ``timeout`` seconds."""
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        message = queue.get(no_ack=False)
+        if message is not None:
+            return message
+        time.sleep(0.05)
+    return None
+
+
+def test_a_message_past_its_delivery_limit_is_dead_lettered(amqp: Amqp) -> None:
+    """A message returned to a tier's queue more often than its limit (a worker that keeps crashing
+    before tierq's own start count) is dead-lettered by RabbitMQ, not dropped."""
+    fast = amqp.app.amqp.queues[amqp.tiers.tiers["fast"].queue]
+    limit = int(fast.queue_arguments["x-delivery-limit"])
+    # a queue of the fast tier's arguments that no worker consumes
+    probe = Queue(f"{fast.name}.probe", fast.exchange, routing_key=f"{fast.name}.probe", durable=True)
+    probe.queue_arguments = dict(fast.queue_arguments)
+    marker = f"limit-{uuid.uuid4().hex}"
+    with amqp.app.connection_for_write() as conn:
+        channel = conn.default_channel
+        bound = probe(channel)
+        bound.declare()
+        try:
+            with conn.Producer(channel) as producer:
+                producer.publish({"marker": marker}, exchange=fast.exchange, routing_key=probe.routing_key,
+                                 declare=[bound], serializer="json")  # fmt: skip
+            returns = 0
+            while returns <= limit + 1:
+                message = _get(bound, 3.0)
+                if message is None:  # dead-lettered
+                    break
+                if message.payload != {"marker": marker}:
+                    message.ack()
+                    continue
+                message.reject(requeue=True)
+                returns += 1
+            assert limit <= returns <= limit + 1, f"returned {returns} times; the limit is {limit}"
+            dead = delivery_limit_queue()(channel)
+
+            def dead_lettered() -> bool:
+                got = dead.get(no_ack=False)
+                if got is None:
+                    return False
+                mine = got.payload == {"marker": marker}
+                got.ack() if mine else got.reject(requeue=True)
+                return mine
+
+            wait_until(dead_lettered, 10, "the message in the delivery-limit queue", interval=0.05)
+            assert bound.get(no_ack=True) is None, "it left the tier's queue"
+        finally:
+            bound.delete()
+
+
 def test_rabbitmq_queues_are_quorum_queues(amqp: Amqp) -> None:
     queue = amqp.app.amqp.queues[amqp.tiers.tiers["fast"].queue]
-    assert queue.queue_arguments == {"x-queue-type": "quorum"}
+    assert queue.queue_arguments == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": amqp.tiers.tiers["fast"].max_retries + 1 + MAX_CRASHES + 1,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": DELIVERY_LIMIT_QUEUE,
+    }
+    slowest_ms = int(amqp.tiers.slowest_deadline_s * 1000)
+    assert queue.consumer_arguments is not None
+    assert queue.consumer_arguments["x-consumer-timeout"] > slowest_ms
     assert amqp.app.conf.broker_transport_options["confirm_publish"] is True

@@ -129,4 +129,7 @@ def test_status_follows_a_job_through_its_life(sim: SimServer) -> None:
     assert job.status() == "running"
     job.result(timeout=30)
     assert job.status() == "succeeded"
-    assert get_job(f"never-{uuid.uuid4()}").status() == "pending"
+    never = f"never-{uuid.uuid4()}"
+    assert get_job(never).status() == "unknown", "an id nobody submitted is not pending"
+    shown = run_tierq(["result", never])
+    assert (shown.returncode, shown.stdout.strip()) == (1, f"{never} unknown")

@@ -190,7 +190,8 @@ class Job:
         return f"Job(id={self.id!r})"
 
     def status(self) -> str:
-        """One of pending, running, retrying, succeeded, failed, refused, expired, cancelled."""
+        """One of pending, running, retrying, succeeded, failed, refused, expired, cancelled, unknown
+        (no job of this id was submitted or taken by a worker, or its records expired)."""
         with _reachable("result backend unavailable"):
             state = str(self._async.state)
             if state in ("FAILURE", "REVOKED") and _expired(self._async.result):
@@ -199,10 +200,7 @@ class Job:
                 return "refused"
             guard = self._producer.guard
             if state == "PENDING" and guard is not None:
-                if guard.is_cancelled(self.id):
-                    return "cancelled"
-                if guard.is_running(self.id):
-                    return "running"
+                return guard.not_ended(self.id)
         return _STATUS.get(state, state.lower())
 
     def ready(self) -> bool:

@@ -533,3 +533,25 @@ class MemoryCgroup:
     def remove(self) -> None:
         with contextlib.suppress(OSError):
             self.path.rmdir()
+
+
+def whereabouts(client: redis.Redis, prefix: str, job_id: str) -> list[str]:
+    """Every key under ``prefix`` that holds ``job_id`` (its own keys, lists and hashes naming it in
+    an entry): where a job that never ended is stuck."""
+    found = []
+    needle = job_id.encode()
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        name = key.decode(errors="replace")
+        if job_id in name:
+            found.append(name)
+            continue
+        kind = client.type(key)
+        if kind == b"list":
+            entries: list[bytes] = client.lrange(key, 0, -1)  # type: ignore[assignment]
+        elif kind == b"hash":
+            entries = list(client.hvals(key))  # type: ignore[arg-type]
+        else:
+            continue
+        if any(needle in entry or base64.b64encode(needle)[:12] in entry for entry in entries):
+            found.append(f"{name} ({kind.decode()})")
+    return found

@@ -23,6 +23,7 @@ from tests.chaos.harness import (
     new_tag,
     tally,
     unacked_ids,
+    whereabouts,
 )
 from tests.helpers import wait_until
 
@@ -186,7 +187,10 @@ def test_a_worker_killed_for_memory(chaos: Chaos, pool: Pool, producer: Producer
             recovery,
             [f"{len(interrupted)} jobs in flight on the killed worker; its death seen within 20 ms"],
         )
-        assert (row.completed, row.lost, row.duplicates) == (len(ids), 0, 0), row.line()
+        stuck = {
+            j: whereabouts(chaos.client, chaos.prefix, j) for j in ids if chaos.sim.counter.requests(j) == 0
+        }
+        assert (row.completed, row.lost, row.duplicates) == (len(ids), 0, 0), f"{row.line()} {stuck}"
         assert interrupted, "the killed worker held jobs"
         p99 = row.recovery(0.99)
         assert p99 is not None and p99 <= FAST_RECOVERY_P99_S, row.line()

@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
+
+from celery import Celery, signals
 
 from tasks.tiers import TierTable
-from worker.celery.config import celery_config
+from worker.celery.config import celery_config, delivery_limit_queue, is_amqp
 from worker.celery.transport import use_for_redis_urls
 from worker.core.settings import Settings, get_settings, get_tier_table
 from worker.observe.logging import connect_celery_signals
@@ -33,3 +35,25 @@ def make_app(settings: Settings, tiers: TierTable) -> Celery:
 app = make_app(get_settings(), get_tier_table())
 app.set_current()
 connect_celery_signals()
+
+
+@signals.worker_init.connect(weak=False, dispatch_uid="tierq.declare_amqp_queues")  # type: ignore[untyped-decorator]
+def _declare_amqp_queues(sender: Any = None, **_: Any) -> None:
+    """On RabbitMQ, declare the queue that messages past their delivery limit are dead-lettered to
+    (RabbitMQ drops them when it does not exist), and the tier queues this worker consumes, so that
+    a queue declared earlier with other arguments stops the worker with what to do, not a traceback."""
+    worker_app = getattr(sender, "app", None) or app
+    if not is_amqp(str(worker_app.conf.broker_url)):
+        return
+    consumed = list(worker_app.amqp.queues.consume_from.values())
+    with worker_app.connection_for_write() as connection:
+        delivery_limit_queue()(connection.default_channel).declare()  # type: ignore[no-untyped-call]
+        for queue in consumed:
+            try:
+                queue(connection.channel()).declare()
+            except connection.channel_errors as exc:
+                raise SystemExit(
+                    f"tierq: cannot declare queue {queue.name!r} on RabbitMQ: {exc}. A queue declared "
+                    "by an earlier tierq has no delivery limit: let it drain, delete it "
+                    f"(rabbitmqctl delete_queue {queue.name}) and start the worker again."
+                ) from None

@@ -7,11 +7,11 @@ from typing import Any
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from tasks.job import SUMMARIZE_TASK
-from tasks.message import UNROUTABLE_QUEUE
-from tasks.tiers import TierTable
-from worker.core.settings import Settings
+from tasks.message import DELIVERY_LIMIT_QUEUE, UNROUTABLE_QUEUE
+from tasks.tiers import Tier, TierTable
+from worker.core.settings import MAX_CRASHES, Settings
 
-__all__ = ["TierRouter", "celery_config"]
+__all__ = ["TierRouter", "celery_config", "delivery_limit_queue", "is_amqp"]
 
 
 #: seconds added to the slowest deadline: a delivery left in kombu's shared unacked keys (by a
@@ -19,6 +19,29 @@ __all__ = ["TierRouter", "celery_config"]
 VISIBILITY_MARGIN_S = 600
 #: seconds a worker holds the mutex of a queue's restore scan at most (if it dies holding it)
 RESTORE_MUTEX_EXPIRE_S = 2
+
+
+def is_amqp(broker_url: str) -> bool:
+    """Whether the broker is RabbitMQ (AMQP)."""
+    return broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
+def delivery_limit(tier: Tier) -> int:
+    """Returns of one message to a RabbitMQ queue before RabbitMQ dead-letters it: one more than the
+    run guard allows (tierq gives a crashing job up itself, with a dead letter and a status, first);
+    RabbitMQ's limit catches what crashes a worker before the guard is reached."""
+    return tier.max_retries + 1 + MAX_CRASHES + 1
+
+
+def delivery_limit_queue() -> Queue:
+    """The quorum queue where RabbitMQ puts messages past their delivery limit (the worker declares it)."""
+    return Queue(
+        DELIVERY_LIMIT_QUEUE,
+        Exchange(""),
+        routing_key=DELIVERY_LIMIT_QUEUE,
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
 
 
 class TierRouter:
@@ -43,16 +66,28 @@ class TierRouter:
 def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
     """Celery settings: JSON only, explicit queues, late acks, task events when Flower asks."""
     visibility_timeout = int(tiers.slowest_deadline_s) + VISIBILITY_MARGIN_S
-    amqp = settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+    amqp = is_amqp(settings.broker_url)
+    queue_arguments: dict[str, dict[str, Any] | None] = {name: None for name in tiers.tiers}
+    consumer_arguments: dict[str, Any] | None = None
     if amqp:
         # RabbitMQ: durable quorum queues (replicated, poison-message aware) and publisher confirms;
-        # a topic exchange, so that retry countdowns use RabbitMQ's native delayed delivery
+        # a topic exchange, so that retry countdowns use RabbitMQ's native delayed delivery. A
+        # message returned more often than its tier allows goes to the delivery-limit queue
         exchange = Exchange("tierq", type="topic", durable=True)
-        arguments: dict[str, Any] | None = {"x-queue-type": "quorum"}
+        for name, tier in tiers.tiers.items():
+            queue_arguments[name] = {
+                "x-queue-type": "quorum",
+                "x-delivery-limit": delivery_limit(tier),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": DELIVERY_LIMIT_QUEUE,
+            }
+        # RabbitMQ closes the channel of a consumer that holds a delivery longer than its consumer
+        # timeout (30 min by default: the slow tier's deadline): each consumer asks for more
+        # (RabbitMQ 3.12 and later; older servers ignore it: set consumer_timeout in rabbitmq.conf)
+        consumer_arguments = {"x-consumer-timeout": visibility_timeout * 1000}
         transport_options: dict[str, Any] = {"confirm_publish": True}
     else:
         exchange = Exchange("tierq", type="direct")
-        arguments = None
         transport_options = {
             # each delivery is leased: its worker renews it, a live worker of its queue restores it
             # lease_s after its worker died (worker/celery/transport.py: LeasedQoS), scanning every
@@ -74,8 +109,15 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
         if settings.key_prefix:
             transport_options["global_keyprefix"] = settings.key_prefix
     queues = [
-        Queue(t.queue, exchange, routing_key=t.queue, durable=True, queue_arguments=arguments)
-        for t in tiers.tiers.values()
+        Queue(
+            t.queue,
+            exchange,
+            routing_key=t.queue,
+            durable=True,
+            queue_arguments=queue_arguments[name],
+            consumer_arguments=consumer_arguments,
+        )
+        for name, t in tiers.tiers.items()
     ]
     default_queue = tiers.for_urgency("normal").queue if "normal" in tiers.urgencies else queues[0].name
     backend_options: dict[str, Any] = {

@@ -14,6 +14,7 @@ from tasks.job import SUMMARIZE_TASK
 from worker.celery.app import app
 from worker.celery.delivery import delivered_queue
 from worker.celery.process import context
+from worker.observe.metrics import in_flight
 from worker.runtime.jobs import Attempt, JobRef, plan_retry, report_expired, report_failure, run_attempt
 
 __all__ = ["summarize"]
@@ -43,7 +44,8 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     ref = JobRef.read(request.id, job, queue, ctx.tiers)
     attempt = Attempt.from_headers(request.id, request.retries or 0, headers, queue)
     try:
-        return run_attempt(ref, attempt, ctx).to_json()
+        with in_flight(ref.tier_name):
+            return run_attempt(ref, attempt, ctx).to_json()
     except Exception as exc:
         delay, why = plan_retry(exc, attempt, ref)
         report_failure(exc, attempt, ref, delay, why, ctx)

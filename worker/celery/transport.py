@@ -38,16 +38,10 @@ from kombu.utils.json import dumps, loads
 from tasks.message import bounded
 from worker.core.settings import DEFAULT_LEASE_S
 from worker.observe.logging import get_logger
+from worker.observe.metrics import observe_recovered
+from worker.store.keys import Keys, in_flight_keys, unacked_keys
 
-__all__ = [
-    "LEGACY_KEYS",
-    "TRANSPORT",
-    "Channel",
-    "LeasedQoS",
-    "Transport",
-    "unacked_keys",
-    "use_for_redis_urls",
-]
+__all__ = ["TRANSPORT", "Channel", "LeasedQoS", "Transport", "use_for_redis_urls"]
 
 _log = get_logger("tierq.transport")
 
@@ -59,16 +53,16 @@ TRANSPORT = "worker.celery.transport:Transport"
 # leases: a dead worker's deliveries come back in seconds, a live one's never
 # ---------------------------------------------------------------------------------------------
 
-#: kombu's own unacked keys (one namespace for every queue), read only to recover deliveries that
-#: a version before leases left there
-LEGACY_KEYS = ("unacked", "unacked_index", "unacked_mutex")
-
-
-#: returns a dead consumer's in-flight entries to the head of their queue and forgets the consumer
+#: seconds after its last renewal that a dead consumer's in-flight list stops being watched. Not at
+#: once: a consumer that stalled past its lease (swap, memory pressure just before an OOM kill) may
+#: still move one more entry into its list before it dies, and only its index entry leads there
+IN_FLIGHT_FORGET_S = 600
+#: returns a lapsed consumer's in-flight entries to the head of their queue; forgets the consumer
+#: (ARGV[2] == "1") once it lapsed IN_FLIGHT_FORGET_S ago and nothing was left
 _RETURN_IN_FLIGHT = """
 local moved = 0
 while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'RIGHT') do moved = moved + 1 end
-redis.call('ZREM', KEYS[3], ARGV[1])
+if ARGV[2] == '1' and moved == 0 then redis.call('ZREM', KEYS[3], ARGV[1]) end
 return moved
 """
 #: moves a queue's priority sub-lists to the back of the queue (a consumer that moves entries
@@ -80,23 +74,6 @@ for i = 2, #KEYS do
 end
 return moved
 """
-
-
-def in_flight_keys(queue: str, consumer: str) -> tuple[str, str]:
-    """The list where ``consumer`` receives ``queue``'s entries (moved there atomically as they are
-    popped, gone once recorded as unacknowledged), and the index of those lists' leases."""
-    return f"inflight:{queue}:{consumer}", f"inflight_index:{queue}"
-
-
-def unacked_keys(queue: str | None) -> tuple[str, str, str]:
-    """The unacked hash, lease index and restore mutex of ``queue`` (None: kombu's shared ones).
-
-    Each queue (tier) has its own: a worker restores only the queues it consumes, so restoring one
-    tier never touches another's.
-    """
-    if queue is None:
-        return LEGACY_KEYS
-    return f"unacked:{queue}", f"unacked_index:{queue}", f"unacked_mutex:{queue}"
 
 
 class LeasedQoS(kombu_redis.QoS):
@@ -224,7 +201,7 @@ class LeasedQoS(kombu_redis.QoS):
                     if tag in self._leases:
                         continue  # ours: alive (a renewal is late, not lost)
                     self.restore_by_tag(tag, client, queue=queue)
-                    self.recovered += 1
+                    self._count_recovered(client, queue or "unacked", 1)
                     _log.warning("delivery.recovered", queue=queue or "unacked", delivery_tag=tag)
         except kombu_redis.MutexHeld:
             pass
@@ -234,19 +211,29 @@ class LeasedQoS(kombu_redis.QoS):
         sub-lists to its back (this consumer reads the queue's own list only)."""
         prefixed = self.channel.prefixed
         _, index_key = in_flight_keys(queue, self.consumer)
-        for raw in client.zrange(index_key, ceil, 0, desc=True, byscore=True) or []:
+        forget_before = time.time() - IN_FLIGHT_FORGET_S
+        for raw, renewed in client.zrange(index_key, ceil, 0, desc=True, byscore=True, withscores=True) or []:
             consumer = bytes_to_str(raw)  # type: ignore[no-untyped-call]
             if consumer == self.consumer:
                 continue
             lists = (in_flight_keys(queue, consumer)[0], queue, index_key)
-            moved = int(client.execute_command("EVAL", _RETURN_IN_FLIGHT, 3, *map(prefixed, lists), consumer))
+            forget = "1" if renewed < forget_before else "0"
+            moved = int(
+                client.execute_command("EVAL", _RETURN_IN_FLIGHT, 3, *map(prefixed, lists), consumer, forget)
+            )
             if moved:
-                self.recovered += moved
+                self._count_recovered(client, queue, moved)
                 _log.warning("delivery.recovered", queue=queue, in_flight=moved)
         subs = [self.channel._q_for_pri(queue, p) for p in self.channel.priority_steps]
         subs = [name for name in subs if name != queue]
         if subs:
             client.execute_command("EVAL", _FLATTEN, 1 + len(subs), *map(prefixed, [queue, *subs]))
+
+    def _count_recovered(self, client: Any, queue: str, count: int) -> None:
+        self.recovered += count
+        observe_recovered(queue, count)
+        key = Keys(self.channel.global_keyprefix or "").recovered()
+        client.execute_command("HINCRBY", key, queue, count)
 
     def _keep_leases(self) -> None:
         if self._keeper is None:
@@ -335,7 +322,10 @@ class Channel(kombu_redis.Channel):
             super()._brpop_start(timeout)  # type: ignore[no-untyped-call]
             return
         qos: LeasedQoS = self.qos
-        qos.moving.add(queue)
+        if queue not in qos.moving:  # leased before the first entry can land in the list
+            with self.conn_or_acquire() as client:
+                client.zadd(in_flight_keys(queue, qos.consumer)[1], {qos.consumer: time.time()})
+            qos.moving.add(queue)
         in_flight = in_flight_keys(queue, qos.consumer)[0]
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]

@@ -15,12 +15,21 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.tiers import TierTable, load_tier_table
 
-__all__ = ["DEFAULT_BROKER_URL", "DEFAULT_LEASE_S", "Settings", "get_settings", "get_tier_table"]
+__all__ = [
+    "DEFAULT_BROKER_URL",
+    "DEFAULT_LEASE_S",
+    "MAX_CRASHES",
+    "Settings",
+    "get_settings",
+    "get_tier_table",
+]
 
 #: the Redis these machines run; ``make demo`` starts its own instead
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 #: seconds a Redis delivery (and a job's run lock) lives past its worker's last heartbeat
 DEFAULT_LEASE_S = 3.0
+#: starts beyond its tier's attempts that a job may crash its worker before it is given up (poison)
+MAX_CRASHES = 2
 
 
 class Settings(BaseSettings):

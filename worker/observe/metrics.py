@@ -8,10 +8,12 @@ prometheus-client's multiprocess mode does; the default threads pool needs nothi
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -19,6 +21,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     start_http_server,
 )
@@ -106,6 +109,35 @@ TOKENS_PER_S = Histogram(
     ["tier", "model"],
     buckets=_RATE_BUCKETS,
 )
+IN_FLIGHT = Gauge(
+    "tierq_jobs_in_flight",
+    "Jobs this worker process is running now, by tier.",
+    ["tier"],
+    multiprocess_mode="livesum",
+)
+WORKER_UP = Gauge(
+    "tierq_worker_up",
+    "1 for each worker process serving the tier (sum by tier: the tier's live workers).",
+    ["tier"],
+    multiprocess_mode="livesum",
+)
+WORKER_THREADS = Gauge(
+    "tierq_worker_threads",
+    "Jobs a worker process serving the tier runs at once (its pool's threads).",
+    ["tier"],
+    multiprocess_mode="livesum",
+)
+WORKER_SATURATION = Gauge(
+    "tierq_worker_saturation",
+    "This worker process's jobs in flight over its threads (1: every thread busy), by tier served.",
+    ["tier"],
+    multiprocess_mode="max",
+)
+RECOVERED = Counter(
+    "tierq_deliveries_recovered",
+    "Deliveries of dead workers this worker put back on their queue (their lease lapsed).",
+    ["queue_name"],
+)
 MESSAGES_REJECTED = Counter(
     "tierq_messages_rejected",
     "Deliveries that were not a tierq job message, dead-lettered and acknowledged, by what was wrong.",
@@ -165,6 +197,46 @@ def observe_retried(tier: str, queue: str | None, exception: str) -> None:
     TASKS_RETRIED.labels(_TASK, _HOST, queue or "", tier, exception).inc()
 
 
+#: jobs running in this process, by tier (what saturation is computed from)
+_running: collections.Counter[str] = collections.Counter()
+_running_lock = threading.Lock()
+
+
+def observe_worker(tiers: Iterable[str], threads: int) -> None:
+    """Say that this process serves ``tiers`` with ``threads`` threads (up, threads, saturation)."""
+    served = list(tiers)
+
+    def saturation() -> float:
+        with _running_lock:
+            running = sum(_running[tier] for tier in served)
+        return running / threads if threads else 0.0
+
+    for tier in served:
+        WORKER_UP.labels(tier).set(1)
+        WORKER_THREADS.labels(tier).set(threads)
+        WORKER_SATURATION.labels(tier).set_function(saturation)
+
+
+@contextmanager
+def in_flight(tier: str) -> Iterator[None]:
+    """Count a job of ``tier`` as in flight while the block runs."""
+    gauge = IN_FLIGHT.labels(tier)
+    with _running_lock:
+        _running[tier] += 1
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
+        with _running_lock:
+            _running[tier] -= 1
+
+
+def observe_recovered(queue: str, count: int = 1) -> None:
+    """Record deliveries of a dead worker put back on ``queue``."""
+    RECOVERED.labels(queue).inc(count)
+
+
 def queue_list_keys(queue: str, key_prefix: str = "") -> list[str]:
     """The Redis lists that hold a kombu queue's messages: the queue's own, and the sub-lists
     ``QUEUE\\x06\\x16N`` where kombu keeps priorities 3, 6 and 9 (their lengths add up to the queue's)."""
@@ -175,12 +247,19 @@ class QueueDepthCollector(Collector):
     """``celery_queue_length``: messages waiting per tier queue, read from Redis at scrape time."""
 
     def __init__(
-        self, redis_url: str, queues: dict[str, str], key_prefix: str = "", stray: Iterable[str] = ()
+        self,
+        redis_url: str,
+        queues: dict[str, str],
+        key_prefix: str = "",
+        stray: Iterable[str] = (),
+        unacked_key: Callable[[str], str] | None = None,
     ) -> None:
         self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._queues = queues  # tier -> queue
         self._stray = tuple(stray)
         self._prefix = key_prefix
+        #: the hash of a queue's unacknowledged deliveries, without the prefix (None: not read)
+        self._unacked_key = unacked_key
 
     def _keys(self, queue: str) -> list[str]:
         return queue_list_keys(queue, self._prefix)
@@ -194,11 +273,20 @@ class QueueDepthCollector(Collector):
             "Messages on queues no tierq worker reads (Celery's default queue, unroutable messages).",
             labels=["queue_name"],
         )
+        unacked = GaugeMetricFamily(
+            "tierq_unacked_messages",
+            "Deliveries taken by a worker and not acknowledged yet (running, or their worker died "
+            "less than a lease ago), per tier queue.",
+            labels=["queue_name", "tier"],
+        )
         try:
             pipe = self._client.pipeline(transaction=False)
             for queue in (*self._queues.values(), *self._stray):
                 for key in self._keys(queue):
                     pipe.llen(key)
+            if self._unacked_key is not None:
+                for queue in self._queues.values():
+                    pipe.hlen(self._prefix + self._unacked_key(queue))
             lengths: Iterable[int] = pipe.execute()
         except Exception:  # Redis away: report nothing rather than fail the scrape
             return
@@ -209,6 +297,10 @@ class QueueDepthCollector(Collector):
             stray.add_metric([queue], sum(next(values) for _ in range(4)))
         yield family
         yield stray
+        if self._unacked_key is not None:
+            for tier, queue in self._queues.items():
+                unacked.add_metric([queue, tier], next(values))
+            yield unacked
 
 
 _served: dict[str, Any] = {}

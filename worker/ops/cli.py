@@ -90,6 +90,7 @@ def worker(
         raise _fail(
             "set ANTHROPIC_API_KEY (or TIERQ_ANTHROPIC_API_KEY_FILE), or ANTHROPIC_BASE_URL to a simulator"
         )
+    from worker.observe.metrics import observe_worker
     from worker.ops.checks import redis_eviction_warning
 
     warning = redis_eviction_warning(settings.broker_url)
@@ -101,6 +102,7 @@ def worker(
     queues = ",".join(tiers.tiers[t].queue for t in chosen)
     threads = concurrency or sum(tiers.tiers[t].concurrency for t in chosen)
     port = metrics_port if metrics_port is not None else settings.metrics_port
+    observe_worker(chosen, threads)
     if port is not None:
         _serve_worker_metrics(port, settings.metrics_addr)
     from worker.celery.app import app
@@ -163,12 +165,21 @@ def _check_models(tiers: list[Tier], settings: Settings) -> None:
 def _serve_worker_metrics(port: int, addr: str) -> None:
     from worker.core.settings import get_settings, get_tier_table
     from worker.observe.metrics import QueueDepthCollector, serve_metrics
+    from worker.store.keys import unacked_keys
 
     settings = get_settings()
     extra = []
     if settings.broker_url.startswith(("redis://", "rediss://")):
         queues = {name: tier.queue for name, tier in get_tier_table().tiers.items()}
-        extra.append(QueueDepthCollector(settings.broker_url, queues, settings.key_prefix, STRAY_QUEUES))
+        extra.append(
+            QueueDepthCollector(
+                settings.broker_url,
+                queues,
+                settings.key_prefix,
+                STRAY_QUEUES,
+                unacked_key=lambda queue: unacked_keys(queue)[0],
+            )
+        )
     try:
         bound = serve_metrics(port, addr, extra)
     except OSError as exc:
@@ -258,7 +269,7 @@ def result(
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 60.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Print a job's result, or its status if it has not ended."""
+    """Print a job's result, or its status if it has not ended (``unknown``: no such job; exit 1)."""
     from tierq.producer import get_job
 
     job = get_job(job_id)
@@ -268,6 +279,8 @@ def result(
             _print_json({"job_id": job_id, "status": status})
         else:
             sys.stdout.write(f"{job_id} {status}\n")
+        if status == "unknown":
+            raise typer.Exit(1)
         return
     _wait_and_print(job_id, timeout, as_json)
 
@@ -482,7 +495,10 @@ def stats(
         summary = summarize(stream.recent(last))
     except Exception as exc:
         raise _fail(f"cannot read stats: {exc}", code=1) from None
+    deliveries = _delivery_counts(get_settings())
     if as_json:
+        for tier, row in summary.items():
+            row.update(deliveries.get(tier, {}))
         _print_json(summary)
         return
     table = Table(title=f"last {last} jobs per tier (ms)")
@@ -508,6 +524,18 @@ def stats(
             _ms(row["output_tokens_per_s_p50"]), f"{row['cost_usd']:.4f}",
         )  # fmt: skip
     _console().print(table)
+    if deliveries:
+        now = Table(title="deliveries per tier, now")
+        for column in ("tier", "queued", "unacked", "recovered"):
+            now.add_column(column, justify="left" if column == "tier" else "right")
+        for tier, counts in deliveries.items():
+            now.add_row(tier, *(str(counts[k]) for k in ("queued", "unacked", "recovered")))
+        _console().print(now)
+        _err.print(
+            "unacked: taken by a worker, not acknowledged yet (running, or its worker died less than "
+            "TIERQ_LEASE_S ago); recovered: put back after their worker died, since the broker started",
+            highlight=False,
+        )
     for queue, count in _stray_counts(get_settings()).items():
         if count:
             _warn(f"{count} message(s) on {queue!r}, a queue no tierq worker reads ({_STRAY_WHY[queue]})")
@@ -517,7 +545,41 @@ def stats(
 _STRAY_WHY = {
     "celery": "Celery's default queue: a producer that did not route to a tier's queue",
     "tierq.unroutable": "its routing key matched no tier's queue",
+    "tierq.delivery-limit": "RabbitMQ returned it to its queue more often than the delivery limit",
 }
+
+
+def _delivery_counts(settings: Settings) -> dict[str, dict[str, int]]:
+    """Per tier: messages queued, taken and not acknowledged, and recovered from dead workers (Redis
+    brokers only; empty when unreachable)."""
+    import redis
+
+    from worker.core.settings import get_tier_table
+    from worker.observe.metrics import queue_list_keys
+    from worker.store.keys import Keys, unacked_keys
+
+    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return {}
+    queues = {name: tier.queue for name, tier in get_tier_table().tiers.items()}
+    prefix = settings.key_prefix
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for queue in queues.values():
+            for key in queue_list_keys(queue, prefix):
+                pipe.llen(key)
+            pipe.hlen(prefix + unacked_keys(queue)[0])
+            pipe.hget(Keys(prefix).recovered(), queue)
+        replies = iter(pipe.execute())
+    except redis.RedisError:
+        return {}
+    finally:
+        client.close()
+    counts = {}
+    for tier in queues:
+        queued = sum(int(next(replies)) for _ in range(4))
+        counts[tier] = {"queued": queued, "unacked": int(next(replies)), "recovered": int(next(replies) or 0)}
+    return counts
 
 
 def _stray_counts(settings: Settings) -> dict[str, int]:

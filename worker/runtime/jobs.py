@@ -44,7 +44,7 @@ from tasks.message import bounded
 from tasks.result import Fallback, JobResult, Timings
 from tasks.tiers import Tier, TierTable
 from worker.core.cancel import CancelToken
-from worker.core.settings import Settings
+from worker.core.settings import MAX_CRASHES, Settings
 from worker.llm.client import LLMReply, LLMRequest
 from worker.llm.pricing import cost_usd
 from worker.observe import metrics
@@ -81,8 +81,6 @@ DEDUPLICATED = "summarize.deduplicated"
 
 #: a retry is planned only if at least this many seconds of the deadline would remain for it
 MIN_ATTEMPT_S = 1.0
-#: starts beyond the tier's attempts that a job may crash its worker before it is given up
-MAX_CRASHES = 2
 #: seconds the start count outlives the tier's deadline
 STARTS_TTL_MARGIN_S = 600
 

@@ -93,6 +93,20 @@ class RunGuard:
         """Whether the job's producer cancelled it."""
         return bool(self.client.exists(self.keys.cancelled(job_id)))
 
+    def not_ended(self, job_id: str) -> str:
+        """What a job without a stored result is, in one round trip: ``cancelled``, ``running``,
+        ``pending`` (its id was claimed: submitted, or taken by a worker) or ``unknown``."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(self.keys.cancelled(job_id))
+        pipe.exists(self.keys.running(job_id))
+        pipe.exists(self.keys.submitted(job_id))
+        cancelled, running, claimed = pipe.execute()
+        if cancelled:
+            return "cancelled"
+        if running:
+            return "running"
+        return "pending" if claimed else "unknown"
+
     def is_running(self, job_id: str) -> bool:
         """Whether an attempt of the job holds its run lock."""
         return bool(self.client.exists(self.keys.running(job_id)))

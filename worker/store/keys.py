@@ -12,13 +12,18 @@ database::
     <prefix>tierq:dlq                  dead letters by time (sorted set)
     <prefix>tierq:dlq:<job_id>         one dead letter (hash)
     <prefix>tierq:stats:jobs           recent jobs' figures for ``tierq stats`` (Redis stream)
+    <prefix>tierq:recovered            deliveries of dead workers put back, per queue (hash; transport)
+
+The transport's own keys (``worker/celery/transport.py``) are named after kombu's, under the same
+prefix: ``unacked:<queue>``, ``unacked_index:<queue>``, ``unacked_mutex:<queue>``,
+``inflight:<queue>:<consumer>``, ``inflight_index:<queue>``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Keys"]
+__all__ = ["LEGACY_UNACKED_KEYS", "Keys", "in_flight_keys", "unacked_keys"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +39,10 @@ class Keys:
     def running(self, job_id: str) -> str:
         """The run lock of a job's running attempt."""
         return f"{self.prefix}tierq:running:{job_id}"
+
+    def recovered(self) -> str:
+        """How many deliveries of dead workers were put back on each queue (a hash)."""
+        return f"{self.prefix}tierq:recovered"
 
     def starts(self, job_id: str) -> str:
         """How many times a job started."""
@@ -64,3 +73,25 @@ class Keys:
     def stats(self) -> str:
         """The stream of recent jobs' figures."""
         return f"{self.prefix}tierq:stats:jobs"
+
+
+#: kombu's own unacked keys (one namespace for every queue), read only to recover deliveries that
+#: a version before leases left there
+LEGACY_UNACKED_KEYS = ("unacked", "unacked_index", "unacked_mutex")
+
+
+def in_flight_keys(queue: str, consumer: str) -> tuple[str, str]:
+    """The list where ``consumer`` receives ``queue``'s entries (moved there atomically as they are
+    popped, gone once recorded as unacknowledged), and the index of those lists' leases."""
+    return f"inflight:{queue}:{consumer}", f"inflight_index:{queue}"
+
+
+def unacked_keys(queue: str | None) -> tuple[str, str, str]:
+    """The unacked hash, lease index and restore mutex of ``queue`` (None: kombu's shared ones).
+
+    Each queue (tier) has its own: a worker restores only the queues it consumes, so restoring one
+    tier never touches another's.
+    """
+    if queue is None:
+        return LEGACY_UNACKED_KEYS
+    return f"unacked:{queue}", f"unacked_index:{queue}", f"unacked_mutex:{queue}"
