@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 
 import pytest
 
@@ -34,6 +35,21 @@ def _listening(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _reader(proc: subprocess.Popen[bytes], out: bytearray, marker: bytes) -> Callable[[], bool]:
+    """A probe that reads what ``proc`` printed into ``out`` and says whether ``marker`` came."""
+    assert proc.stdout is not None
+    stdout = proc.stdout
+
+    def read() -> bool:
+        # raw reads: a buffered readline could hold the line where select() cannot see it
+        ready, _, _ = select.select([stdout], [], [], 0.2)
+        if ready:
+            out.extend(os.read(stdout.fileno(), 65536))
+        return marker in out
+
+    return read
 
 
 def test_parse_mix_and_plan() -> None:
@@ -61,11 +77,12 @@ def test_demo_runs_to_the_end_on_embedded_defaults() -> None:
         ("standard", "claude-sonnet-5-5"),
         ("slow", "claude-opus-5-5"),
     ):
-        assert re.search(rf"│ {tier}\s+│\s+0 │\s+0 │\s+\d+ │\s+0 │", out), (
-            f"{tier} row: all done, none failed"
-        )
+        assert re.search(rf"│ {tier}\s+│\s+(\d+)/\1 │\s+0 │", out), f"{tier} row: all done, none failed"
         assert model in out
     assert not [p for p in _ports(out) if _listening(p)], "every process the demo started is gone"
+    table = [line for line in out.splitlines() if line.startswith(("┏", "┃", "│", "└"))]
+    assert table and max(len(line) for line in table) <= 80, "the table fits 80 columns"
+    assert "queue s" in out and "cost $" in out, "units in the headers"
 
 
 @pytest.mark.slow
@@ -79,21 +96,13 @@ def test_demo_ctrl_c_stops_everything_it_started() -> None:
         stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
-    stdout = proc.stdout
     try:
         out = bytearray()
-
-        def read_to_logs_line() -> bool:
-            # raw reads: a buffered readline could hold the "logs" line where select() cannot see it
-            ready, _, _ = select.select([stdout], [], [], 0.2)
-            if ready:
-                out.extend(os.read(stdout.fileno(), 65536))
-            return b"logs" in out
 
         def check() -> None:
             assert proc.poll() is None, out.decode()
 
-        wait_until(read_to_logs_line, 90, "the demo's start-up lines", check, interval=0)
+        wait_until(_reader(proc, out, b"logs"), 90, "the demo's start-up lines", check, interval=0)
         text = out.decode()
         ports = _ports(text)
         assert len(ports) >= 6  # redis, simulator, three metrics ports, flower
@@ -112,6 +121,38 @@ def test_demo_ctrl_c_stops_everything_it_started() -> None:
         assert code == 130
         assert b"every process the demo started has been stopped" in proc.stderr.read()
         assert not [p for p in ports if _listening(p)], "a process the demo started is still listening"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+@pytest.mark.slow
+def test_demo_keep_leaves_flower_up_until_ctrl_c() -> None:
+    proc = spawn(
+        "worker",
+        ["demo", "--jobs", "6", "--time-scale", "0.05", "--keep"],
+        _demo_env(),
+        inherit_env=False,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        out = bytearray()
+
+        def check() -> None:
+            assert proc.poll() is None, out.decode()
+
+        wait_until(_reader(proc, out, b"Ctrl-C stops it all"), 120, "the run to end, everything kept", check)
+        text = out.decode()
+        (flower_port,) = [int(p) for p in re.findall(r"flower\s+http://127\.0\.0\.1:(\d+)", text)]
+        assert "6 jobs in" in text and _listening(flower_port), "Flower is still reachable after the run"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, "Ctrl-C ends a kept demo normally"
+        assert not [p for p in _ports(text) if _listening(p)], "a process the demo started is still listening"
     finally:
         if proc.poll() is None:
             proc.kill()

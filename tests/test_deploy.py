@@ -750,3 +750,15 @@ def test_prometheus_scrapes_the_workers() -> None:
     services = set(compose()["services"])
     for target in targets:
         assert target.rsplit(":", 1)[0] in services, f"{target} is not a compose service"
+
+
+def test_the_readme_configuration_table_lists_every_setting() -> None:
+    from pydantic import AliasChoices
+
+    from worker.core.settings import Settings
+
+    table = (ROOT / "README.md").read_text(encoding="utf-8").split("## Configuration", 1)[1]
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names = alias.choices if isinstance(alias, AliasChoices) else [f"TIERQ_{name.upper()}"]
+        assert any(f"`{env}`" in table for env in names), f"README's configuration table lacks {names[0]}"

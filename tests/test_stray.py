@@ -12,7 +12,7 @@ import redis
 from kombu.transport.virtual.base import UndeliverableWarning
 
 from tasks.job import SUMMARIZE_TASK
-from tasks.message import DEFAULT_CELERY_QUEUE, UNROUTABLE_QUEUE
+from tasks.message import DEFAULT_CELERY_QUEUE, DELIVERY_LIMIT_QUEUE, UNROUTABLE_QUEUE
 from tests.conftest import KEY_PREFIX, WorkerProcess
 from tests.helpers import run_tierq, wait_until
 from worker.celery.app import app
@@ -45,7 +45,7 @@ def test_stray_messages_show_in_doctor_stats_and_metrics(workers: dict[str, Work
     assert wait_until(
         lambda: (
             workers["fast"].metric("tierq_stray_messages", "queue_name")
-            == {DEFAULT_CELERY_QUEUE: 1, UNROUTABLE_QUEUE: 1}
+            == {DEFAULT_CELERY_QUEUE: 1, UNROUTABLE_QUEUE: 1, DELIVERY_LIMIT_QUEUE: 0}
         ),
         10,
         "the stray messages in the worker's metrics",

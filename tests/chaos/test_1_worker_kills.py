@@ -55,6 +55,7 @@ def test_kill_9_mid_stream_redelivers_and_completes_once(
     wait_until(
         lambda: all(chaos.sim.counter.streamed_text(j) for j in ids), 30, "both streams to produce text"
     )
+    killed_at = time.time()
     first.kill()
     assert all(chaos.sim.counter.completed(j) == 0 for j in ids), "the kill must land mid-stream"
     second = pool.start("slow")
@@ -62,14 +63,18 @@ def test_kill_9_mid_stream_redelivers_and_completes_once(
     producer.wait_ended(ids, timeout=90)
     outcomes = producer.outcomes(ids)
     counter = chaos.sim.counter
-    row = chaos.record(
-        tally(
-            "1 kill -9 mid-stream",
-            outcomes,
-            counter,
-            [f"requests per job {[counter.requests(j) for j in ids]}"],
-        )
+    row = tally(
+        "1 kill -9 mid-stream",
+        outcomes,
+        counter,
+        [
+            f"requests per job {[counter.requests(j) for j in ids]}",
+            "recovery includes the new worker's start",
+        ],
     )
+    later = [[t for t in counter.arrivals(j) if t > killed_at] for j in ids]
+    row.recovery_s = [min(times) - killed_at for times in later if times]
+    chaos.record(row)
     assert (row.completed, row.lost, row.duplicates) == (len(ids), 0, 0), outcomes
     for job_id in ids:
         assert counter.requests(job_id) <= 2, "the LLM is called at most twice for a job killed mid-stream"

@@ -41,7 +41,7 @@ from worker.observe.logging import get_logger
 from worker.observe.metrics import observe_recovered
 from worker.store.keys import Keys, in_flight_keys, unacked_keys
 
-__all__ = ["TRANSPORT", "Channel", "LeasedQoS", "Transport", "use_for_redis_urls"]
+__all__ = ["TRANSPORT", "Channel", "LeasedQoS", "Poller", "Transport", "use_for_redis_urls"]
 
 _log = get_logger("tierq.transport")
 
@@ -423,10 +423,31 @@ class Channel(kombu_redis.Channel):
             self._refuse(item, f"envelope: {type(exc).__name__}: {bounded(str(exc))}", queue)
 
 
+class Poller(kombu_redis.MultiChannelPoller):
+    """kombu's poller, scanning every consuming channel for lapsed leases: kombu scans the first
+    one only (its unacked keys are shared; ours are per queue, and a worker may consume a queue
+    of control replies beside its tier's)."""
+
+    def maybe_restore_messages(self) -> None:
+        for channel in list(self._channels):
+            if not channel.active_queues:
+                continue
+            try:
+                channel.qos.restore_visible(
+                    num=channel.unacked_restore_limit, interval=channel.unacked_restore_throttle
+                )
+            except channel.connection_errors:
+                return  # the connection is broken: the poll loop reconnects; the next tick scans
+
+
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport with :class:`Channel`."""
+    """kombu's Redis transport with :class:`Channel` and :class:`Poller`."""
 
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.cycle = Poller()  # type: ignore[no-untyped-call,assignment]
 
 
 def use_for_redis_urls() -> None:

@@ -659,6 +659,9 @@ def demo(
     ] = 0.25,
     flower: Annotated[bool, typer.Option(help="Also start Flower (basic auth, credentials printed).")] = True,
     svg: Annotated[Path | None, typer.Option(help="Also save what the demo printed as SVG.")] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep Flower and the pools up after the run, until Ctrl-C.")
+    ] = False,
 ) -> None:
     """Start Redis, the simulator, one pool per tier and Flower; run a mixed workload; watch it live."""
     with _extra("demo"):
@@ -666,7 +669,9 @@ def demo(
 
     console = _console(record=svg is not None)
     try:
-        code = run_demo(jobs=jobs, time_scale=time_scale, mix=mix, docs=docs, flower=flower, console=console)
+        code = run_demo(
+            jobs=jobs, time_scale=time_scale, mix=mix, docs=docs, flower=flower, console=console, keep=keep
+        )
     except TierqError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:

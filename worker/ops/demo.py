@@ -200,43 +200,39 @@ class Board:
         return sum(t.status in ("done", "failed") for t in self.jobs)
 
     def table(self, title: str = "tierq demo: per tier") -> Table:
-        """Per-tier counts, percentiles (ms), tokens/s and cost."""
-        table = Table(title=title)
-        columns = [
-            "tier",
-            "queued",
-            "running",
-            "done",
-            "failed",
-            "queue p50/p95",
-            "TTFT p50/p95",
-            "total p50/p95",
-        ]
-        for column in [*columns, "tok/s", "cost $"]:
-            table.add_column(column, justify="left" if column == "tier" else "right")
+        """Per tier: jobs done of all, failed, the p50/p95 seconds of finished jobs, cost; 80 columns."""
+        table = Table(title=title, caption="seconds: p50/p95 of finished jobs")
+        for column in ("tier", "done", "failed", "queue s", "TTFT s", "total s", "cost $"):
+            table.add_column(column, justify="left" if column == "tier" else "right", no_wrap=True)
         for tier in self.tiers:
             rows = [t for t in self.jobs if t.tier == tier]
             if not rows:
                 continue
             done = [t.result for t in rows if t.result is not None]
-            counts = [str(sum(t.status == s for t in rows)) for s in ("queued", "running", "done", "failed")]
+            finished = sum(t.status == "done" for t in rows)
+            failed = sum(t.status == "failed" for t in rows)
             cells = [
                 _p50_p95([r.timings.queue_wait_ms for r in done]),
                 _p50_p95([r.timings.ttft_ms for r in done]),
                 _p50_p95([r.timings.total_ms for r in done]),
             ]
-            rates = [r.timings.output_tokens_per_s for r in done if r.timings.output_tokens_per_s]
-            rate = percentile(rates, 50)
             cost = sum(r.cost_usd or 0 for r in done)
-            table.add_row(tier, *counts, *cells, "-" if rate is None else f"{rate:.0f}", f"{cost:.4f}")
+            table.add_row(tier, f"{finished}/{len(rows)}", str(failed), *cells, f"{cost:.4f}")
         return table
+
+
+def _seconds(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    value = ms / 1000
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
 def _p50_p95(values: list[float | None]) -> str:
     present = [v for v in values if v is not None]
     if not present:
         return "-"
-    return f"{percentile(present, 50):.0f} / {percentile(present, 95):.0f}"
+    return f"{_seconds(percentile(present, 50))}/{_seconds(percentile(present, 95))}"
 
 
 def run_demo(
@@ -246,8 +242,13 @@ def run_demo(
     docs: Path | None = None,
     flower: bool = True,
     console: Console | None = None,
+    keep: bool = False,
 ) -> int:
-    """Run the demo; return a process exit code (0 when every job succeeded)."""
+    """Run the demo; return a process exit code (0 when every job succeeded).
+
+    With ``keep``, everything it started stays up after the run (Flower, the pools' metrics) until
+    Ctrl-C or SIGTERM, which then ends the demo normally.
+    """
     from worker.ops.embedded import EmbeddedRedis, free_port
 
     console = console or Console()
@@ -298,8 +299,23 @@ def run_demo(
             console.print(f"flower     http://127.0.0.1:{port}  (user {user}, password {password})")
         console.print(f"logs       {log_dir}")
         _wait_for_workers(producer, len(tiers.tiers), children)
-        return _run_jobs(producer, jobs, weights, texts, tiers.tiers, children, console)
+        code = _run_jobs(producer, jobs, weights, texts, tiers.tiers, children, console)
+        if keep:
+            _keep_running(children, console)
+        return code
     return 1  # pragma: no cover - ExitStack does not swallow exceptions
+
+
+def _keep_running(children: list[Child], console: Console) -> None:
+    """Wait for Ctrl-C (or SIGTERM) with everything still running; a child that exits ends the wait."""
+    console.print("\neverything stays up (Flower, metrics); Ctrl-C stops it all")
+    try:
+        while True:
+            for child in children:
+                child.check()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping")
 
 
 def _interrupt(signum: int, _frame: object) -> None:
