@@ -11,7 +11,8 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -85,23 +86,36 @@ def test_demo_runs_to_the_end_on_embedded_defaults() -> None:
     assert "queue s" in out and "cost $" in out, "units in the headers"
 
 
-@pytest.mark.slow
-def test_demo_ctrl_c_stops_everything_it_started() -> None:
+@contextmanager
+def _running_demo(args: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], bytearray, Callable[[], None]]]:
+    """``tierq demo ARGS`` as a child; what it printed so far; a check that it is still running."""
     proc = spawn(
         "worker",
-        ["demo", "--jobs", "3000", "--time-scale", "1"],
+        ["demo", *args],
         _demo_env(),
         inherit_env=False,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
+    out = bytearray()
+
+    def check() -> None:
+        assert proc.poll() is None, out.decode()
+
     try:
-        out = bytearray()
+        yield proc, out, check
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
-        def check() -> None:
-            assert proc.poll() is None, out.decode()
 
+@pytest.mark.slow
+def test_demo_ctrl_c_stops_everything_it_started() -> None:
+    with _running_demo(["--jobs", "3000", "--time-scale", "1"]) as (proc, out, check):
         wait_until(_reader(proc, out, b"logs"), 90, "the demo's start-up lines", check, interval=0)
         text = out.decode()
         ports = _ports(text)
@@ -119,33 +133,14 @@ def test_demo_ctrl_c_stops_everything_it_started() -> None:
         code = proc.wait(timeout=60)
         assert time.monotonic() - started < 30
         assert code == 130
+        assert proc.stderr is not None
         assert b"every process the demo started has been stopped" in proc.stderr.read()
         assert not [p for p in ports if _listening(p)], "a process the demo started is still listening"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 @pytest.mark.slow
 def test_demo_keep_leaves_flower_up_until_ctrl_c() -> None:
-    proc = spawn(
-        "worker",
-        ["demo", "--jobs", "6", "--time-scale", "0.05", "--keep"],
-        _demo_env(),
-        inherit_env=False,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
-        out = bytearray()
-
-        def check() -> None:
-            assert proc.poll() is None, out.decode()
-
+    with _running_demo(["--jobs", "6", "--time-scale", "0.05", "--keep"]) as (proc, out, check):
         wait_until(_reader(proc, out, b"Ctrl-C stops it all"), 120, "the run to end, everything kept", check)
         text = out.decode()
         (flower_port,) = [int(p) for p in re.findall(r"flower\s+http://127\.0\.0\.1:(\d+)", text)]
@@ -153,9 +148,3 @@ def test_demo_keep_leaves_flower_up_until_ctrl_c() -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, "Ctrl-C ends a kept demo normally"
         assert not [p for p in _ports(text) if _listening(p)], "a process the demo started is still listening"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()

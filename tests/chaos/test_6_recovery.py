@@ -94,7 +94,7 @@ def test_kill_9_of_a_fast_worker_with_32_in_flight_recovers_within_seconds(
     row = _record(
         chaos,
         producer,
-        "8 kill -9 fast, 32 in flight",
+        "9 kill -9 fast, 32 in flight",
         fast_ids + slow_ids,
         recovery,
         [f"slow jobs' LLM calls {[chaos.sim.counter.requests(j) for j in slow_ids]}"],
@@ -132,7 +132,7 @@ def test_a_lost_node_every_pool_killed_at_once_then_restarted(
     row = _record(
         chaos,
         producer,
-        "9 lost node: every pool killed, restarted",
+        "10 lost node: every pool killed, restarted",
         fast_ids + slow_ids,
         recovery,
         ["recovery includes the new workers' start-up"],
@@ -182,7 +182,7 @@ def test_a_worker_killed_for_memory(chaos: Chaos, pool: Pool, producer: Producer
         row = _record(
             chaos,
             producer,
-            "10 fast worker OOM-killed",
+            "11 fast worker OOM-killed",
             ids,
             recovery,
             [f"{len(interrupted)} jobs in flight on the killed worker; its death seen within 20 ms"],
