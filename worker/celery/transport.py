@@ -291,6 +291,8 @@ class Channel(kombu_redis.Channel):
     _in_flight: tuple[str, str, bytes] | None = None
     #: whether the server has LMOVE/BLMOVE (Redis 6.2); None until asked
     _can_move: bool | None = None
+    #: queues consumed with acknowledgements (only those are moved into in-flight lists and leased)
+    _acked_queues: frozenset[str] = frozenset()
 
     def prefixed(self, key: str) -> str:
         """``key`` with the deployment's key prefix, for commands kombu does not prefix."""
@@ -304,13 +306,18 @@ class Channel(kombu_redis.Channel):
 
     def _single_queue(self) -> str | None:
         queues = self.active_queues
-        if len(queues) != 1:
+        if len(queues) != 1 or next(iter(queues)) not in self._acked_queues:
             return None
         if self._can_move is None:
-            with self.conn_or_acquire() as client:
-                version = str(client.info("server").get("redis_version", "0"))
+            try:
+                with self.conn_or_acquire() as client:
+                    version = str(client.info("server").get("redis_version", "6.2"))
+            except self.connection_errors:
+                raise
+            except Exception:  # INFO refused (some managed services): Redis 6.2 is from 2021
+                version = "6.2"
             self._can_move = tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) >= (6, 2)
-            if not self._can_move:
+            if not self._can_move:  # kombu's BRPOP: a worker killed mid-read may lose that message
                 _log.warning("transport.no_blmove", redis_version=version)
         return next(iter(queues)) if self._can_move else None
 
@@ -345,9 +352,11 @@ class Channel(kombu_redis.Channel):
             client = self._tierq_client = super()._create_client()  # type: ignore[no-untyped-call]
         return client
 
-    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
-        tag = super().basic_consume(queue, *args, **kwargs)  # type: ignore[no-untyped-call]
-        self.qos.start_keeping()
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        tag = super().basic_consume(queue, no_ack, *args, **kwargs)  # type: ignore[no-untyped-call]
+        if not no_ack:  # a worker's queue (a control client's replies are not acknowledged)
+            self._acked_queues = self._acked_queues | {queue}
+            self.qos.start_keeping()
         return tag
 
     def _restore(self, message: Any, leftmost: bool = False) -> None:
