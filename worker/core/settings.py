@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=DEFAULT_LEASE_S, ge=1.0, le=600.0)
     #: seconds between a worker's scans for deliveries whose lease lapsed
     restore_interval_s: float = Field(default=1.0, gt=0, le=60.0)
+    #: share one rate limit per model between every worker (in the result backend's Redis), fed by
+    #: the API's rate-limit headers
+    rate_limit: bool = True
+    #: each model's limits per minute until the API's headers say otherwise
+    rate_limits: str = "requests=4000,input_tokens=2000000,output_tokens=400000"
     #: connections per process to Redis (redis-py 8 fails instead of waiting when the pool is full)
     redis_max_connections: int = 512
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -75,6 +75,8 @@ _LOOP_GRACE_S = 5.0
 MAX_API_MESSAGE_CHARS = 300
 #: response header by which the API says whether a retry can succeed
 SHOULD_RETRY_HEADER = "x-should-retry"
+#: the API's rate-limit headers (https://platform.claude.com/docs/en/api/rate-limits)
+RATE_LIMIT_HEADER_PREFIX = "anthropic-ratelimit-"
 #: ``error.details.error_code`` of a 429 that no retry can fix: the organisation's spend limit
 SPEND_LIMIT_CODE = "enforced_spend_limit_reached"
 
@@ -109,6 +111,8 @@ class LLMReply:
     sent_wall: float
     #: ``stop_details`` of a refusal: its ``category`` and ``explanation`` (each may be None)
     refusal: tuple[str | None, str | None] | None = None
+    #: the response's ``anthropic-ratelimit-*`` headers (what the API says is left of each limit)
+    rate_limits: Mapping[str, str] = field(default_factory=dict)
 
 
 def _api_key(settings: Settings) -> str:
@@ -247,6 +251,7 @@ class _ReplyReader:
             done_at=time.perf_counter(),
             sent_wall=self.sent_wall,
             refusal=self.refusal,
+            rate_limits=rate_limit_headers(self.response.headers if self.response is not None else None),
         )
 
 
@@ -432,6 +437,13 @@ def _json_or_text(data: str) -> object:
         return json.loads(data)
     except ValueError:
         return data
+
+
+def rate_limit_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The ``anthropic-ratelimit-*`` headers of a response, names in lower case."""
+    if headers is None:
+        return {}
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(RATE_LIMIT_HEADER_PREFIX)}
 
 
 def _retry_after(response: object) -> float | None:

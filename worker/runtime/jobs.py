@@ -49,6 +49,7 @@ from worker.llm.client import LLMReply, LLMRequest
 from worker.llm.pricing import cost_usd
 from worker.observe import metrics
 from worker.observe.logging import get_logger
+from worker.runtime import capacity
 from worker.runtime.context import Context
 from worker.store.deadletter import FailureTimings
 from worker.store.streams import FLUSH_INTERVAL_S, TokenPublisher, stream_key
@@ -305,7 +306,13 @@ def _call_model(
     if publisher is not None:
         # on the loop, texts are gathered there and written as they come here, in this job's thread
         on_text = publisher.send if tier.io == "asyncio" else publisher.text
-    reply = ctx.llm.call(request, deadline, tier.io, on_text, gather_s=FLUSH_INTERVAL_S, cancel=cancel)
+    reservation = capacity.take(ctx.limiter, request, deadline)
+    try:
+        reply = ctx.llm.call(request, deadline, tier.io, on_text, gather_s=FLUSH_INTERVAL_S, cancel=cancel)
+    except BaseException as exc:
+        capacity.give_back(ctx.limiter, reservation, exc)
+        raise
+    capacity.settle(ctx.limiter, reservation, reply)
     if reply.refusal is not None:
         category, explanation = reply.refusal
         raise RefusedError(

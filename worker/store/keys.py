@@ -13,6 +13,7 @@ database::
     <prefix>tierq:dlq:<job_id>         one dead letter (hash)
     <prefix>tierq:stats:jobs           recent jobs' figures for ``tierq stats`` (Redis stream)
     <prefix>tierq:recovered            deliveries of dead workers put back, per queue (hash; transport)
+    <prefix>tierq:ratelimit:<model>    the model's shared rate-limit buckets and learned limits (hash)
 
 The transport's own keys (``worker/celery/transport.py``) are named after kombu's, under the same
 prefix: ``unacked:<queue>``, ``unacked_index:<queue>``, ``unacked_mutex:<queue>``,
@@ -39,6 +40,10 @@ class Keys:
     def running(self, job_id: str) -> str:
         """The run lock of a job's running attempt."""
         return f"{self.prefix}tierq:running:{job_id}"
+
+    def rate_limit(self, model: str) -> str:
+        """A model's shared rate-limit buckets (a hash)."""
+        return f"{self.prefix}tierq:ratelimit:{model}"
 
     def recovered(self) -> str:
         """How many deliveries of dead workers were put back on each queue (a hash)."""
