@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -20,7 +21,16 @@ from worker.llm.client import LLMReply, LLMRequest
 from worker.observe.logging import get_logger
 from worker.store.ratelimit import Reservation, SharedRateLimiter
 
-__all__ = ["CHARS_PER_TOKEN", "WAIT_SHARE", "give_back", "settle", "take"]
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "WAIT_SHARE",
+    "give_back",
+    "release",
+    "reservation_of",
+    "reserving",
+    "settle",
+    "take",
+]
 
 #: characters per input token for the estimate (English prose runs ~4; fewer overestimates,
 #: which holds capacity back only until the call settles)
@@ -36,8 +46,43 @@ def estimate_input_tokens(request: LLMRequest) -> int:
     return math.ceil((len(request.system or "") + len(request.prompt)) / CHARS_PER_TOKEN)
 
 
-def take(limiter: SharedRateLimiter | None, request: LLMRequest, deadline: float) -> Reservation | None:
-    """Reserve the call's capacity, waiting for it within the job's share of its deadline.
+def reserving(
+    limiter: SharedRateLimiter | None, request: LLMRequest
+) -> Callable[[redis.client.Pipeline], None] | None:
+    """What adds the call's first reserve to a round trip made anyway (the run guard's)."""
+    if limiter is None:
+        return None
+    estimate = estimate_input_tokens(request)
+    return lambda pipe: limiter.queue_reserve(pipe, request.model, estimate, request.max_tokens)
+
+
+def reservation_of(
+    limiter: SharedRateLimiter | None, request: LLMRequest, replies: tuple[object, ...]
+) -> Reservation | None:
+    """The reservation a :func:`reserving` round trip made (None without a limiter or a reply)."""
+    if limiter is None or not replies:
+        return None
+    return limiter.reservation(request.model, estimate_input_tokens(request), request.max_tokens, replies[0])
+
+
+def release(limiter: SharedRateLimiter | None, reservation: Reservation | None) -> None:
+    """Give back a reservation whose call will not be made."""
+    if limiter is None or reservation is None:
+        return
+    try:
+        limiter.release(reservation)
+    except redis.RedisError as exc:
+        _log.warning("ratelimit.unavailable", model=reservation.model, error=str(exc)[:200])
+
+
+def take(
+    limiter: SharedRateLimiter | None,
+    request: LLMRequest,
+    deadline: float,
+    first: Reservation | None = None,
+) -> Reservation | None:
+    """Reserve the call's capacity, waiting for it within the job's share of its deadline;
+    ``first``: a reserve already made (by :func:`reserving`).
 
     Raises:
         RateLimitedError: no capacity within that share (``retry_after``: when there will be).
@@ -47,12 +92,14 @@ def take(limiter: SharedRateLimiter | None, request: LLMRequest, deadline: float
         return None
     estimate = estimate_input_tokens(request)
     budget_until = time.time() + max(0.0, deadline - time.time()) * WAIT_SHARE
+    reservation = first
     while True:
-        try:
-            reservation = limiter.reserve(request.model, estimate, request.max_tokens)
-        except redis.RedisError as exc:
-            _log.warning("ratelimit.unavailable", model=request.model, error=str(exc)[:200])
-            return None
+        if reservation is None:
+            try:
+                reservation = limiter.reserve(request.model, estimate, request.max_tokens)
+            except redis.RedisError as exc:
+                _log.warning("ratelimit.unavailable", model=request.model, error=str(exc)[:200])
+                return None
         if reservation.granted:
             return reservation
         if math.isinf(reservation.wait_s):
@@ -66,6 +113,7 @@ def take(limiter: SharedRateLimiter | None, request: LLMRequest, deadline: float
                 retry_after=reservation.wait_s,
             )
         time.sleep(reservation.wait_s)
+        reservation = None
 
 
 def settle(limiter: SharedRateLimiter | None, reservation: Reservation | None, reply: LLMReply) -> None:

@@ -52,6 +52,7 @@ from worker.observe.logging import get_logger
 from worker.runtime import capacity
 from worker.runtime.context import Context
 from worker.store.deadletter import FailureTimings
+from worker.store.ratelimit import Reservation
 from worker.store.streams import FLUSH_INTERVAL_S, TokenPublisher, stream_key
 
 __all__ = [
@@ -240,14 +241,21 @@ def run_attempt(ref: JobRef, attempt: Attempt, ctx: Context) -> JobResult:
     if time.time() >= deadline:
         raise DeadlineExceededError(f"deadline passed before the job started (tier {tier.name})")
     guard = ctx.guard
+    request = _llm_request(spec, tier, attempt)
     if guard is None:
-        return _call_model(spec, tier, attempt, deadline, ctx)
+        return _call_model(spec, tier, attempt, deadline, ctx, request)
     begin = guard.begin(
         spec.job_id,
         starts_ttl_s=tier.deadline_s + STARTS_TTL_MARGIN_S,
         fingerprint=spec.fingerprint(),
         claim_ttl_s=ctx.settings.result_expires_s,
+        also=capacity.reserving(ctx.limiter, request),  # the call's rate-limit share, same round trip
     )
+    reservation = capacity.reservation_of(ctx.limiter, request, begin.also)
+    poison = begin.starts > tier.max_retries + 1 + MAX_CRASHES
+    if begin.cancel is None or begin.conflict or begin.result is not None or begin.cancelled or poison:
+        capacity.release(ctx.limiter, reservation)  # not called now (or not at all)
+        reservation = None
     if begin.conflict:
         if begin.acquired:
             guard.release(spec.job_id)
@@ -257,7 +265,7 @@ def run_attempt(ref: JobRef, attempt: Attempt, ctx: Context) -> JobResult:
     if begin.result is not None:
         _log.info(DEDUPLICATED, reason="result already recorded", starts=begin.starts)
         return begin.result
-    if begin.cancelled or begin.starts > tier.max_retries + 1 + MAX_CRASHES:
+    if begin.cancelled or poison:
         if begin.acquired:
             guard.release(spec.job_id)
         if begin.cancelled:
@@ -274,12 +282,34 @@ def run_attempt(ref: JobRef, attempt: Attempt, ctx: Context) -> JobResult:
             raise DeadlineExceededError("deadline passed waiting for another attempt of this job")
         cancel = other
     try:
-        result = _call_model(spec, tier, attempt, deadline, ctx, run=begin.starts, cancel=cancel)
+        result = _call_model(
+            spec,
+            tier,
+            attempt,
+            deadline,
+            ctx,
+            request,
+            run=begin.starts,
+            cancel=cancel,
+            reservation=reservation,
+        )
     except BaseException:
         guard.release(spec.job_id)
         raise
     guard.finish(spec.job_id, result, ctx.settings.result_expires_s)
     return result
+
+
+def _llm_request(spec: JobSpec, tier: Tier, attempt: Attempt) -> LLMRequest:
+    """The request this attempt sends."""
+    return LLMRequest(
+        job_id=spec.job_id,
+        model=attempt.model(tier),
+        system=tier.system_prompt,
+        prompt=build_prompt(spec),
+        max_tokens=spec.max_tokens or tier.max_tokens,
+        effort=tier.effort,
+    )
 
 
 def _call_model(
@@ -288,25 +318,20 @@ def _call_model(
     attempt: Attempt,
     deadline: float,
     ctx: Context,
+    request: LLMRequest,
     run: int | None = None,
     cancel: CancelToken | None = None,
+    reservation: Reservation | None = None,
 ) -> JobResult:
-    """Call the model and report success. ``run``: this start's number (streamed with the text)."""
-    request = LLMRequest(
-        job_id=spec.job_id,
-        model=attempt.model(tier),
-        system=tier.system_prompt,
-        prompt=build_prompt(spec),
-        max_tokens=spec.max_tokens or tier.max_tokens,
-        effort=tier.effort,
-    )
+    """Call the model and report success. ``run``: this start's number (streamed with the text);
+    ``reservation``: the call's rate-limit share, if already reserved."""
     run = attempt.retries if run is None else run
     publisher = _publisher(ctx, spec.job_id, run) if spec.stream else None
     on_text: Callable[[str], None] | None = None
     if publisher is not None:
         # on the loop, texts are gathered there and written as they come here, in this job's thread
         on_text = publisher.send if tier.io == "asyncio" else publisher.text
-    reservation = capacity.take(ctx.limiter, request, deadline)
+    reservation = capacity.take(ctx.limiter, request, deadline, first=reservation)
     try:
         reply = ctx.llm.call(request, deadline, tier.io, on_text, gather_s=FLUSH_INTERVAL_S, cancel=cancel)
     except BaseException as exc:

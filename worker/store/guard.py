@@ -20,6 +20,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -57,6 +58,8 @@ class Begin:
     cancelled: bool = False
     #: set by the heartbeat when the job is cancelled while this attempt holds its lock
     cancel: CancelToken | None = None
+    #: replies of the commands ``also`` added to the round trip
+    also: tuple[object, ...] = ()
 
 
 class RunGuard:
@@ -111,11 +114,19 @@ class RunGuard:
         """Whether an attempt of the job holds its run lock."""
         return bool(self.client.exists(self.keys.running(job_id)))
 
-    def begin(self, job_id: str, starts_ttl_s: float, fingerprint: str, claim_ttl_s: int) -> Begin:
+    def begin(
+        self,
+        job_id: str,
+        starts_ttl_s: float,
+        fingerprint: str,
+        claim_ttl_s: int,
+        also: Callable[[redis.client.Pipeline], None] | None = None,
+    ) -> Begin:
         """One round trip: the claim on the id, the recorded result, the run lock and the start count.
 
         The id is claimed for ``fingerprint`` (the request's) unless a submit or an earlier
-        delivery already did; when another request holds it, ``conflict`` is set.
+        delivery already did; when another request holds it, ``conflict`` is set. ``also`` adds
+        commands of the caller's to the same round trip (their replies: ``Begin.also``).
         """
         running = self.keys.running(job_id)
         starts = self.keys.starts(job_id)
@@ -128,7 +139,9 @@ class RunGuard:
         pipe.incr(starts)
         pipe.expire(starts, int(starts_ttl_s))
         pipe.exists(self.keys.cancelled(job_id))
-        _, holder, stored, acquired, count, _, cancelled = pipe.execute()
+        if also is not None:
+            also(pipe)
+        _, holder, stored, acquired, count, _, cancelled, *extra = pipe.execute()
         cancel = self._hold(job_id) if acquired else None
         conflict = holder is not None and _holder(holder, fingerprint) != fingerprint
         result = None if conflict else _parse(stored)
@@ -139,6 +152,7 @@ class RunGuard:
             conflict=conflict,
             cancelled=bool(cancelled),
             cancel=cancel,
+            also=tuple(extra),
         )
 
     def acquire(self, job_id: str) -> CancelToken | None:

@@ -185,20 +185,44 @@ class SharedRateLimiter:
     def reserve(self, model: str, input_tokens: int, output_tokens: int, floor: float = 0.0) -> Reservation:
         """Take one request, ``input_tokens`` and ``output_tokens`` (its ``max_tokens``) from the
         model's buckets, all or nothing, leaving ``floor`` (a fraction, 0 to 1) of each untouched."""
-        if not 0.0 <= floor < 1.0:
-            raise ValueError("floor must be in [0, 1)")
-        needs = [1, max(0, input_tokens), max(0, output_tokens)]
-        granted, wait = self._reserve(
-            keys=[self.keys.rate_limit(model)], args=[*needs, floor, *self.limits.as_args()]
-        )
+        keys, args = self._reserve_call(model, input_tokens, output_tokens, floor)
+        return self.reservation(model, input_tokens, output_tokens, self._reserve(keys=keys, args=args))
+
+    def queue_reserve(
+        self,
+        pipe: redis.client.Pipeline,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        floor: float = 0.0,
+    ) -> None:
+        """:meth:`reserve` as one more command of ``pipe`` (its reply: :meth:`reservation`), so that
+        it rides on a round trip the caller makes anyway. Sent as EVAL: a script object in a
+        pipeline costs redis-py a SCRIPT EXISTS round trip of its own."""
+        keys, args = self._reserve_call(model, input_tokens, output_tokens, floor)
+        pipe.eval(_RESERVE, len(keys), *keys, *args)
+
+    def reservation(self, model: str, input_tokens: int, output_tokens: int, reply: object) -> Reservation:
+        """The :class:`Reservation` a reserve script's reply grants (or refuses)."""
+        if not isinstance(reply, list | tuple) or len(reply) != 2:
+            raise ValueError(f"not a reserve reply: {reply!r}")
+        granted, wait = reply
         wait_s = float(wait)
         return Reservation(
             model=model,
-            input_tokens=needs[1],
-            output_tokens=needs[2],
+            input_tokens=max(0, input_tokens),
+            output_tokens=max(0, output_tokens),
             granted=bool(int(granted)),
             wait_s=math.inf if wait_s < 0 else wait_s,
         )
+
+    def _reserve_call(
+        self, model: str, input_tokens: int, output_tokens: int, floor: float
+    ) -> tuple[list[str], list[float]]:
+        if not 0.0 <= floor < 1.0:
+            raise ValueError("floor must be in [0, 1)")
+        needs = [1, max(0, input_tokens), max(0, output_tokens)]
+        return [self.keys.rate_limit(model)], [*needs, floor, *self.limits.as_args()]
 
     def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> None:
         """Give back what a granted request reserved and did not use (its real usage is known)."""
