@@ -2,10 +2,11 @@
 
 The estimate is the request itself (``max_tokens`` of output, as the API charges at the start) and
 its prompt's characters over :data:`CHARS_PER_TOKEN`. A job waits for capacity in its thread for at
-most :data:`WAIT_SHARE` of the time its deadline left it; past that it fails as rate limited, and
-Celery's retry brings it back after the wait the limiter named (a slow tier's job then waits in the
-queue, not in a thread). The limiter's Redis being away never fails a job: the call goes out
-unmetered and a warning says so.
+most :data:`WAIT_SHARE` of the time its deadline left it, and :data:`WAIT_MAX_S`; past that it fails
+as rate limited, and Celery's retry brings it back after the wait the limiter named (it waits in the
+queue, not in a thread; the retry counts against the tier's ``max_retries``, as an API 429's
+does). The limiter's Redis being away never fails a job: the call goes out unmetered and a
+warning says so.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from worker.store.ratelimit import Reservation, SharedRateLimiter
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "WAIT_MAX_S",
     "WAIT_SHARE",
     "give_back",
     "release",
@@ -37,6 +39,9 @@ __all__ = [
 CHARS_PER_TOKEN = 3.5
 #: share of the time left before its deadline that a job may spend waiting for capacity
 WAIT_SHARE = 0.25
+#: seconds a job waits for capacity in its thread at most (a slow tier's quarter is minutes): a
+#: longer wait goes back to the queue with the countdown the limiter named, freeing the thread
+WAIT_MAX_S = 30.0
 
 _log = get_logger("tierq.ratelimit")
 
@@ -91,7 +96,7 @@ def take(
     if limiter is None:
         return None
     estimate = estimate_input_tokens(request)
-    budget_until = time.time() + max(0.0, deadline - time.time()) * WAIT_SHARE
+    budget_until = time.time() + min(WAIT_MAX_S, max(0.0, deadline - time.time()) * WAIT_SHARE)
     reservation = first
     while True:
         if reservation is None:
