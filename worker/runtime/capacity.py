@@ -122,15 +122,17 @@ def take(
 
 
 def settle(limiter: SharedRateLimiter | None, reservation: Reservation | None, reply: LLMReply) -> None:
-    """Give back what the call did not use; lower the buckets to what the API says is left."""
+    """Lower the buckets to what the API says is left; give back what the call did not use."""
     if limiter is None or reservation is None:
         return
     usage = reply.usage
     try:
+        # the headers came as the response started, with max_tokens charged: lower to them first,
+        # then give back what the call did not use
+        limiter.correct(reservation.model, reply.rate_limits)
         limiter.settle(
             reservation, usage.input_tokens + usage.cache_creation_input_tokens, usage.output_tokens
         )
-        limiter.correct(reservation.model, reply.rate_limits)
     except redis.RedisError as exc:
         _log.warning("ratelimit.unavailable", model=reservation.model, error=str(exc)[:200])
 
