@@ -83,7 +83,7 @@ def celery_config(settings: Settings, tiers: TierTable) -> dict[str, Any]:
             }
         # RabbitMQ closes the channel of a consumer that holds a delivery longer than its consumer
         # timeout (30 min by default: the slow tier's deadline): each consumer asks for more
-        # (RabbitMQ 3.12 and later; older servers ignore it: set consumer_timeout in rabbitmq.conf)
+        # (RabbitMQ 3.11.15 and later; older servers ignore it: set consumer_timeout in rabbitmq.conf)
         consumer_arguments = {"x-consumer-timeout": visibility_timeout * 1000}
         transport_options: dict[str, Any] = {"confirm_publish": True}
     else:
