@@ -191,12 +191,18 @@ class LeasedQoS(kombu_redis.QoS):
 
     def _restore_lapsed(self, client: Any, queue: str | None, ceil: float, num: int | None) -> None:
         _, index_key, mutex_key = unacked_keys(queue)
+
+        def lapsed() -> list[Any]:
+            found = client.zrange(
+                index_key, ceil, 0, desc=True, byscore=True, offset=0 if num else None, num=num or None
+            )
+            return list(found or [])
+
+        if not lapsed():  # the usual scan: one read, no mutex to take and give back
+            return
         try:
             with kombu_redis.Mutex(client, mutex_key, self.channel.unacked_mutex_expire):
-                lapsed = client.zrange(
-                    index_key, ceil, 0, desc=True, byscore=True, offset=0 if num else None, num=num or None
-                )
-                for tag in lapsed or []:
+                for tag in lapsed():
                     tag = bytes_to_str(tag)  # type: ignore[no-untyped-call]
                     if tag in self._leases:
                         continue  # ours: alive (a renewal is late, not lost)

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -495,7 +496,8 @@ def stats(
         summary = summarize(stream.recent(last))
     except Exception as exc:
         raise _fail(f"cannot read stats: {exc}", code=1) from None
-    deliveries = _delivery_counts(get_settings())
+    broker = _broker_counts(get_settings())
+    deliveries = broker.deliveries
     if as_json:
         for tier, row in summary.items():
             row.update(deliveries.get(tier, {}))
@@ -536,7 +538,7 @@ def stats(
             "TIERQ_LEASE_S ago); recovered: put back after their worker died, since the broker started",
             highlight=False,
         )
-    for queue, count in _stray_counts(get_settings()).items():
+    for queue, count in broker.stray.items():
         if count:
             _warn(f"{count} message(s) on {queue!r}, a queue no tierq worker reads ({_STRAY_WHY[queue]})")
 
@@ -549,59 +551,49 @@ _STRAY_WHY = {
 }
 
 
-def _delivery_counts(settings: Settings) -> dict[str, dict[str, int]]:
-    """Per tier: messages queued, taken and not acknowledged, and recovered from dead workers (Redis
-    brokers only; empty when unreachable)."""
+@dataclass(frozen=True)
+class _BrokerCounts:
+    """What the broker's Redis holds now, read in one round trip."""
+
+    #: per tier: messages queued, taken and not acknowledged, recovered from dead workers
+    deliveries: dict[str, dict[str, int]]
+    #: messages on each queue no tierq worker reads
+    stray: dict[str, int]
+
+
+def _broker_counts(settings: Settings) -> _BrokerCounts:
+    """Per tier deliveries and the stray queues' lengths (Redis brokers only; empty when unreachable)."""
     import redis
 
     from worker.core.settings import get_tier_table
     from worker.observe.metrics import queue_list_keys
     from worker.store.keys import Keys, unacked_keys
 
+    nothing = _BrokerCounts({}, {})
     if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
-        return {}
+        return nothing
     queues = {name: tier.queue for name, tier in get_tier_table().tiers.items()}
     prefix = settings.key_prefix
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=3, socket_connect_timeout=3)
     try:
         pipe = client.pipeline(transaction=False)
-        for queue in queues.values():
+        for queue in (*queues.values(), *STRAY_QUEUES):
             for key in queue_list_keys(queue, prefix):
                 pipe.llen(key)
+        for queue in queues.values():
             pipe.hlen(prefix + unacked_keys(queue)[0])
             pipe.hget(Keys(prefix).recovered(), queue)
         replies = iter(pipe.execute())
     except redis.RedisError:
-        return {}
+        return nothing
     finally:
         client.close()
-    counts = {}
-    for tier in queues:
-        queued = sum(int(next(replies)) for _ in range(4))
-        counts[tier] = {"queued": queued, "unacked": int(next(replies)), "recovered": int(next(replies) or 0)}
-    return counts
-
-
-def _stray_counts(settings: Settings) -> dict[str, int]:
-    """Messages on the queues no tierq worker reads (Redis brokers only; empty when unreachable)."""
-    import redis
-
-    from worker.observe.metrics import queue_list_keys
-
-    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
-        return {}
-    client = redis.Redis.from_url(settings.broker_url, socket_timeout=3, socket_connect_timeout=3)
-    try:
-        pipe = client.pipeline(transaction=False)
-        for queue in STRAY_QUEUES:
-            for key in queue_list_keys(queue, settings.key_prefix):
-                pipe.llen(key)
-        lengths = iter(pipe.execute())
-    except redis.RedisError:
-        return {}
-    finally:
-        client.close()
-    return {queue: sum(next(lengths) for _ in range(4)) for queue in STRAY_QUEUES}
+    queued = {queue: sum(int(next(replies)) for _ in range(4)) for queue in (*queues.values(), *STRAY_QUEUES)}
+    deliveries = {
+        tier: {"queued": queued[queue], "unacked": int(next(replies)), "recovered": int(next(replies) or 0)}
+        for tier, queue in queues.items()
+    }
+    return _BrokerCounts(deliveries, {queue: queued[queue] for queue in STRAY_QUEUES})
 
 
 def _ms(value: float | None) -> str:
@@ -808,7 +800,7 @@ def doctor() -> None:
         warning = redis_eviction_warning(settings.broker_url)
         policy = "redis maxmemory-policy"
         rows.append((policy, _WARN, warning) if warning else (policy, _OK, "noeviction"))
-        for queue, count in _stray_counts(settings).items():
+        for queue, count in _broker_counts(settings).stray.items():
             label = f"stray queue {queue}"
             rows.append(
                 (label, _WARN, f"{count} message(s): {_STRAY_WHY[queue]}") if count else (label, _OK, "empty")

@@ -92,10 +92,6 @@ class RunGuard:
             return None
         return _holder(holder, fingerprint)
 
-    def is_cancelled(self, job_id: str) -> bool:
-        """Whether the job's producer cancelled it."""
-        return bool(self.client.exists(self.keys.cancelled(job_id)))
-
     def not_ended(self, job_id: str) -> str:
         """What a job without a stored result is, in one round trip: ``cancelled``, ``running``,
         ``pending`` (its id was claimed: submitted, or taken by a worker) or ``unknown``."""
@@ -109,10 +105,6 @@ class RunGuard:
         if running:
             return "running"
         return "pending" if claimed else "unknown"
-
-    def is_running(self, job_id: str) -> bool:
-        """Whether an attempt of the job holds its run lock."""
-        return bool(self.client.exists(self.keys.running(job_id)))
 
     def begin(
         self,
