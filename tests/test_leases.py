@@ -88,6 +88,7 @@ def test_a_dead_workers_delivery_runs_again_and_a_live_ones_is_left_alone(
     dead_id, live_id = f"lease-dead-{uuid.uuid4().hex[:12]}", f"lease-live-{uuid.uuid4().hex[:12]}"
     _, index_key, _ = unacked_keys(_queue())
     live_tag = _leave_unacked(redis_client, live_id, time.time())
+    planted = time.time()
     stop = threading.Event()
 
     def renew() -> None:  # what the live worker's lease keeper does
@@ -101,8 +102,12 @@ def test_a_dead_workers_delivery_runs_again_and_a_live_ones_is_left_alone(
         wait_until(lambda: _ran(sim, dead_id), RECOVERY_S, "the dead worker's delivery to run again")
         assert redis_client.zscore(f"{KEY_PREFIX}{index_key}", dead_tag) is None
         workers["fast"].wait_for(dead_id, "summarize.completed")
-        # several scans later the renewed delivery is still where its worker left it
-        time.sleep(3 * DEFAULT_LEASE_S)
+        # scans keep restoring dead workers' deliveries for several leases, each one seen to run,
+        # and the renewed delivery is still where its worker left it
+        while time.time() - planted < 3 * DEFAULT_LEASE_S:
+            probe = f"lease-probe-{uuid.uuid4().hex[:12]}"
+            _leave_unacked(redis_client, probe, time.time() - 60)
+            wait_until(lambda probe=probe: _ran(sim, probe), RECOVERY_S, "a scan to restore a dead delivery")
         assert redis_client.zscore(f"{KEY_PREFIX}{index_key}", live_tag) is not None
         assert sim.state.request_count(live_id) == 0, "a live worker's delivery is never redelivered"
     finally:

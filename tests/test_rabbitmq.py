@@ -209,13 +209,10 @@ def test_kill_9_of_a_fast_worker_over_rabbitmq_recovers_within_seconds(
 
 def _get(queue: Any, timeout: float) -> Any:
     """One message from ``queue`` (unacknowledged), or None after ``timeout`` seconds."""
-    until = time.monotonic() + timeout
-    while time.monotonic() < until:
-        message = queue.get(no_ack=False)
-        if message is not None:
-            return message
-        time.sleep(0.05)
-    return None
+    try:
+        return wait_until(lambda: queue.get(no_ack=False), timeout, "a message", interval=0.05)
+    except AssertionError:
+        return None
 
 
 def test_a_message_past_its_delivery_limit_is_dead_lettered(amqp: Amqp) -> None:

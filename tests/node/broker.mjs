@@ -13,6 +13,7 @@ import assert from "node:assert/strict";
 
 import celery from "celery-node";
 import Redis from "ioredis";
+import { report } from "./report.mjs";
 
 const BROKER_URL = process.env.TIERQ_NODE_BROKER_URL;
 const PREFIX = process.env.TIERQ_NODE_JOB_PREFIX;
@@ -206,11 +207,4 @@ async function main() {
   }
 }
 
-try {
-  await main();
-  console.log(JSON.stringify(saw));
-} catch (error) {
-  saw.error = String(error?.stack ?? error);
-  console.log(JSON.stringify(saw));
-  process.exitCode = 1;
-}
+await report(main, saw);
