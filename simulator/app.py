@@ -15,6 +15,10 @@ Admin endpoints:
     ``POST /_sim/rates``                ``{"529": 0.1}``: replace the fault probability table
     ``GET  /_sim/requests``             ``{"total": N, "by_job": {job_id: count}}``
     ``GET  /_sim/requests/{job_id}``    ``{"job_id": ..., "count": N}``
+    ``GET  /_sim/limits``               per model, requests the rate limit admitted and refused
+                                        (429) and the requests left in its bucket:
+                                        ``{"models": {model: {"admitted", "rate_limited",
+                                        "requests_remaining"}}, "at": time}``
     ``GET  /_sim/timings``              ``{"by_job": {job_id: [timing, ...]}}``
     ``GET  /_sim/timings/{job_id}``     ``{"job_id": ..., "requests": [timing, ...]}``, each timing
                                         ``{"arrived_at", "first_delta_at", "ttft_ms"}``
@@ -335,7 +339,9 @@ async def create_message(request: Request) -> Response:
                 entry.id, plan.input_tokens + plan.creation_tokens, prompt.max_tokens
             )
         except RateLimited as exc:
+            state.record_limit(entry.id, admitted=False)
             raise ApiError("rate_limit_error", exc.message, headers=exc.headers) from None
+        state.record_limit(entry.id, admitted=True)
         state.cache.commit(plan)
     except ApiError as exc:
         return _fail(request, exc, bucket)
@@ -544,6 +550,11 @@ async def request_counts(request: Request) -> Response:
     return JSONResponse(_state(request).counts())
 
 
+async def limit_counts(request: Request) -> Response:
+    """``GET /_sim/limits``."""
+    return JSONResponse(_state(request).limit_counts())
+
+
 async def job_request_count(request: Request) -> Response:
     """``GET /_sim/requests/{job_id}``."""
     job_id: str = request.path_params["job_id"]
@@ -613,6 +624,7 @@ def create_app(config: SimConfig | None = None) -> Starlette:
             Route("/_sim/rates", set_rates, methods=["POST"]),
             Route("/_sim/requests", request_counts, methods=["GET"]),
             Route("/_sim/requests/{job_id:path}", job_request_count, methods=["GET"]),
+            Route("/_sim/limits", limit_counts, methods=["GET"]),
             Route("/_sim/timings", all_timings, methods=["GET"]),
             Route("/_sim/timings/{job_id:path}", job_timings, methods=["GET"]),
             Route("/_sim/reset", reset, methods=["POST"]),

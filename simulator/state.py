@@ -74,6 +74,9 @@ class SimState:
         self._rates: dict[Fault, float] = validate_rates(fault_rates or {})
         self._total = 0
         self._by_job: Counter[str] = Counter()
+        #: per model: requests the rate limiter let through, and the ones it answered 429
+        self._admitted: Counter[str] = Counter()
+        self._rate_limited: Counter[str] = Counter()
 
     def add_faults(self, faults: Iterable[str | Fault], job_id: str | None = None) -> None:
         """Append faults to the FIFO script of ``job_id``, or to the global script when it is ``None``.
@@ -145,6 +148,29 @@ class SimState:
         with self._lock:
             return {"total": self._total, "by_job": dict(self._by_job)}
 
+    def record_limit(self, model: str, admitted: bool) -> None:
+        """Count one request of ``model`` the rate limiter admitted, or refused with a 429."""
+        with self._lock:
+            (self._admitted if admitted else self._rate_limited)[model] += 1
+
+    def limit_counts(self) -> dict[str, Any]:
+        """Per model that met the rate limiter: requests admitted, refused (429, not the injected
+        faults) and the requests left in its bucket now:
+        ``{"models": {model: {"admitted", "rate_limited", "requests_remaining"}}, "at": time}``."""
+        with self._lock:
+            models = sorted(set(self._admitted) | set(self._rate_limited))
+            counts = {m: (self._admitted[m], self._rate_limited[m]) for m in models}
+        at = self.clock()
+        out: dict[str, Any] = {}
+        for model, (admitted, limited) in counts.items():
+            remaining = self.limiter.headers(model).get("anthropic-ratelimit-requests-remaining")
+            out[model] = {
+                "admitted": admitted,
+                "rate_limited": limited,
+                "requests_remaining": int(remaining) if remaining is not None else None,
+            }
+        return {"models": out, "at": at}
+
     def record_arrival(self, job_id: str, arrived_at: float) -> RequestTiming:
         """Keep the arrival time of a request of ``job_id``; return its record, to mark later."""
         timing = RequestTiming(arrived_at=arrived_at)
@@ -181,3 +207,5 @@ class SimState:
             self._rates = {}
             self._total = 0
             self._by_job.clear()
+            self._admitted.clear()
+            self._rate_limited.clear()

@@ -7,6 +7,7 @@
     ├── InvalidJobError              bad producer input; nothing was enqueued
     │   └── IdempotencyConflictError     a job id already names a different request
     ├── BrokerUnavailableError       the broker did not answer in time
+    ├── DeadlineUnmeetableError      the job could not start before its deadline; nothing was enqueued
     ├── PoisonJobError               a job kept crashing its worker; given up unrun
     ├── CancelRequestedError         the job's producer cancelled it (worker side)
     ├── JobError                     a job ended without a summary (producer side)
@@ -18,6 +19,7 @@
     └── LLMError                     a call to the model failed
         ├── RetryableLLMError        worth another attempt
         │   ├── RateLimitedError         429
+    │   │   └── CapacityWaitError        the shared rate limit had no room within this attempt's wait
         │   ├── OverloadedError          529, or an ``overloaded_error`` event mid-stream
         │   ├── UpstreamServerError      other 5xx
         │   └── UpstreamUnavailableError connection refused, reset or timed out
@@ -40,8 +42,10 @@ from __future__ import annotations
 __all__ = [
     "BrokerUnavailableError",
     "CancelRequestedError",
+    "CapacityWaitError",
     "ConfigError",
     "DeadlineExceededError",
+    "DeadlineUnmeetableError",
     "IdempotencyConflictError",
     "InvalidJobError",
     "JobCancelledError",
@@ -92,6 +96,24 @@ class IdempotencyConflictError(InvalidJobError):
 
 class BrokerUnavailableError(TierqError):
     """Raised when the broker cannot be reached to enqueue a job."""
+
+
+class DeadlineUnmeetableError(TierqError):
+    """Raised by ``submit`` when the job could not start before its deadline (the model's shared
+    rate limit and the tier's queue say when it would): nothing was enqueued. ``retry_after``: seconds
+    after which the same job would be admitted, as far as can be told now (HTTP 429 ``Retry-After``)."""
+
+    def __init__(
+        self, message: str, retry_after: float | None = None, predicted_start_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        #: seconds from now until the job was predicted to start
+        self.predicted_start_s = predicted_start_s
+        self.args = (message, retry_after, predicted_start_s)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class PoisonJobError(TierqError):
@@ -167,6 +189,13 @@ class RetryableLLMError(LLMError):
 
 class RateLimitedError(RetryableLLMError):
     """Raised on HTTP 429; honour ``retry_after``."""
+
+
+class CapacityWaitError(RateLimitedError):
+    """Raised when the deployment's shared rate limit (not the API) had no room for the call within
+    the wait this attempt may spend: no request was sent. The job goes back to its queue for
+    ``retry_after`` seconds without spending one of its tier's retries, and ends rate limited when
+    its deadline would pass first."""
 
 
 class OverloadedError(RetryableLLMError):

@@ -18,6 +18,8 @@ __all__ = [
     "DEADLINE_HEADER",
     "ENQUEUED_AT_HEADER",
     "FIRST_STARTED_AT_HEADER",
+    "LIMITER_WAITS_HEADER",
+    "LIMITER_WAIT_S_HEADER",
     "MAX_INSTRUCTIONS_CHARS",
     "MAX_METADATA_BYTES",
     "OVERLOADS_HEADER",
@@ -47,6 +49,10 @@ DEADLINE_HEADER = "tierq_deadline"
 FIRST_STARTED_AT_HEADER = "tierq_first_started_at"
 #: set on a retried message: how many attempts so far ended overloaded (529)
 OVERLOADS_HEADER = "tierq_overloads"
+#: set on a message sent back to its queue to wait for rate-limit capacity: how many times so far
+#: (those sends spend none of the tier's retries), and the seconds waited for capacity in all
+LIMITER_WAITS_HEADER = "tierq_limiter_waits"
+LIMITER_WAIT_S_HEADER = "tierq_limiter_wait_s"
 #: the job's tier and whether it streams, for code that sees the headers but not the body (expiry)
 TIER_HEADER = "tierq_tier"
 STREAM_HEADER = "tierq_stream"

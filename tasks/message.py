@@ -104,7 +104,8 @@ class TaskHeaders(BaseModel):
     group: _Short | None = None
     eta: datetime | None = None
     expires: datetime | None = None
-    retries: int = Field(default=0, ge=0, le=1000)
+    # a job waiting for rate-limit capacity is sent back many times within a long deadline
+    retries: int = Field(default=0, ge=0, le=100_000)
     timelimit: tuple[_Seconds | None, _Seconds | None] | None = None
     ignore_result: bool | None = None
     # the sender's own reprs are never shown: the worker writes its own (worker.celery.request)
@@ -114,6 +115,8 @@ class TaskHeaders(BaseModel):
     deadline: _Seconds | None = Field(default=None, alias="tierq_deadline")
     first_started_at: _Seconds | None = Field(default=None, alias="tierq_first_started_at")
     overloads: int = Field(default=0, ge=0, le=1000, alias="tierq_overloads")
+    limiter_waits: int = Field(default=0, ge=0, le=100_000, alias="tierq_limiter_waits")
+    limiter_wait_s: float = Field(default=0.0, ge=0.0, le=86_400.0, alias="tierq_limiter_wait_s")
     tier: _Short | None = Field(default=None, alias="tierq_tier")
     stream: bool = Field(default=False, alias="tierq_stream")
     context: dict[Annotated[str, Field(max_length=64)], _Scalar] | None = Field(

@@ -94,6 +94,8 @@ class Timings(BaseModel):
     output_tokens_per_s: float | None
     #: enqueue → first text in the producer's hands, set by ``Job.stream()``
     producer_ttft_ms: float | None = None
+    #: waited for the deployment's shared rate limit (in a pool thread, and back in the queue)
+    limiter_wait_ms: float = 0.0
 
 
 class Fallback(BaseModel):

@@ -44,6 +44,9 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
 #: values of ``output_config.effort`` (the SDK's ``OutputConfigParam``)
 Effort = Literal["low", "medium", "high", "xhigh", "max"]
 
+#: the most of a model's rate limit that the tiers calling it may keep for themselves together
+MAX_KEPT_SHARE = 0.9
+
 #: the urgency words a producer may use, most urgent first
 URGENCIES = ("critical", "high", "normal", "low")
 
@@ -65,7 +68,8 @@ class Tier(BaseModel):
     #: the cap on output tokens; a producer may ask for less, never more
     max_tokens: int = Field(ge=1, le=64_000)
     #: ``output_config.effort`` for models that take it (how hard the model thinks: fewer thinking
-    #: tokens, sooner text); unset leaves the model's default. Haiku 4.5 takes none. There is no
+    #: tokens, sooner text); unset (``""`` in a tiers file) leaves the model's default. Haiku 4.5
+    #: takes none. There is no
     #: sampling knob: API 2026-10-21 rejects ``temperature``, ``top_p`` and ``top_k`` (see below)
     effort: Effort | None = None
     system_prompt: str = _SUMMARIZE
@@ -87,6 +91,13 @@ class Tier(BaseModel):
     #: a model to switch to after ``fallback_after`` attempts ended overloaded (529); unset: keep waiting
     fallback_model: str | None = None
     fallback_after: int = Field(default=2, ge=1)
+    #: share (0 to 1) of its model's rate limit kept for this tier: a less urgent tier (longer
+    #: ``deadline_s``) calling the same model leaves it untouched (see :meth:`TierTable.floor`)
+    rate_limit_share: float = Field(default=0.0, ge=0.0, lt=1.0)
+    #: seconds a job may wait for rate-limit capacity in its pool thread (never more than a quarter
+    #: of the time its deadline leaves it); a longer wait sends the job back to its queue with that
+    #: countdown, holding no thread and spending none of ``max_retries``
+    rate_limit_wait_s: float = Field(default=0.5, ge=0.0, le=60.0)
     #: retry a reply that broke after its first text (the text so far is billed again, and a live
     #: ``Job.stream()`` reader is told ``Restarted``); off: such a job fails ``StreamInterruptedError``
     retry_after_text: bool = False
@@ -94,6 +105,10 @@ class Tier(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_sampling(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("effort") == "":
+            # TOML has no null: ``effort = ""`` unsets a built-in tier's effort (a model that takes
+            # none, such as Haiku 4.5, answers 400 to any)
+            data = {**data, "effort": None}
         if isinstance(data, dict):
             for name in SAMPLING_FIELDS:
                 if name in data:
@@ -120,6 +135,10 @@ DEFAULT_TIERS: dict[str, dict[str, Any]] = {
         "retry_backoff_max_s": 4.0,
         # a broken stream re-billed costs at most 256 output tokens: worth it for a 15 s deadline
         "retry_after_text": True,
+        # a quarter of its model's limit stays out of reach of slower tiers on the same model, and
+        # a fast job waits for capacity in its thread (a requeue would cost it its place)
+        "rate_limit_share": 0.25,
+        "rate_limit_wait_s": 3.75,
     },
     "standard": {
         "queue": "tierq.standard",
@@ -168,11 +187,31 @@ class TierTable(BaseModel):
         queues = [t.queue for t in self.tiers.values()]
         if len(set(queues)) != len(queues):
             raise ValueError("two tiers share a queue; each tier needs its own")
+        for model in {m for t in self.tiers.values() for m in (t.model, t.fallback_model) if m}:
+            callers = [t for t in self.tiers.values() if model in (t.model, t.fallback_model)]
+            kept = sum(t.rate_limit_share for t in callers)
+            if kept > MAX_KEPT_SHARE:
+                raise ValueError(
+                    f"the tiers calling {model} keep {kept:.2f} of its rate limit (rate_limit_share); "
+                    f"at most {MAX_KEPT_SHARE} may be kept, or the least urgent tier could never run"
+                )
         return self
 
     def for_urgency(self, urgency: str) -> Tier:
         """The tier serving ``urgency``; KeyError when the word is unknown."""
         return self.tiers[self.urgencies[urgency]]
+
+    def floor(self, tier: Tier, model: str) -> float:
+        """The share of ``model``'s rate limit that ``tier`` leaves untouched: the shares of every
+        more urgent tier (shorter deadline; on a tie, earlier in the table) that calls ``model``,
+        as its model or its fallback."""
+        order = list(self.tiers)
+        rank = (tier.deadline_s, order.index(tier.name) if tier.name in order else len(order))
+        return sum(
+            other.rate_limit_share
+            for index, other in enumerate(self.tiers.values())
+            if (other.deadline_s, index) < rank and model in (other.model, other.fallback_model)
+        )
 
     @property
     def slowest_deadline_s(self) -> float:

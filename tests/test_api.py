@@ -27,6 +27,7 @@ from worker.api.app import body_limit
 from worker.core.settings import get_settings
 from worker.ops.embedded import free_port
 from worker.store.keys import Keys
+from worker.store.ratelimit import SharedRateLimiter
 from worker.store.streams import StreamEntry, TokenPublisher, read_entries
 
 DOC = " ".join(
@@ -225,6 +226,33 @@ def test_an_invalid_field_is_named_and_nothing_is_enqueued(
     ok = alpha.post("/v1/jobs", json={"text": DOC, "urgency": "high"}, headers={"Idempotency-Key": key})
     assert ok.status_code == 202 and not ok.json()["duplicate"]
     wait_for_status(alpha, ok.json()["job_id"], lambda s: s == "succeeded")  # out of the next case's queue
+
+
+def test_a_job_that_cannot_start_before_its_deadline_is_429_with_retry_after(
+    alpha: httpx2.Client, producer: Producer, workers: dict[str, WorkerProcess], redis_client: redis.Redis
+) -> None:
+    model = producer.tiers.tiers["fast"].model
+    limiter = SharedRateLimiter.from_settings(redis_client, producer.settings)
+    assert limiter is not None and producer.admission is not None
+    before = workers["fast"].queue_depths()
+    key = f"late-{uuid.uuid4().hex}"
+    try:
+        limiter.block(model, 40.0)  # the API's 429 held the fast tier's model past its 15 s deadline
+        producer.admission.refresh()
+        body = {"text": DOC, "urgency": "high"}
+        refused = alpha.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+        problem_body = problem(refused, 429)
+        assert problem_body["type"] == "urn:tierq:problem:deadline-unmeetable"
+        assert 25 <= int(refused.headers["Retry-After"]) <= 41
+        assert "nothing was enqueued" in problem_body["detail"] and DOC not in refused.text
+        assert workers["fast"].queue_depths() == before
+    finally:
+        redis_client.hdel(limiter.keys.rate_limit(model), "blocked_until")
+        producer.admission.refresh()
+    # the key was not kept: the same request is admitted once the hold is over
+    again = alpha.post("/v1/jobs", json={"text": DOC, "urgency": "high"}, headers={"Idempotency-Key": key})
+    assert again.status_code == 202 and not again.json()["duplicate"]
+    wait_for_status(alpha, again.json()["job_id"], lambda s: s == "succeeded")
 
 
 def test_malformed_json_and_a_bad_idempotency_key(alpha: httpx2.Client) -> None:

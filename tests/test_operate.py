@@ -78,6 +78,12 @@ def test_worker_metrics_have_per_tier_histograms(workers: dict[str, WorkerProces
     assert _value(samples, "celery_task_failed_total", tier="fast", exception="RequestRejectedError") >= 1
     assert _value(samples, "tierq_tokens_total", tier="fast", direction="output") > 0
     assert _value(samples, "tierq_cost_usd_total", tier="fast") > 0
+    # the shared rate limit: every call counted (the failed one too), reserved and used tokens
+    assert _value(samples, "tierq_api_calls_total", **labels) >= 4
+    assert _value(samples, "tierq_ratelimit_wait_seconds_count", tier="fast") >= 3
+    reserved = _value(samples, "tierq_ratelimit_tokens_total", kind="output", stage="reserved")
+    used = _value(samples, "tierq_ratelimit_tokens_total", kind="output", stage="used")
+    assert reserved >= used > 0, "output is reserved at max_tokens and used at most that"
     depth = {s.labels["tier"]: s.labels["queue_name"] for s in samples["celery_queue_length"]}
     assert depth == {"fast": "tierq.fast", "standard": "tierq.standard", "slow": "tierq.slow"}
     # the slow worker serves its own figures only

@@ -12,7 +12,8 @@ from simulator import SimServer
 from tasks.errors import InvalidJobError, JobExpiredError
 from tests.conftest import KEY_PREFIX, WorkerProcess
 from tests.helpers import run_tierq, wait_until
-from tierq import get_job, submit
+from tierq import Producer, get_job, submit
+from worker.core.settings import Settings
 from worker.store.keys import Keys
 
 DOC = " ".join(
@@ -38,7 +39,10 @@ def test_a_job_whose_deadline_passes_in_the_queue_expires_unrun(
         sim.state.add_faults(["stall:2"], job_id=blocker_id)
         blockers.append(submit(DOC, urgency="low", job_id=blocker_id))
     wait_until(lambda: all(sim.state.request_count(b.id) for b in blockers), 10, "both slow threads busy")
-    job = submit(DOC, urgency="low", deadline_s=0.5)
+    # admission would refuse it (the slow pool is busy): sent as a sender that skips admission,
+    # it must expire in the queue
+    unadmitted = Producer(Settings(admission=False))
+    job = submit(DOC, urgency="low", deadline_s=0.5, producer=unadmitted)
     with pytest.raises(JobExpiredError):
         job.result(timeout=30)
     assert job.status() == "expired"

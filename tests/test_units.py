@@ -21,6 +21,7 @@ from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 from simulator import SimServer
 from tasks.errors import (
+    CapacityWaitError,
     ConfigError,
     DeadlineExceededError,
     InvalidJobError,
@@ -299,6 +300,19 @@ def test_plan_retry_by_error_kind() -> None:
     assert exhausted == (None, "retries exhausted (2)")
     late = plan_retry(RateLimitedError("429", 429, None, 30.0), _attempt(), job)
     assert late == (None, "deadline would pass before another attempt")
+    # a wait for the shared rate limit spends no retry, and ends the job when the deadline cannot wait
+    waited = Attempt("t1", 2, time.time(), None, time.time() + 15, time.time(), limiter_waits=2)
+    assert waited.spent_retries == 0
+    assert plan_retry(OverloadedError("529"), waited, job)[0] is not None
+    assert plan_retry(CapacityWaitError("limit", None, None, 2.0), _attempt(retries=2), job) == (
+        2.0,
+        "retryable",
+    )
+    assert plan_retry(CapacityWaitError("limit", None, None, 20.0), _attempt(), job) == (None, "rate_limited")
+    forged = Attempt("t1", 1, time.time(), None, None, time.time(), limiter_waits=50)
+    assert forged.spent_retries == 0, "a sender's header never makes spent retries negative"
+    headers = waited.retry_headers({}, CapacityWaitError("limit", None, None, 2.0), 2.0)
+    assert headers["tierq_limiter_waits"] == 3 and headers["tierq_limiter_wait_s"] == 2.0
     invalid = _ref(tiers, {"job_id": "t1", "tier": "slow", "text": "a document"})
     assert invalid.problem is not None and invalid.tier_name == "fast", "the queue's tier, not the body's"
     assert plan_retry(invalid.problem, _attempt(), invalid) == (None, "invalid job")

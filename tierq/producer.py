@@ -32,6 +32,7 @@ from kombu.exceptions import OperationalError
 from tasks.errors import (
     BrokerUnavailableError,
     DeadlineExceededError,
+    DeadlineUnmeetableError,
     IdempotencyConflictError,
     InvalidJobError,
     JobCancelledError,
@@ -50,19 +51,24 @@ from tasks.job import (
     TIER_HEADER,
     JobSpec,
     build_job,
+    build_prompt,
     carried_context,
     check_deadline,
     check_job,
     kwargs_repr,
 )
 from tasks.result import JobResult
-from tasks.tiers import TierTable, load_tier_table
+from tasks.tiers import Tier, TierTable, load_tier_table
+from tierq.admission import Admission
 from worker.celery.app import app as default_app
 from worker.core.settings import Settings, get_settings
+from worker.observe.logging import get_logger
+from worker.observe.metrics import observe_admission_refused
 from worker.store.clients import backend_redis
 from worker.store.deadletter import DeadLetterStore
 from worker.store.guard import RunGuard
 from worker.store.keys import Keys
+from worker.store.ratelimit import LimiterStats, SharedRateLimiter
 from worker.store.streams import read_entries
 
 __all__ = ["Job", "Producer", "Restarted", "default_producer", "get_job", "replay", "submit"]
@@ -84,7 +90,20 @@ class Producer:
         self.keys = Keys(settings.key_prefix)
         self.guard = None if self.redis is None else RunGuard(self.redis, settings.key_prefix)
         self.dead_letters = None if self.redis is None else DeadLetterStore(self.redis, settings.key_prefix)
+        #: refuses what could not start before its deadline (None: ``TIERQ_ADMISSION`` off)
+        self.admission = (
+            Admission(
+                self.app,
+                self.tiers,
+                SharedRateLimiter.from_settings(self.redis, settings),
+                None if self.redis is None else LimiterStats(self.redis, settings.key_prefix),
+            )
+            if settings.admission
+            else None
+        )
 
+
+_log = get_logger("tierq.producer")
 
 _default: list[Producer] = []
 _default_lock = threading.Lock()
@@ -331,6 +350,9 @@ def submit(
     Raises:
         InvalidJobError: a field is invalid (``.field`` names it); nothing was enqueued.
         IdempotencyConflictError: ``job_id`` was already used for a different request.
+        DeadlineUnmeetableError: the job was predicted to start too late to finish before its
+            deadline (its tier's queue, its model's shared rate limit); ``retry_after`` says when
+            it would fit. Nothing was enqueued.
         BrokerUnavailableError: the broker did not take the job within a few seconds.
     """
     producer = producer or default_producer()
@@ -353,10 +375,31 @@ def submit(
     if claim is False:
         return Job(spec.job_id, app, None, duplicate=True, producer=producer)
     try:
+        if producer.admission is not None:
+            _admit(producer.admission, tier, spec, allowed_s)
         return _enqueue(producer, app, spec, tier.name, time.time() + allowed_s)
     except BaseException:
         if claim:
             _unclaim(producer, spec.job_id)
+        raise
+
+
+def _admit(admission: Admission, tier: Tier, spec: JobSpec, allowed_s: float) -> None:
+    """Refuse the job when it could not start in time (counted, logged without its text)."""
+    chars = len(tier.system_prompt) + len(build_prompt(spec))
+    try:
+        admission.check(tier, chars, spec.max_tokens or tier.max_tokens, allowed_s)
+    except DeadlineUnmeetableError as exc:
+        observe_admission_refused(tier.name)
+        _log.warning(
+            "submit.refused",
+            tier=tier.name,
+            job_id=spec.job_id,
+            producer=spec.producer_id,
+            predicted_start_s=exc.predicted_start_s,
+            deadline_s=round(allowed_s, 3),
+            retry_after_s=exc.retry_after,
+        )
         raise
 
 

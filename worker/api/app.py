@@ -175,6 +175,11 @@ def make_api(
             **_problem(409, "The Idempotency-Key was used for a different request."),
             **_problem(413, "The body is too large."),
             **_problem(422, "A field is invalid; `field` names it. Nothing was enqueued."),
+            **_problem(
+                429,
+                "The job could not start before its deadline (its tier's queue, its model's rate limit); "
+                "`Retry-After` says when it would. Nothing was enqueued.",
+            ),
         },
     )
     def create_job(

@@ -4,6 +4,7 @@ errors and FastAPI's into them. No handler echoes request input: a field is name
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,12 +12,18 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tasks.errors import BrokerUnavailableError, IdempotencyConflictError, InvalidJobError
+from tasks.errors import (
+    BrokerUnavailableError,
+    DeadlineUnmeetableError,
+    IdempotencyConflictError,
+    InvalidJobError,
+)
 from worker.api.models import PROBLEM_JSON, FieldError, Problem
 
 __all__ = [
     "BODY_TOO_LARGE",
     "BROKER_UNAVAILABLE",
+    "DEADLINE_UNMEETABLE",
     "IDEMPOTENCY_CONFLICT",
     "INVALID_REQUEST",
     "JOB_ENDED",
@@ -34,6 +41,7 @@ IDEMPOTENCY_CONFLICT = "urn:tierq:problem:idempotency-conflict"
 JOB_ENDED = "urn:tierq:problem:job-ended"
 BODY_TOO_LARGE = "urn:tierq:problem:body-too-large"
 BROKER_UNAVAILABLE = "urn:tierq:problem:broker-unavailable"
+DEADLINE_UNMEETABLE = "urn:tierq:problem:deadline-unmeetable"
 
 #: seconds a client is asked to wait before trying again after a 503
 RETRY_AFTER_S = 5
@@ -134,6 +142,17 @@ def install_problem_handlers(app: FastAPI) -> None:
         )
         return problem_response(problem, {"Retry-After": str(RETRY_AFTER_S)})
 
+    async def on_unmeetable(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, DeadlineUnmeetableError)
+        problem = Problem(
+            type=DEADLINE_UNMEETABLE,
+            title="Deadline cannot be met",
+            status=429,
+            detail=str(exc),
+            field="deadline_s",
+        )
+        return problem_response(problem, {"Retry-After": str(math.ceil(exc.retry_after or 1))})
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # Starlette logs the exception after this answer; the body says nothing of it
         return problem_response(Problem(title="Internal server error", status=500))
@@ -145,4 +164,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(IdempotencyConflictError, on_conflict)
     app.add_exception_handler(InvalidJobError, on_invalid_job)
     app.add_exception_handler(BrokerUnavailableError, on_unavailable)
+    app.add_exception_handler(DeadlineUnmeetableError, on_unmeetable)
     app.add_exception_handler(Exception, on_unexpected)

@@ -61,7 +61,7 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
         raise self.retry(
             exc=exc,
             countdown=_countdown(delay),
-            headers=attempt.retry_headers(headers, exc),
+            headers=attempt.retry_headers(headers, exc, delay),
             # Celery would show the real arguments in the retry's events: keep them redacted
             argsrepr="()",
             kwargsrepr=ref.kwargs_repr(),

@@ -59,6 +59,15 @@ class Settings(BaseSettings):
     rate_limit: bool = True
     #: each model's limits per minute until the API's headers say otherwise
     rate_limits: str = "requests=4000,input_tokens=2000000,output_tokens=400000"
+    #: reserve a call's input at what the API's token-counting endpoint counts (one more request per
+    #: attempt, to an endpoint with limits of its own) instead of its characters / 3.5
+    count_tokens: bool = False
+    #: each producer's weight in its tier's fair share of a model's rate limit, ``name=weight,...``
+    #: (names as jobs' ``producer_id``; 1 when not named)
+    producer_weights: str = ""
+    #: refuse at submit (DeadlineUnmeetableError, HTTP 429) a job predicted to start too late to
+    #: finish before its deadline, from its tier's queue and its model's shared rate limit
+    admission: bool = True
     #: connections per process to Redis (redis-py 8 fails instead of waiting when the pool is full)
     redis_max_connections: int = 512
 

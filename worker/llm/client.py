@@ -47,6 +47,7 @@ from worker.core.batching import TextBatcher
 from worker.core.cancel import CancelToken
 from worker.core.settings import Settings
 from worker.llm.aioloop import EventLoopThread
+from worker.observe.logging import get_logger
 
 if TYPE_CHECKING:
     from anthropic._streaming import ServerSentEvent
@@ -77,6 +78,8 @@ MAX_API_MESSAGE_CHARS = 300
 SHOULD_RETRY_HEADER = "x-should-retry"
 #: the API's rate-limit headers (https://platform.claude.com/docs/en/api/rate-limits)
 RATE_LIMIT_HEADER_PREFIX = "anthropic-ratelimit-"
+_log = get_logger("tierq.llm")
+
 #: ``error.details.error_code`` of a 429 that no retry can fix: the organisation's spend limit
 SPEND_LIMIT_CODE = "enforced_spend_limit_reached"
 
@@ -93,6 +96,8 @@ class LLMRequest:
     #: ``output_config.effort``; None leaves the model's default (no sampling parameters: API
     #: 2026-10-21 rejects them)
     effort: Effort | None = None
+    #: the prompt's input tokens as the API counted them (``TIERQ_COUNT_TOKENS``); None: not counted
+    input_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +430,23 @@ class LLM:
                 cancel,
             )
         return stream_reply(self.client, request, deadline, on_text, self.connect_timeout_s, cancel)
+
+    def count_input_tokens(self, request: LLMRequest, timeout_s: float) -> int | None:
+        """The request's input tokens as the API counts them (``POST /v1/messages/count_tokens``,
+        https://platform.claude.com/docs/en/api/messages-count-tokens); None when it did not answer
+        in ``timeout_s`` or refused (the caller estimates instead)."""
+        try:
+            counted = self.client.messages.count_tokens(
+                model=request.model,
+                system=request.system,
+                messages=[{"role": "user", "content": request.prompt}],
+                timeout=anthropic.Timeout(timeout_s, connect=min(self.connect_timeout_s, timeout_s)),
+                extra_headers={JOB_ID_HEADER: request.job_id},
+            )
+        except anthropic.APIError as exc:
+            _log.warning("llm.count_tokens_failed", model=request.model, error=str(exc)[:200])
+            return None
+        return counted.input_tokens
 
     def close(self) -> None:
         """Close the async client on the loop, stop the loop, close the sync client."""

@@ -32,8 +32,14 @@ from prometheus_client.registry import Collector
 from tasks.result import JobResult
 
 __all__ = [
+    "ADMISSIONS_REFUSED",
+    "API_CALLS",
+    "API_RATE_LIMITED",
     "COST",
     "JOB_SECONDS",
+    "LIMITER_TOKENS",
+    "LIMITER_WAIT",
+    "LIMITER_WAITS",
     "MESSAGES_REJECTED",
     "QUEUE_WAIT",
     "TASKS_FAILED",
@@ -44,6 +50,9 @@ __all__ = [
     "TOKENS_PER_S",
     "TTFT",
     "QueueDepthCollector",
+    "observe_admission_refused",
+    "observe_call",
+    "observe_capacity_wait",
     "observe_completed",
     "observe_failed",
     "observe_refused",
@@ -144,6 +153,33 @@ MESSAGES_REJECTED = Counter(
     ["queue_name", "kind"],
 )
 TOKENS = Counter("tierq_tokens", "Tokens billed, by kind (direction).", ["tier", "model", "direction"])
+API_CALLS = Counter(
+    "tierq_api_calls", "Calls made to the model that the shared rate limit let through.", ["tier", "model"]
+)
+API_RATE_LIMITED = Counter(
+    "tierq_api_rate_limited", "Calls the API answered 429 (not the spend limit).", ["tier", "model"]
+)
+LIMITER_WAIT = Histogram(
+    "tierq_ratelimit_wait_seconds",
+    "Per completed job: time waited for the shared rate limit, in a thread and back in the queue.",
+    ["tier"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60, 300),
+)
+LIMITER_WAITS = Counter(
+    "tierq_ratelimit_capacity_waits",
+    "Attempts that found no capacity within the wait a thread may hold (sent back, or ended rate limited).",
+    ["tier"],
+)
+LIMITER_TOKENS = Counter(
+    "tierq_ratelimit_tokens",
+    "Tokens reserved from the shared rate limit before calls, and used by them, by kind.",
+    ["model", "kind", "stage"],
+)
+ADMISSIONS_REFUSED = Counter(
+    "tierq_admissions_refused",
+    "Submits refused because the job could not start before its deadline (DeadlineUnmeetableError).",
+    ["tier"],
+)
 COST = Counter("tierq_cost_usd", "Dollars spent, from the price table.", ["tier", "model"])
 
 
@@ -175,6 +211,29 @@ def observe_completed(result: JobResult, queue: str | None) -> None:
             TOKENS.labels(tier, model, direction).inc(tokens)
     if result.cost_usd:
         COST.labels(tier, model).inc(result.cost_usd)
+    LIMITER_WAIT.labels(tier).observe(timings.limiter_wait_ms / 1000)
+
+
+def observe_call(
+    tier: str, model: str, reserved: tuple[int, int], used: tuple[int, int], rate_limited: bool = False
+) -> None:
+    """A call the shared rate limit let through: input and output tokens ``reserved`` and ``used``."""
+    API_CALLS.labels(tier, model).inc()
+    if rate_limited:
+        API_RATE_LIMITED.labels(tier, model).inc()
+    for stage, (input_tokens, output_tokens) in (("reserved", reserved), ("used", used)):
+        LIMITER_TOKENS.labels(model, "input", stage).inc(input_tokens)
+        LIMITER_TOKENS.labels(model, "output", stage).inc(output_tokens)
+
+
+def observe_capacity_wait(tier: str) -> None:
+    """An attempt that found no capacity within the wait its thread may hold."""
+    LIMITER_WAITS.labels(tier).inc()
+
+
+def observe_admission_refused(tier: str) -> None:
+    """A submit refused: the job could not have started before its deadline."""
+    ADMISSIONS_REFUSED.labels(tier).inc()
 
 
 def observe_rejected(queue: str | None, kind: str) -> None:

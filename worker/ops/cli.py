@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -486,7 +486,8 @@ def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Per-tier percentiles of recent jobs, from the bounded stream the workers write."""
-    from worker.core.settings import get_settings
+    from worker.core.settings import get_settings, get_tier_table
+    from worker.store.ratelimit import LimiterStats
     from worker.store.stats import StatsStream, summarize
 
     stream = StatsStream.from_settings(get_settings())
@@ -494,13 +495,16 @@ def stats(
         raise _fail("stats need a Redis result backend (TIERQ_RESULT_BACKEND or TIERQ_BROKER_URL)")
     try:
         summary = summarize(stream.recent(last))
+        counts = LimiterStats(stream.client, get_settings().key_prefix).read(RATE_LIMIT_MINUTES)
     except Exception as exc:
         raise _fail(f"cannot read stats: {exc}", code=1) from None
     broker = _broker_counts(get_settings())
     deliveries = broker.deliveries
+    limits = _rate_limit_rows(counts, get_tier_table().tiers)
     if as_json:
         for tier, row in summary.items():
             row.update(deliveries.get(tier, {}))
+            row.update(limits.get(tier, {}))
         _print_json(summary)
         return
     table = Table(title=f"last {last} jobs per tier (ms)")
@@ -526,6 +530,37 @@ def stats(
             _ms(row["output_tokens_per_s_p50"]), f"{row['cost_usd']:.4f}",
         )  # fmt: skip
     _console().print(table)
+    if any(row["calls"] or row["admissions_refused"] for row in limits.values()):
+        rate = Table(title=f"shared rate limit per tier, last {RATE_LIMIT_MINUTES} minutes")
+        rate_columns = (
+            "tier",
+            "model",
+            "calls",
+            "429/1000",
+            "waits",
+            "refused",
+            "wait p50",
+            "wait p99",
+            "out used",
+        )
+        for column in rate_columns:
+            rate.add_column(column, justify="left" if column in ("tier", "model") else "right")
+        for tier, row in limits.items():
+            jobs = summary.get(tier, {})
+            used = row["output_used_share"]
+            rate.add_row(
+                tier, row["model"], str(row["calls"]), _per_1000(row["api_429_per_1000"]),
+                str(row["capacity_waits"]), str(row["admissions_refused"]),
+                _ms(jobs.get("limiter_wait_p50_ms")), _ms(jobs.get("limiter_wait_p99_ms")),
+                "-" if used is None else f"{used:.0%}",
+            )  # fmt: skip
+        _console().print(rate)
+        _err.print(
+            "waits: jobs that found no capacity within their tier's rate_limit_wait_s (sent back to the "
+            "queue, or ended rate limited); refused: submits refused as unable to start before their "
+            "deadline; out used: output tokens used / reserved (max_tokens) for the tier's model",
+            highlight=False,
+        )
     if deliveries:
         now = Table(title="deliveries per tier, now")
         for column in ("tier", "queued", "unacked", "recovered"):
@@ -541,6 +576,34 @@ def stats(
     for queue, count in broker.stray.items():
         if count:
             _warn(f"{count} message(s) on {queue!r}, a queue no tierq worker reads ({_STRAY_WHY[queue]})")
+
+
+#: minutes of rate-limit counts ``tierq stats`` sums
+RATE_LIMIT_MINUTES = 15
+_RATE_COLUMNS = ("tier", "model", "calls", "429/1000", "waits", "refused", "wait p50", "wait p99", "out used")
+
+
+def _rate_limit_rows(counts: dict[str, int], tiers: Mapping[str, Tier]) -> dict[str, dict[str, Any]]:
+    """Per tier: its model's calls, 429s per 1,000 calls, waits, refused submits, output used/reserved."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, tier in tiers.items():
+        calls = counts.get(f"calls:{name}", 0)
+        reserved = counts.get(f"reserved_output:{tier.model}", 0)
+        rows[name] = {
+            "model": tier.model,
+            "calls": calls,
+            "api_429_per_1000": round(1000 * counts.get(f"429:{name}", 0) / calls, 2) if calls else None,
+            "capacity_waits": counts.get(f"waits:{name}", 0),
+            "admissions_refused": counts.get(f"refused:{name}", 0),
+            "output_used_share": (
+                round(counts.get(f"used_output:{tier.model}", 0) / reserved, 4) if reserved else None
+            ),
+        }
+    return rows
+
+
+def _per_1000(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 #: why a message would be on a stray queue

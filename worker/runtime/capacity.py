@@ -1,12 +1,13 @@
 """A call's share of the model's rate limit: taken before the request is sent, settled after.
 
 The estimate is the request itself (``max_tokens`` of output, as the API charges at the start) and
-its prompt's characters over :data:`CHARS_PER_TOKEN`. A job waits for capacity in its thread for at
-most :data:`WAIT_SHARE` of the time its deadline left it, and :data:`WAIT_MAX_S`; past that it fails
-as rate limited, and Celery's retry brings it back after the wait the limiter named (it waits in the
-queue, not in a thread; the retry counts against the tier's ``max_retries``, as an API 429's
-does). The limiter's Redis being away never fails a job: the call goes out unmetered and a
-warning says so.
+its prompt's characters over :data:`CHARS_PER_TOKEN`. A tier reserves above its floor: the shares
+more urgent tiers on the same model keep (``TierTable.floor``). A job waits for capacity in its
+thread for at most its tier's ``rate_limit_wait_s`` and :data:`WAIT_SHARE` of the time its deadline
+left it; a longer wait raises :class:`~tasks.errors.CapacityWaitError`, and the job goes back to its
+queue with the wait the limiter named as its countdown (no thread held, no retry spent) or, when its
+deadline would pass first, ends rate limited. The limiter's Redis being away never fails a job: the
+call goes out unmetered and a warning says so.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from collections.abc import Callable
 
 import redis
 
-from tasks.errors import RateLimitedError, RequestRejectedError
+from tasks.errors import CapacityWaitError, RateLimitedError, RequestRejectedError
 from worker.llm.client import LLMReply, LLMRequest
+from worker.observe import metrics
 from worker.observe.logging import get_logger
-from worker.store.ratelimit import Reservation, SharedRateLimiter
+from worker.store.ratelimit import FairShare, Reservation, SharedRateLimiter, estimate_tokens
 
 __all__ = [
-    "CHARS_PER_TOKEN",
-    "WAIT_MAX_S",
+    "MIN_REQUEUE_S",
     "WAIT_SHARE",
     "give_back",
     "release",
@@ -34,31 +35,32 @@ __all__ = [
     "take",
 ]
 
-#: characters per input token for the estimate (English prose runs ~4; fewer overestimates,
-#: which holds capacity back only until the call settles)
-CHARS_PER_TOKEN = 3.5
-#: share of the time left before its deadline that a job may spend waiting for capacity
+#: share of the time left before its deadline that a job may spend waiting for capacity in its thread
 WAIT_SHARE = 0.25
-#: seconds a job waits for capacity in its thread at most (a slow tier's quarter is minutes): a
-#: longer wait goes back to the queue with the countdown the limiter named, freeing the thread
-WAIT_MAX_S = 30.0
+#: the shortest countdown a job goes back to its queue with to wait for capacity (no requeue storm)
+MIN_REQUEUE_S = 0.25
 
 _log = get_logger("tierq.ratelimit")
 
 
 def estimate_input_tokens(request: LLMRequest) -> int:
-    """The prompt's input tokens, estimated from its characters."""
-    return math.ceil((len(request.system or "") + len(request.prompt)) / CHARS_PER_TOKEN)
+    """The prompt's input tokens: as the API counted them, else estimated from its characters."""
+    if request.input_tokens is not None:
+        return request.input_tokens
+    return estimate_tokens(len(request.system or "") + len(request.prompt))
 
 
 def reserving(
-    limiter: SharedRateLimiter | None, request: LLMRequest
+    limiter: SharedRateLimiter | None,
+    request: LLMRequest,
+    floor: float = 0.0,
+    share: FairShare | None = None,
 ) -> Callable[[redis.client.Pipeline], None] | None:
     """What adds the call's first reserve to a round trip made anyway (the run guard's)."""
     if limiter is None:
         return None
     estimate = estimate_input_tokens(request)
-    return lambda pipe: limiter.queue_reserve(pipe, request.model, estimate, request.max_tokens)
+    return lambda pipe: limiter.queue_reserve(pipe, request.model, estimate, request.max_tokens, floor, share)
 
 
 def reservation_of(
@@ -85,66 +87,96 @@ def take(
     request: LLMRequest,
     deadline: float,
     first: Reservation | None = None,
-) -> Reservation | None:
-    """Reserve the call's capacity, waiting for it within the job's share of its deadline;
-    ``first``: a reserve already made (by :func:`reserving`).
+    *,
+    floor: float = 0.0,
+    wait_s: float = 0.0,
+    share: FairShare | None = None,
+) -> tuple[Reservation | None, float]:
+    """Reserve the call's capacity above ``floor``, waiting in this thread for at most ``wait_s``
+    and :data:`WAIT_SHARE` of the time left before ``deadline``; ``first``: a reserve already made
+    (by :func:`reserving`); ``share``: the job's tier and producer, for the producers' fair share.
+    Returns the reservation (None: not metered) and the seconds waited.
 
     Raises:
-        RateLimitedError: no capacity within that share (``retry_after``: when there will be).
-        RequestRejectedError: the request alone exceeds the model's limit per minute.
+        CapacityWaitError: no capacity within that wait (``retry_after``: when there will be).
+        RequestRejectedError: the request alone exceeds the share of the model's limit per minute
+            the tier may use.
     """
     if limiter is None:
-        return None
+        return None, 0.0
     estimate = estimate_input_tokens(request)
-    budget_until = time.time() + min(WAIT_MAX_S, max(0.0, deadline - time.time()) * WAIT_SHARE)
+    started = time.monotonic()
+    budget_until = started + min(wait_s, max(0.0, deadline - time.time()) * WAIT_SHARE)
     reservation = first
     while True:
         if reservation is None:
             try:
-                reservation = limiter.reserve(request.model, estimate, request.max_tokens)
+                reservation = limiter.reserve(request.model, estimate, request.max_tokens, floor, share)
             except redis.RedisError as exc:
                 _log.warning("ratelimit.unavailable", model=request.model, error=str(exc)[:200])
-                return None
+                return None, time.monotonic() - started
         if reservation.granted:
-            return reservation
+            return reservation, time.monotonic() - started
         if math.isinf(reservation.wait_s):
+            kept = f" ({1 - floor:.0%} of it: more urgent tiers keep the rest)" if floor else ""
             raise RequestRejectedError(
                 f"the request ({estimate} input tokens estimated, max_tokens {request.max_tokens}) "
-                f"exceeds {request.model}'s rate limit per minute"
+                f"exceeds {request.model}'s rate limit per minute{kept}"
             )
-        if time.time() + reservation.wait_s > budget_until:
-            raise RateLimitedError(
-                f"rate limit of {request.model}: capacity in {reservation.wait_s:.1f} s",
-                retry_after=reservation.wait_s,
+        if time.monotonic() + reservation.wait_s > budget_until:
+            tier = share.tier if share is not None else ""
+            metrics.observe_capacity_wait(tier)
+            try:
+                limiter.count(tier, "waits")
+            except redis.RedisError as exc:
+                _log.warning("ratelimit.unavailable", model=request.model, error=str(exc)[:200])
+            raise CapacityWaitError(
+                f"rate limit of {request.model} (shared): capacity in {reservation.wait_s:.2f} s",
+                retry_after=round(max(MIN_REQUEUE_S, reservation.wait_s), 3),
             )
         time.sleep(reservation.wait_s)
         reservation = None
 
 
-def settle(limiter: SharedRateLimiter | None, reservation: Reservation | None, reply: LLMReply) -> None:
-    """Lower the buckets to what the API says is left; give back what the call did not use."""
-    if limiter is None or reservation is None:
-        return
+def settle(
+    limiter: SharedRateLimiter | None,
+    reservation: Reservation | None,
+    reply: LLMReply,
+    tier: str,
+    model: str,
+    queue_wait_ms: float | None = None,
+) -> None:
+    """Count the call (and its job's ``queue_wait_ms``, on a first attempt); lower the buckets to
+    what the API says is left and give back what the call did not use."""
     usage = reply.usage
-    try:
-        # the headers came as the response started, with max_tokens charged: lower to them first,
-        # then give back what the call did not use
-        limiter.correct(reservation.model, reply.rate_limits)
-        limiter.settle(
-            reservation, usage.input_tokens + usage.cache_creation_input_tokens, usage.output_tokens
-        )
-    except redis.RedisError as exc:
-        _log.warning("ratelimit.unavailable", model=reservation.model, error=str(exc)[:200])
-
-
-def give_back(limiter: SharedRateLimiter | None, reservation: Reservation | None, exc: BaseException) -> None:
-    """After a failed call: its tokens go back (the request still counts); a 429 holds the model
-    for its ``retry-after`` (a second when it names none)."""
+    used = (usage.input_tokens + usage.cache_creation_input_tokens, usage.output_tokens)
+    metrics.observe_call(tier, model, _reserved(reservation), used)
     if limiter is None or reservation is None:
         return
     try:
-        limiter.settle(reservation, 0, 0)
-        if isinstance(exc, RateLimitedError):
-            limiter.block(reservation.model, exc.retry_after or 1.0)
+        limiter.finish(reservation, tier, used[0], used[1], reply.rate_limits, queue_wait_ms=queue_wait_ms)
+    except redis.RedisError as exc:
+        _log.warning("ratelimit.unavailable", model=model, error=str(exc)[:200])
+
+
+def give_back(
+    limiter: SharedRateLimiter | None,
+    reservation: Reservation | None,
+    exc: BaseException,
+    tier: str,
+    model: str,
+) -> None:
+    """Count the failed call; its tokens go back (the request still counts); a 429 holds the model
+    for its ``retry-after`` (a second when it names none)."""
+    hold = (exc.retry_after or 1.0) if isinstance(exc, RateLimitedError) else None
+    metrics.observe_call(tier, model, _reserved(reservation), (0, 0), rate_limited=hold is not None)
+    if limiter is None or reservation is None:
+        return
+    try:
+        limiter.finish(reservation, tier, rate_limited_s=hold)
     except redis.RedisError as error:
-        _log.warning("ratelimit.unavailable", model=reservation.model, error=str(error)[:200])
+        _log.warning("ratelimit.unavailable", model=model, error=str(error)[:200])
+
+
+def _reserved(reservation: Reservation | None) -> tuple[int, int]:
+    return (0, 0) if reservation is None else (reservation.input_tokens, reservation.output_tokens)

@@ -12,14 +12,13 @@ from dataclasses import dataclass
 
 import redis
 
-from tasks.errors import ConfigError
 from tasks.tiers import TierTable, load_tier_table
 from worker.core.settings import Settings
 from worker.llm.client import LLM
 from worker.store.clients import backend_redis
 from worker.store.deadletter import DeadLetterStore
 from worker.store.guard import RunGuard
-from worker.store.ratelimit import ModelLimits, SharedRateLimiter
+from worker.store.ratelimit import SharedRateLimiter
 from worker.store.stats import StatsStream
 
 __all__ = ["Context"]
@@ -53,11 +52,7 @@ class Context:
             guard=None if client is None else RunGuard(client, prefix, settings.lease_s),
             dead_letters=None if client is None else DeadLetterStore(client, prefix),
             stats=None if client is None else StatsStream(client, prefix, settings.stats_maxlen),
-            limiter=(
-                SharedRateLimiter(client, _limits(settings), prefix)
-                if client is not None and settings.rate_limit
-                else None
-            ),
+            limiter=SharedRateLimiter.from_settings(client, settings),
         )
 
     def close(self) -> None:
@@ -65,10 +60,3 @@ class Context:
         self.llm.close()
         if self.redis is not None:
             self.redis.close()
-
-
-def _limits(settings: Settings) -> ModelLimits:
-    try:
-        return ModelLimits.parse(settings.rate_limits)
-    except ValueError as exc:
-        raise ConfigError(f"TIERQ_RATE_LIMITS: {exc}") from None

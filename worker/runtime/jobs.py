@@ -6,6 +6,7 @@ The Celery task in ``tasks/summarize.py`` is a thin shell over :func:`run_attemp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -17,6 +18,7 @@ from pydantic import JsonValue, TypeAdapter, ValidationError
 
 from tasks.errors import (
     CancelRequestedError,
+    CapacityWaitError,
     DeadlineExceededError,
     IdempotencyConflictError,
     InvalidJobError,
@@ -33,6 +35,8 @@ from tasks.job import (
     DEADLINE_HEADER,
     ENQUEUED_AT_HEADER,
     FIRST_STARTED_AT_HEADER,
+    LIMITER_WAIT_S_HEADER,
+    LIMITER_WAITS_HEADER,
     OVERLOADS_HEADER,
     STREAM_HEADER,
     JobSpec,
@@ -52,7 +56,7 @@ from worker.observe.logging import get_logger
 from worker.runtime import capacity
 from worker.runtime.context import Context
 from worker.store.deadletter import FailureTimings
-from worker.store.ratelimit import Reservation
+from worker.store.ratelimit import FairShare, Reservation
 from worker.store.streams import FLUSH_INTERVAL_S, TokenPublisher, stream_key
 
 __all__ = [
@@ -83,6 +87,8 @@ DEDUPLICATED = "summarize.deduplicated"
 
 #: a retry is planned only if at least this many seconds of the deadline would remain for it
 MIN_ATTEMPT_S = 1.0
+#: seconds a call to the token-counting endpoint may take (TIERQ_COUNT_TOKENS)
+COUNT_TIMEOUT_S = 2.0
 #: seconds the start count outlives the tier's deadline
 STARTS_TTL_MARGIN_S = 600
 
@@ -103,6 +109,9 @@ class Attempt:
     queue: str | None = None
     #: earlier attempts that ended overloaded (529)
     overloads: int = 0
+    #: earlier attempts sent back to wait for rate-limit capacity (not retries), and their wait
+    limiter_waits: int = 0
+    limiter_wait_s: float = 0.0
 
     @classmethod
     def from_headers(
@@ -119,7 +128,15 @@ class Attempt:
             first_started_at=_float_or_none(headers.get(FIRST_STARTED_AT_HEADER)) or now,
             queue=queue,
             overloads=int(_float_or_none(headers.get(OVERLOADS_HEADER)) or 0),
+            limiter_waits=int(_float_or_none(headers.get(LIMITER_WAITS_HEADER)) or 0),
+            limiter_wait_s=max(0.0, _float_or_none(headers.get(LIMITER_WAIT_S_HEADER)) or 0.0),
         )
+
+    @property
+    def spent_retries(self) -> int:
+        """Retries this job has spent: its attempts after the first, less those that only waited
+        for rate-limit capacity (never below zero, whatever a sender's headers say)."""
+        return max(0, self.retries - min(self.limiter_waits, self.retries))
 
     def deadline(self, tier: Tier) -> float:
         """The job's absolute deadline: the producer's, never later than the tier allows."""
@@ -142,10 +159,18 @@ class Attempt:
         """Enqueue (or first start) → now, in milliseconds."""
         return round((now - (self.enqueued_at or self.first_started_at)) * 1000, 2)
 
-    def retry_headers(self, headers: dict[str, Any], exc: BaseException) -> dict[str, Any]:
-        """Headers for the retried message: the producer's, when the first attempt started, overloads."""
+    def retry_headers(self, headers: dict[str, Any], exc: BaseException, delay: float) -> dict[str, Any]:
+        """Headers for the retried message: the producer's, when the first attempt started,
+        overloads, and the waits for rate-limit capacity (``delay``: the countdown it goes back with)."""
         overloads = self.overloads + (1 if isinstance(exc, OverloadedError) else 0)
-        return {**headers, FIRST_STARTED_AT_HEADER: self.first_started_at, OVERLOADS_HEADER: overloads}
+        waited = isinstance(exc, CapacityWaitError)
+        return {
+            **headers,
+            FIRST_STARTED_AT_HEADER: self.first_started_at,
+            OVERLOADS_HEADER: overloads,
+            LIMITER_WAITS_HEADER: self.limiter_waits + (1 if waited else 0),
+            LIMITER_WAIT_S_HEADER: round(self.limiter_wait_s + (delay if waited else 0.0), 3),
+        }
 
     def model(self, tier: Tier) -> str:
         """The tier's model, or its fallback once enough attempts ended overloaded."""
@@ -242,14 +267,20 @@ def run_attempt(ref: JobRef, attempt: Attempt, ctx: Context) -> JobResult:
         raise DeadlineExceededError(f"deadline passed before the job started (tier {tier.name})")
     guard = ctx.guard
     request = _llm_request(spec, tier, attempt)
+    if ctx.limiter is not None and ctx.settings.count_tokens:
+        counted = ctx.llm.count_input_tokens(request, min(COUNT_TIMEOUT_S, max(0.1, deadline - time.time())))
+        request = dataclasses.replace(request, input_tokens=counted)
+    floor = ctx.tiers.floor(tier, request.model)
     if guard is None:
-        return _call_model(spec, tier, attempt, deadline, ctx, request)
+        return _call_model(spec, tier, attempt, deadline, ctx, request, floor=floor)
+    share = FairShare(tier.name, spec.producer_id)
     begin = guard.begin(
         spec.job_id,
         starts_ttl_s=tier.deadline_s + STARTS_TTL_MARGIN_S,
         fingerprint=spec.fingerprint(),
         claim_ttl_s=ctx.settings.result_expires_s,
-        also=capacity.reserving(ctx.limiter, request),  # the call's rate-limit share, same round trip
+        # the call's rate-limit share, in the same round trip
+        also=capacity.reserving(ctx.limiter, request, floor, share),
     )
     reservation = capacity.reservation_of(ctx.limiter, request, begin.also)
     poison = begin.starts > tier.max_retries + 1 + MAX_CRASHES
@@ -292,7 +323,12 @@ def run_attempt(ref: JobRef, attempt: Attempt, ctx: Context) -> JobResult:
             run=begin.starts,
             cancel=cancel,
             reservation=reservation,
+            floor=floor,
         )
+    except CapacityWaitError:
+        # nothing was sent: the start does not count toward the crashes a job may cause
+        guard.release(spec.job_id, uncount=True)
+        raise
     except BaseException:
         guard.release(spec.job_id)
         raise
@@ -322,22 +358,33 @@ def _call_model(
     run: int | None = None,
     cancel: CancelToken | None = None,
     reservation: Reservation | None = None,
+    floor: float = 0.0,
 ) -> JobResult:
     """Call the model and report success. ``run``: this start's number (streamed with the text);
-    ``reservation``: the call's rate-limit share, if already reserved."""
+    ``reservation``: the call's rate-limit share, if already reserved; ``floor``: the share of the
+    model's limit kept for more urgent tiers."""
     run = attempt.retries if run is None else run
     publisher = _publisher(ctx, spec.job_id, run) if spec.stream else None
     on_text: Callable[[str], None] | None = None
     if publisher is not None:
         # on the loop, texts are gathered there and written as they come here, in this job's thread
         on_text = publisher.send if tier.io == "asyncio" else publisher.text
-    reservation = capacity.take(ctx.limiter, request, deadline, first=reservation)
+    reservation, waited_s = capacity.take(
+        ctx.limiter,
+        request,
+        deadline,
+        first=reservation,
+        floor=floor,
+        wait_s=tier.rate_limit_wait_s,
+        share=FairShare(tier.name, spec.producer_id),
+    )
     try:
         reply = ctx.llm.call(request, deadline, tier.io, on_text, gather_s=FLUSH_INTERVAL_S, cancel=cancel)
     except BaseException as exc:
-        capacity.give_back(ctx.limiter, reservation, exc)
+        capacity.give_back(ctx.limiter, reservation, exc, tier.name, request.model)
         raise
-    capacity.settle(ctx.limiter, reservation, reply)
+    first_wait = attempt.queue_wait_ms if attempt.retries == 0 else None
+    capacity.settle(ctx.limiter, reservation, reply, tier.name, request.model, first_wait)
     if reply.refusal is not None:
         category, explanation = reply.refusal
         raise RefusedError(
@@ -346,7 +393,7 @@ def _call_model(
             explanation,
             reply.request_id,
         )
-    result = build_result(spec, tier, attempt, reply, time.time())
+    result = build_result(spec, tier, attempt, reply, time.time(), waited_s)
     _log.info(
         COMPLETED,
         enqueued_at=attempt.enqueued_at_source,
@@ -365,14 +412,18 @@ def _call_model(
             ttft_ms=timings.ttft_ms,
             total_ms=timings.total_ms,
             output_tokens_per_s=timings.output_tokens_per_s,
+            limiter_wait_ms=timings.limiter_wait_ms,
         )
     if publisher is not None:
         publisher.end("succeeded")
     return result
 
 
-def build_result(spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, now: float) -> JobResult:
-    """The job's result, from its spec, its attempt and the model's reply."""
+def build_result(
+    spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, now: float, waited_s: float = 0.0
+) -> JobResult:
+    """The job's result, from its spec, its attempt and the model's reply; ``waited_s``: this
+    attempt's wait for rate-limit capacity (earlier attempts' are in its headers)."""
     ttft_s = reply.first_token_at - reply.sent_at if reply.first_token_at is not None else None
     llm_s = reply.done_at - reply.sent_at
     gen_s = reply.done_at - reply.first_token_at if reply.first_token_at is not None else None
@@ -385,6 +436,7 @@ def build_result(spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, n
         llm_ms=round(llm_s * 1000, 2),
         total_ms=attempt.total_ms(now),
         output_tokens_per_s=tokens_per_s,
+        limiter_wait_ms=round((attempt.limiter_wait_s + waited_s) * 1000, 2),
     )
     fell_back = attempt.model(tier) != tier.model
     return JobResult(
@@ -399,7 +451,7 @@ def build_result(spec: JobSpec, tier: Tier, attempt: Attempt, reply: LLMReply, n
         fallback=Fallback.model_validate({"from": tier.model, "after_overloads": attempt.overloads})
         if fell_back
         else None,
-        retries=attempt.retries,
+        retries=attempt.spent_retries,
         request_id=reply.request_id,
         metadata=spec.metadata,
         summary=reply.text,
@@ -474,15 +526,18 @@ def plan_retry(
         return None, "not retryable"
     if tier is None:
         return None, "unknown tier"
-    if attempt.retries >= tier.max_retries:
+    capacity_wait = isinstance(exc, CapacityWaitError)
+    if attempt.spent_retries >= tier.max_retries and not capacity_wait:
         return None, f"retries exhausted ({tier.max_retries})"
     retry_after = exc.retry_after if isinstance(exc, RetryableLLMError) else None
     if retry_after is not None:
         delay = retry_after
     else:
-        ceiling = min(tier.retry_backoff_max_s, tier.retry_backoff_s * 2**attempt.retries)
+        ceiling = min(tier.retry_backoff_max_s, tier.retry_backoff_s * 2**attempt.spent_retries)
         delay = (rng or random).uniform(ceiling / 2, ceiling)
     if time.time() + delay + MIN_ATTEMPT_S >= attempt.deadline(tier):
+        if capacity_wait:
+            return None, "rate_limited"
         return None, "deadline would pass before another attempt"
     return round(delay, 3), "retryable"
 
@@ -515,7 +570,8 @@ def report_failure(
         "error": bounded(str(exc), 1000),
         "status_code": getattr(exc, "status_code", None),
         "request_id": getattr(exc, "request_id", None),
-        "retries": attempt.retries,
+        "retries": attempt.spent_retries,
+        "limiter_waits": attempt.limiter_waits,
         "queue_wait_ms": attempt.queue_wait_ms,
         "total_ms": attempt.total_ms(time.time()),
     }

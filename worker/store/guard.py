@@ -193,13 +193,16 @@ class RunGuard:
                 time.sleep(WAIT_POLL_S * 2)
         self.release(job_id)
 
-    def release(self, job_id: str) -> None:
-        """Release the lock if this process holds it."""
+    def release(self, job_id: str, uncount: bool = False) -> None:
+        """Release the lock if this process holds it; ``uncount``: this start sent nothing (it only
+        waited for rate-limit capacity), so it does not count toward the job's starts."""
         running = self.keys.running(job_id)
         with self._lock:
             self._held.pop(running, None)
         try:
             self._release(keys=[running], args=[self._token])
+            if uncount:
+                self.client.decr(self.keys.starts(job_id))
         except redis.RedisError as exc:  # it expires on its own
             _log.warning("guard.release_failed", job_id=job_id, error=str(exc))
 

@@ -14,6 +14,8 @@ database::
     <prefix>tierq:stats:jobs           recent jobs' figures for ``tierq stats`` (Redis stream)
     <prefix>tierq:recovered            deliveries of dead workers put back, per queue (hash; transport)
     <prefix>tierq:ratelimit:<model>    the model's shared rate-limit buckets and learned limits (hash)
+    <prefix>tierq:fairshare:<tier>:<model>  each producer's recent grants, for its fair share (hash)
+    <prefix>tierq:ratelimit-stats:<minute>  calls, 429s, waits, refusals and tokens of one minute (hash)
 
 The transport's own keys (``worker/celery/transport.py``) are named after kombu's, under the same
 prefix: ``unacked:<queue>``, ``unacked_index:<queue>``, ``unacked_mutex:<queue>``,
@@ -44,6 +46,14 @@ class Keys:
     def rate_limit(self, model: str) -> str:
         """A model's shared rate-limit buckets (a hash)."""
         return f"{self.prefix}tierq:ratelimit:{model}"
+
+    def fair_share(self, tier: str, model: str) -> str:
+        """Each producer's recent grants of ``model`` on ``tier``, for their fair share (a hash)."""
+        return f"{self.prefix}tierq:fairshare:{tier}:{model}"
+
+    def rate_limit_stats(self, minute: int) -> str:
+        """What the rate limit saw in one minute (``time() // 60``): counts per tier and model (a hash)."""
+        return f"{self.prefix}tierq:ratelimit-stats:{minute}"
 
     def recovered(self) -> str:
         """How many deliveries of dead workers were put back on each queue (a hash)."""

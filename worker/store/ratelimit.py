@@ -9,8 +9,15 @@ that a burst is spread over the limit instead of meeting it as a storm of 429s:
 - :meth:`SharedRateLimiter.reserve` takes a request's estimate from all three buckets at once, or
   nothing, and says how long until it would fit (one Lua script, Redis's own clock: every worker
   sees the same time). ``floor`` keeps a share of each bucket out of reach: a lower tier reserves
-  with a floor, so the share the fast tier needs stays for it;
-- :meth:`SharedRateLimiter.settle` returns what a finished request did not use;
+  with a floor, so the share the fast tier needs stays for it. A refused request gets an
+  appointment, not just the time until the buckets hold it: the refused of one floor are spaced
+  by what each needs, so a backlog of N jobs comes back one by one as the buckets refill, instead
+  of N times at every refill. With a :class:`FairShare`, each producer of a tier has appointments
+  of its own, spaced by its weight's share of the active producers, and a producer that holds
+  more than that share of the tier's recent grants is held back while another producer waits;
+- :meth:`SharedRateLimiter.finish` (after a call, one round trip) lowers the buckets to the
+  response's headers, returns what the call did not use, holds the model after a 429 and counts
+  the call for :class:`LimiterStats`;
 - :meth:`SharedRateLimiter.correct` lowers the buckets to what the API's
   ``anthropic-ratelimit-*`` headers say remains (other deployments on the same key spend too)
   and learns the limits from them; :meth:`SharedRateLimiter.block` holds every request of the
@@ -23,14 +30,29 @@ reports. The buckets start full.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis
 
+from tasks.errors import ConfigError
+from worker.core.settings import Settings
 from worker.store.keys import Keys
 
-__all__ = ["KINDS", "ModelLimits", "Reservation", "SharedRateLimiter"]
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "KINDS",
+    "FairShare",
+    "LimiterStats",
+    "ModelLimits",
+    "ModelState",
+    "Reservation",
+    "SharedRateLimiter",
+    "TierFlow",
+    "estimate_tokens",
+    "parse_weights",
+]
 
 #: the three buckets of a model, in the order the scripts take them
 KINDS = ("requests", "input_tokens", "output_tokens")
@@ -38,10 +60,24 @@ KINDS = ("requests", "input_tokens", "output_tokens")
 _HEADER_NAMES = {"requests": "requests", "input_tokens": "input-tokens", "output_tokens": "output-tokens"}
 #: seconds in which an empty bucket refills to its limit
 WINDOW_S = 60.0
+#: characters per input token for an estimate (English prose runs ~4; fewer overestimates, which
+#: holds capacity back only until the call settles)
+CHARS_PER_TOKEN = 3.5
+#: seconds the per-minute counts (``Keys.rate_limit_stats``) are kept
+STATS_TTL_S = 3 * 3600
 
-# KEYS[1]: the model's hash. ARGV: need per kind (3), floor fraction, limit per kind (3, the
-# configured ones: the hash's learned ones win). Returns {granted 0|1, seconds to wait as a string}
-# (-1: the need exceeds a limit, it never fits).
+
+def estimate_tokens(chars: int) -> int:
+    """Input tokens of a prompt of ``chars`` characters, estimated."""
+    return math.ceil(max(0, chars) / CHARS_PER_TOKEN)
+
+
+# KEYS[1]: the model's hash; KEYS[2] (optional): the tier's fair-share hash for the model. ARGV:
+# need per kind (3), floor fraction, limit per kind (3, the configured ones: the hash's learned ones
+# win); with KEYS[2]: the producer, its weight, then the usage half-life, the seconds a producer
+# counts as active (since its last reserve) and as waiting (since its last refusal), and the wait a
+# producer over its share is given. Returns {granted 0|1,
+# seconds to wait as a string} (-1: the need exceeds a limit, it never fits).
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -68,6 +104,54 @@ end
 if blocked > now then
   fits = false
   wait = math.max(wait, blocked - now)
+end
+local held_back, spread, horizon_key = false, 1, 'horizon:' .. ARGV[4]
+if KEYS[2] then
+  -- weighted fair share between the tier's producers: each producer's grants decay with a
+  -- half-life; one that holds more than its weight's share of the active producers' usage is
+  -- held back while another producer waits (was refused lately)
+  local me, weight = ARGV[8], tonumber(ARGV[9])
+  local half_life, active_s = tonumber(ARGV[10]), tonumber(ARGV[11])
+  local waiting_s, fair_wait = tonumber(ARGV[12]), tonumber(ARGV[13])
+  local used, denied = 0, 0
+  local total_w, total_u, others_wait = weight, 0, false
+  local raw = redis.call('HGETALL', KEYS[2])
+  for i = 1, #raw, 2 do
+    local u, t0, w, seen, refused = string.match(raw[i + 1], '^([^,]+),([^,]+),([^,]+),([^,]+),([^,]+)$')
+    if u then
+      local decayed = tonumber(u) * math.pow(0.5, math.max(0, now - tonumber(t0)) / half_life)
+      if raw[i] == me then
+        used, denied = decayed, tonumber(refused)
+        total_u = total_u + decayed
+      elseif tonumber(seen) >= now - active_s then
+        total_w = total_w + tonumber(w)
+        total_u = total_u + decayed
+        if tonumber(refused) >= now - waiting_s then others_wait = true end
+      elseif tonumber(seen) < now - 600 then
+        redis.call('HDEL', KEYS[2], raw[i])
+      end
+    end
+  end
+  if fits and others_wait and total_u > 0 and used + 1 > total_u * weight / total_w + 1 then
+    fits, held_back = false, true
+    wait = math.max(wait, fair_wait)
+  end
+  if fits then used = used + 1 else denied = now end
+  -- each producer's appointments are spaced by its share: producers' jobs come back interleaved
+  spread, horizon_key = total_w / weight, horizon_key .. ':' .. me
+  redis.call('HSET', KEYS[2], me, string.format('%.4f,%.6f,%.3f,%.6f,%.6f', used, now, weight, now, denied))
+  redis.call('EXPIRE', KEYS[2], 3600)
+end
+if not fits and not held_back then
+  -- an appointment: the refused of one floor (and producer) are spaced by what each needs, so a
+  -- backlog comes back one by one as the buckets refill instead of all at the first refill
+  local spacing = 0
+  for i = 1, 3 do spacing = math.max(spacing, tonumber(ARGV[i]) * 60 / limit[i]) end
+  local horizon = tonumber(redis.call('HGET', KEYS[1], horizon_key)) or 0
+  local appointment = now + wait
+  if horizon > now then appointment = math.max(appointment, horizon + spacing * spread) end
+  redis.call('HSET', KEYS[1], horizon_key, tostring(appointment))
+  wait = appointment - now
 end
 for i, kind in ipairs(kinds) do
   if fits then level[i] = level[i] - tonumber(ARGV[i]) end
@@ -127,6 +211,82 @@ return 1
 """
 
 
+# KEYS[1]: the model's hash. ARGV: limit per kind (3, the configured ones). Returns, without
+# changing anything, per kind the level now (refilled) and the limit, then the seconds the model is
+# held for, all as strings.
+_PEEK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local kinds = {'requests', 'input_tokens', 'output_tokens'}
+local at = tonumber(redis.call('HGET', KEYS[1], 'at')) or now
+local blocked = tonumber(redis.call('HGET', KEYS[1], 'blocked_until')) or 0
+local out = {}
+for i, kind in ipairs(kinds) do
+  local limit = tonumber(redis.call('HGET', KEYS[1], 'limit:' .. kind)) or tonumber(ARGV[i])
+  local stored = tonumber(redis.call('HGET', KEYS[1], kind)) or limit
+  out[i] = tostring(math.min(limit, stored + math.max(0, now - at) * limit / 60))
+  out[3 + i] = tostring(limit)
+end
+out[7] = tostring(math.max(0, blocked - now))
+return out
+"""
+
+
+#: the fair share's producer for jobs that name none
+ANONYMOUS = "-"
+#: seconds in which a producer's counted grants halve
+FAIR_HALF_LIFE_S = 10.0
+#: seconds a producer counts as active after its last reserve, and as waiting after its last refusal
+FAIR_ACTIVE_S = 30.0
+FAIR_WAITING_S = 3.0
+#: seconds a producer over its share waits while another waits
+FAIR_WAIT_S = 1.0
+FAIR_SHARE_ARGS = (FAIR_HALF_LIFE_S, FAIR_ACTIVE_S, FAIR_WAITING_S, FAIR_WAIT_S)
+
+
+@dataclass(frozen=True, slots=True)
+class FairShare:
+    """Whose request a reserve is: the tier and the producer sharing it with the tier's others."""
+
+    tier: str
+    producer: str | None
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """``name=weight,...`` (a weight above 0; names as a job's ``producer_id``); empty: none."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, raw = part.partition("=")
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = 0.0
+        if not sep or not name.strip() or not 0 < weight <= 1000:
+            raise ValueError(f"expected name=weight,... with weights in (0, 1000], got {spec!r}")
+        weights[name.strip()] = weight
+    return weights
+
+
+@dataclass(frozen=True, slots=True)
+class ModelState:
+    """A model's buckets as they are now (:meth:`SharedRateLimiter.peek`)."""
+
+    #: per kind (:data:`KINDS`): what is left, and the limit per minute
+    levels: tuple[float, float, float]
+    limits: tuple[float, float, float]
+    #: seconds until a 429's hold ends (0: not held)
+    held_s: float
+
+    def wait_s(self, needs: tuple[float, float, float], floor: float = 0.0) -> float:
+        """Seconds until ``needs`` (per kind) would fit above ``floor``, as the buckets refill."""
+        wait = self.held_s
+        for need, level, limit in zip(needs, self.levels, self.limits, strict=True):
+            room = level - floor * limit
+            if need > room:
+                wait = max(wait, (need - room) * WINDOW_S / limit)
+        return wait
+
+
 @dataclass(frozen=True, slots=True)
 class ModelLimits:
     """A model's limits per minute, as configured (the API's headers replace them once seen)."""
@@ -172,20 +332,52 @@ class Reservation:
 class SharedRateLimiter:
     """The rate-limit buckets of every model, shared by every process on one Redis."""
 
-    def __init__(self, client: redis.Redis, limits: ModelLimits, key_prefix: str = "") -> None:
-        """``limits``: what a model may use until the API's headers say otherwise."""
+    def __init__(
+        self,
+        client: redis.Redis,
+        limits: ModelLimits,
+        key_prefix: str = "",
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        """``limits``: what a model may use until the API's headers say otherwise; ``weights``: each
+        producer's weight in a tier's fair share (1 when not named)."""
         self.client = client
         self.limits = limits
+        self.weights = dict(weights or {})
         self.keys = Keys(key_prefix)
         self._reserve = client.register_script(_RESERVE)
         self._refund = client.register_script(_REFUND)
         self._correct = client.register_script(_CORRECT)
         self._block = client.register_script(_BLOCK)
+        self._peek = client.register_script(_PEEK)
 
-    def reserve(self, model: str, input_tokens: int, output_tokens: int, floor: float = 0.0) -> Reservation:
+    @classmethod
+    def from_settings(cls, client: redis.Redis | None, settings: Settings) -> SharedRateLimiter | None:
+        """The limiter of ``TIERQ_RATE_LIMIT`` and ``TIERQ_RATE_LIMITS`` on ``client`` (None: off)."""
+        if client is None or not settings.rate_limit:
+            return None
+        try:
+            limits = ModelLimits.parse(settings.rate_limits)
+        except ValueError as exc:
+            raise ConfigError(f"TIERQ_RATE_LIMITS: {exc}") from None
+        try:
+            weights = parse_weights(settings.producer_weights)
+        except ValueError as exc:
+            raise ConfigError(f"TIERQ_PRODUCER_WEIGHTS: {exc}") from None
+        return cls(client, limits, settings.key_prefix, weights)
+
+    def reserve(
+        self,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        floor: float = 0.0,
+        share: FairShare | None = None,
+    ) -> Reservation:
         """Take one request, ``input_tokens`` and ``output_tokens`` (its ``max_tokens``) from the
-        model's buckets, all or nothing, leaving ``floor`` (a fraction, 0 to 1) of each untouched."""
-        keys, args = self._reserve_call(model, input_tokens, output_tokens, floor)
+        model's buckets, all or nothing, leaving ``floor`` (a fraction, 0 to 1) of each untouched;
+        ``share``: whose request it is, for the fair share between a tier's producers."""
+        keys, args = self._reserve_call(model, input_tokens, output_tokens, floor, share)
         return self.reservation(model, input_tokens, output_tokens, self._reserve(keys=keys, args=args))
 
     def queue_reserve(
@@ -195,11 +387,12 @@ class SharedRateLimiter:
         input_tokens: int,
         output_tokens: int,
         floor: float = 0.0,
+        share: FairShare | None = None,
     ) -> None:
         """:meth:`reserve` as one more command of ``pipe`` (its reply: :meth:`reservation`), so that
         it rides on a round trip the caller makes anyway. Sent as EVAL: a script object in a
         pipeline costs redis-py a SCRIPT EXISTS round trip of its own."""
-        keys, args = self._reserve_call(model, input_tokens, output_tokens, floor)
+        keys, args = self._reserve_call(model, input_tokens, output_tokens, floor, share)
         pipe.eval(_RESERVE, len(keys), *keys, *args)
 
     def reservation(self, model: str, input_tokens: int, output_tokens: int, reply: object) -> Reservation:
@@ -217,12 +410,27 @@ class SharedRateLimiter:
         )
 
     def _reserve_call(
-        self, model: str, input_tokens: int, output_tokens: int, floor: float
-    ) -> tuple[list[str], list[float]]:
+        self, model: str, input_tokens: int, output_tokens: int, floor: float, share: FairShare | None
+    ) -> tuple[list[str], list[float | str]]:
         if not 0.0 <= floor < 1.0:
             raise ValueError("floor must be in [0, 1)")
-        needs = [1, max(0, input_tokens), max(0, output_tokens)]
-        return [self.keys.rate_limit(model)], [*needs, floor, *self.limits.as_args()]
+        needs: list[float | str] = [1, max(0, input_tokens), max(0, output_tokens)]
+        keys, args = [self.keys.rate_limit(model)], [*needs, floor, *self.limits.as_args()]
+        if share is not None:
+            producer = share.producer or ANONYMOUS
+            keys.append(self.keys.fair_share(share.tier, model))
+            args += [producer, self.weights.get(producer, 1.0), *FAIR_SHARE_ARGS]
+        return keys, args
+
+    def fair_usage(self, tier: str, model: str) -> dict[str, float]:
+        """Each producer's recent grants on ``tier`` for ``model`` (decayed as the script decays them)."""
+        now = time.time()
+        usage: dict[str, float] = {}
+        stored: dict[bytes, bytes] = self.client.hgetall(self.keys.fair_share(tier, model))  # type: ignore[assignment]
+        for name, value in stored.items():
+            used, at, *_ = value.decode().split(",")
+            usage[name.decode()] = float(used) * 0.5 ** (max(0.0, now - float(at)) / FAIR_HALF_LIFE_S)
+        return usage
 
     def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> None:
         """Give back what a granted request reserved and did not use (its real usage is known)."""
@@ -241,19 +449,142 @@ class SharedRateLimiter:
     def correct(self, model: str, headers: Mapping[str, str]) -> None:
         """Lower the buckets to what a response's ``anthropic-ratelimit-*-remaining`` headers say is
         left, and learn the model's limits from its ``-limit`` headers."""
-        lowered = {name.lower(): value for name, value in headers.items()}
-        remaining, limits = [], []
-        for kind in KINDS:
-            base = f"anthropic-ratelimit-{_HEADER_NAMES[kind]}"
-            remaining.append(_number(lowered.get(f"{base}-remaining")))
-            limits.append(_number(lowered.get(f"{base}-limit")))
-        if any(v != "" for v in (*remaining, *limits)):
-            self._correct(keys=[self.keys.rate_limit(model)], args=[*remaining, *limits])
+        correction = _correction(headers)
+        if correction is not None:
+            self._correct(keys=[self.keys.rate_limit(model)], args=correction)
+
+    def peek(self, model: str) -> ModelState:
+        """The model's buckets now, refilled, without taking anything."""
+        reply = self._peek(keys=[self.keys.rate_limit(model)], args=self.limits.as_args())
+        values = [float(v) for v in reply]
+        return ModelState(
+            levels=(values[0], values[1], values[2]),
+            limits=(values[3], values[4], values[5]),
+            held_s=values[6],
+        )
+
+    def finish(
+        self,
+        reservation: Reservation,
+        tier: str,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        headers: Mapping[str, str] | None = None,
+        rate_limited_s: float | None = None,
+        queue_wait_ms: float | None = None,
+    ) -> None:
+        """After a call, in one round trip: lower the buckets to the response's headers (sent as it
+        started, with ``max_tokens`` charged), give back what the call did not use (``input_tokens``
+        and ``output_tokens``: its usage; zero when it failed), hold the model for a 429's
+        ``rate_limited_s``, and count the call for :class:`LimiterStats` (with its job's
+        ``queue_wait_ms`` on a first attempt)."""
+        key = self.keys.rate_limit(reservation.model)
+        pipe = self.client.pipeline(transaction=False)
+        correction = _correction(headers or {})
+        if correction is not None:
+            pipe.eval(_CORRECT, 1, key, *correction)
+        back = [0, reservation.input_tokens - input_tokens, reservation.output_tokens - output_tokens]
+        if reservation.granted and (back[1] > 0 or back[2] > 0):
+            pipe.eval(_REFUND, 1, key, *back, *self.limits.as_args())
+        if rate_limited_s is not None and rate_limited_s > 0:
+            pipe.eval(_BLOCK, 1, key, rate_limited_s)
+        counts = {f"calls:{tier}": 1, f"reserved_input:{reservation.model}": reservation.input_tokens}
+        counts[f"reserved_output:{reservation.model}"] = reservation.output_tokens
+        counts[f"used_input:{reservation.model}"] = input_tokens
+        counts[f"used_output:{reservation.model}"] = output_tokens
+        if rate_limited_s is not None:
+            counts[f"429:{tier}"] = 1
+        if queue_wait_ms is not None:
+            counts[f"queue_waits:{tier}"] = 1
+            counts[f"queue_wait_ms:{tier}"] = max(0, round(queue_wait_ms))
+        _count(pipe, self.keys, counts)
+        pipe.execute()
+
+    def count(self, tier: str, what: str) -> None:
+        """Count one ``what`` (``requeued``: sent back to wait; ``refused``: not admitted) of ``tier``."""
+        pipe = self.client.pipeline(transaction=False)
+        _count(pipe, self.keys, {f"{what}:{tier}": 1})
+        pipe.execute()
 
     def block(self, model: str, retry_after_s: float) -> None:
         """Hold every request of the model for ``retry_after_s`` (a 429's ``retry-after``)."""
         if retry_after_s > 0:
             self._block(keys=[self.keys.rate_limit(model)], args=[retry_after_s])
+
+
+def _correction(headers: Mapping[str, str]) -> list[str] | None:
+    """The correct script's arguments from a response's headers; None when they say nothing."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    remaining, limits = [], []
+    for kind in KINDS:
+        base = f"anthropic-ratelimit-{_HEADER_NAMES[kind]}"
+        remaining.append(_number(lowered.get(f"{base}-remaining")))
+        limits.append(_number(lowered.get(f"{base}-limit")))
+    args = [*remaining, *limits]
+    return args if any(v != "" for v in args) else None
+
+
+def _count(pipe: redis.client.Pipeline, keys: Keys, counts: Mapping[str, int]) -> None:
+    """Add ``counts`` to this minute's hash of :class:`LimiterStats`."""
+    key = keys.rate_limit_stats(int(time.time() // 60))
+    for field, amount in counts.items():
+        if amount:
+            pipe.hincrby(key, field, amount)
+    pipe.expire(key, STATS_TTL_S)
+
+
+class LimiterStats:
+    """What the shared rate limit saw, per minute, summed over recent minutes: per tier its calls,
+    429s from the API, jobs sent back to wait for capacity and submits refused; per model the tokens
+    reserved and used."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str = "") -> None:
+        self.client = client
+        self.keys = Keys(key_prefix)
+
+    def read(self, minutes: int = 15, now: float | None = None) -> dict[str, int]:
+        """Every count of the last ``minutes`` minutes (this one included), summed."""
+        current = int((time.time() if now is None else now) // 60)
+        pipe = self.client.pipeline(transaction=False)
+        for minute in range(current - minutes + 1, current + 1):
+            pipe.hgetall(self.keys.rate_limit_stats(minute))
+        totals: dict[str, int] = {}
+        for row in pipe.execute():
+            for field, value in row.items():
+                name = field.decode()
+                totals[name] = totals.get(name, 0) + int(value)
+        return totals
+
+    def flow(self, tier: str, now: float | None = None) -> TierFlow:
+        """The tier's calls per second and its jobs' mean queue wait, over this minute and the last."""
+        now = time.time() if now is None else now
+        current = int(now // 60)
+        pipe = self.client.pipeline(transaction=False)
+        for minute in (current - 1, current):
+            pipe.hmget(
+                self.keys.rate_limit_stats(minute),
+                f"calls:{tier}",
+                f"queue_waits:{tier}",
+                f"queue_wait_ms:{tier}",
+            )
+        calls = waits = waited_ms = 0
+        for row in pipe.execute():
+            calls += int(row[0] or 0)
+            waits += int(row[1] or 0)
+            waited_ms += int(row[2] or 0)
+        return TierFlow(
+            calls_per_s=calls / (60 + now % 60) if calls else None,
+            queue_wait_s=waited_ms / waits / 1000 if waits else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TierFlow:
+    """How a tier's jobs flowed lately (:meth:`LimiterStats.flow`); None: nothing to tell from."""
+
+    calls_per_s: float | None
+    #: mean time a job waited in the queue before its first attempt
+    queue_wait_s: float | None
 
 
 def _number(value: str | None) -> str:

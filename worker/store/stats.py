@@ -30,6 +30,7 @@ FIELDS = (
     "total_ms",
     "output_tokens_per_s",
     "cost_usd",
+    "limiter_wait_ms",
 )
 
 _log = get_logger("tierq.stats")
@@ -60,6 +61,7 @@ class StatsStream:
         ttft_ms: float | None = None,
         total_ms: float | None = None,
         output_tokens_per_s: float | None = None,
+        limiter_wait_ms: float | None = None,
     ) -> None:
         """Append one job's figures; a Redis error is logged, never raised (stats must not fail a job)."""
         entry = {
@@ -71,6 +73,7 @@ class StatsStream:
             "total_ms": total_ms,
             "output_tokens_per_s": output_tokens_per_s,
             "cost_usd": cost_usd,
+            "limiter_wait_ms": limiter_wait_ms,
         }
         fields = {k: str(v) for k, v in entry.items() if v is not None}
         try:
@@ -123,6 +126,9 @@ def summarize(entries: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
             values = _floats(done, field)
             for q in (50, 95, 99):
                 summary[f"{field.removesuffix('_ms')}_p{q}_ms"] = percentile(values, q)
+        waits = _floats(done, "limiter_wait_ms")
+        for q in (50, 99):
+            summary[f"limiter_wait_p{q}_ms"] = percentile(waits, q)
         rates = _floats(done, "output_tokens_per_s")
         summary["output_tokens_per_s_p50"] = statistics.median(rates) if rates else None
         summary["cost_usd"] = round(sum(_floats(rows, "cost_usd")), 6)
