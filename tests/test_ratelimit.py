@@ -37,7 +37,14 @@ from worker.llm.client import LLMRequest
 from worker.runtime import capacity
 from worker.runtime.context import Context
 from worker.runtime.jobs import Attempt, JobRef, run_attempt
-from worker.store.ratelimit import FairShare, LimiterStats, ModelLimits, SharedRateLimiter, estimate_tokens
+from worker.store.ratelimit import (
+    FAIR_MAX_PRODUCERS,
+    FairShare,
+    LimiterStats,
+    ModelLimits,
+    SharedRateLimiter,
+    estimate_tokens,
+)
 
 #: one request a second, 6,000 input and 600 output tokens a second
 LIMITS = ModelLimits(requests=60, input_tokens=360_000, output_tokens=36_000)
@@ -417,3 +424,17 @@ def test_refused_requests_get_appointments_one_after_another(redis_client: redis
     assert all(0.95 < gap < 1.05 for gap in gaps), waits
     # the fast tier (no floor) keeps appointments of its own: it is not behind those
     assert limiter.reserve(model, 1, 1).wait_s <= 1.01
+
+
+def test_a_sender_cannot_grow_the_fair_share_without_bound(redis_client: redis.Redis, model: str) -> None:
+    """Producer ids come from senders: past FAIR_MAX_PRODUCERS a tier's new ones share one entry."""
+    limiter = _limiter(redis_client, ModelLimits(requests=100_000, input_tokens=10**9, output_tokens=10**9))
+    tier = f"t-{model}"
+    key = f"{KEY_PREFIX}tierq:fairshare:{tier}:{model}"
+    try:
+        for i in range(FAIR_MAX_PRODUCERS + 20):
+            assert limiter.reserve(model, 1, 1, share=FairShare(tier, f"p{i}")).granted
+        assert redis_client.hlen(key) <= FAIR_MAX_PRODUCERS + 1
+        assert redis_client.hexists(key, "-"), "the later ones share the anonymous entry"
+    finally:
+        redis_client.delete(key)

@@ -72,18 +72,25 @@ def estimate_tokens(chars: int) -> int:
     return math.ceil(max(0, chars) / CHARS_PER_TOKEN)
 
 
-# KEYS[1]: the model's hash; KEYS[2] (optional): the tier's fair-share hash for the model. ARGV:
-# need per kind (3), floor fraction, limit per kind (3, the configured ones: the hash's learned ones
-# win); with KEYS[2]: the producer, its weight, then the usage half-life, the seconds a producer
-# counts as active (since its last reserve) and as waiting (since its last refusal), and the wait a
-# producer over its share is given. Returns {granted 0|1,
-# seconds to wait as a string} (-1: the need exceeds a limit, it never fits).
-_RESERVE = """
+# What the reserve and peek scripts start from: Redis's clock, the kinds, when the model's buckets
+# were last brought up to date, and until when a 429 holds it.
+_PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local kinds = {'requests', 'input_tokens', 'output_tokens'}
 local at = tonumber(redis.call('HGET', KEYS[1], 'at')) or now
 local blocked = tonumber(redis.call('HGET', KEYS[1], 'blocked_until')) or 0
+"""
+
+# KEYS[1]: the model's hash; KEYS[2] (optional): the tier's fair-share hash for the model. ARGV:
+# need per kind (3), floor fraction, limit per kind (3, the configured ones: the hash's learned ones
+# win); with KEYS[2]: the producer, its weight, then the usage half-life, the seconds a producer
+# counts as active (since its last reserve) and as waiting (since its last refusal), the wait a
+# producer over its share is given, and how many producers are kept apart. Returns {granted 0|1,
+# seconds to wait as a string} (-1: the need exceeds a limit, it never fits).
+_RESERVE = (
+    _PRELUDE
+    + """
 local floor = tonumber(ARGV[4])
 local level, limit = {}, {}
 local wait, fits = 0, true
@@ -111,6 +118,9 @@ if KEYS[2] then
   -- half-life; one that holds more than its weight's share of the active producers' usage is
   -- held back while another producer waits (was refused lately)
   local me, weight = ARGV[8], tonumber(ARGV[9])
+  if redis.call('HEXISTS', KEYS[2], me) == 0 and redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[14]) then
+    me = '-'  -- past the producers a tier keeps apart (a sender names its own): share the anonymous one
+  end
   local half_life, active_s = tonumber(ARGV[10]), tonumber(ARGV[11])
   local waiting_s, fair_wait = tonumber(ARGV[12]), tonumber(ARGV[13])
   local used, denied = 0, 0
@@ -162,6 +172,7 @@ redis.call('EXPIRE', KEYS[1], 3600)
 if fits then return {1, '0'} end
 return {0, tostring(wait)}
 """
+)
 
 # KEYS[1]: the model's hash. ARGV: amount per kind (3) to give back. Levels never pass the limits.
 _REFUND = """
@@ -214,12 +225,9 @@ return 1
 # KEYS[1]: the model's hash. ARGV: limit per kind (3, the configured ones). Returns, without
 # changing anything, per kind the level now (refilled) and the limit, then the seconds the model is
 # held for, all as strings.
-_PEEK = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local kinds = {'requests', 'input_tokens', 'output_tokens'}
-local at = tonumber(redis.call('HGET', KEYS[1], 'at')) or now
-local blocked = tonumber(redis.call('HGET', KEYS[1], 'blocked_until')) or 0
+_PEEK = (
+    _PRELUDE
+    + """
 local out = {}
 for i, kind in ipairs(kinds) do
   local limit = tonumber(redis.call('HGET', KEYS[1], 'limit:' .. kind)) or tonumber(ARGV[i])
@@ -230,6 +238,7 @@ end
 out[7] = tostring(math.max(0, blocked - now))
 return out
 """
+)
 
 
 #: the fair share's producer for jobs that name none
@@ -241,7 +250,9 @@ FAIR_ACTIVE_S = 30.0
 FAIR_WAITING_S = 3.0
 #: seconds a producer over its share waits while another waits
 FAIR_WAIT_S = 1.0
-FAIR_SHARE_ARGS = (FAIR_HALF_LIFE_S, FAIR_ACTIVE_S, FAIR_WAITING_S, FAIR_WAIT_S)
+#: producers a tier keeps apart per model (each reserve reads them all); later ones share ANONYMOUS's
+FAIR_MAX_PRODUCERS = 256
+FAIR_SHARE_ARGS = (FAIR_HALF_LIFE_S, FAIR_ACTIVE_S, FAIR_WAITING_S, FAIR_WAIT_S, FAIR_MAX_PRODUCERS)
 
 
 @dataclass(frozen=True, slots=True)
