@@ -16,8 +16,9 @@ from bench.result import Options, ScenarioResult
 __all__ = ["main"]
 
 _NAMES = ("overhead", "isolation", "streaming", "concurrency", "cost")
-#: run only when named (not by ``all``): ``http``, the HTTP API against Python's submit()
-_EXTRA = ("http",)
+#: run only when named (not by ``all``): ``http``, the HTTP API against Python's submit();
+#: ``ratelimit``, the shared rate limit under a slow burst (minutes long)
+_EXTRA = ("http", "ratelimit")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

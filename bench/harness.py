@@ -182,8 +182,12 @@ class Stage:
         fixed_ttft_s: float | None = None,
         fixed_total_s: float | None = None,
         seed: int = 7,
+        limits: str | None = None,
     ) -> Sim:
-        """Start ``python -m simulator`` on a free port and wait until it answers."""
+        """Start ``python -m simulator`` on a free port and wait until it answers.
+
+        ``limits``: the per-model rate limits, ``rpm=N,itpm=N,otpm=N`` (None: the simulator's default).
+        """
         port = free_port()
         argv = [sys.executable, "-m", "simulator", "--port", str(port), "--time-scale", str(time_scale)]
         argv += ["--seed", str(seed)]
@@ -192,6 +196,8 @@ class Stage:
                 argv += [flag, str(value)]
         if fixed_total_s is not None:
             argv += ["--fixed-total-s", str(fixed_total_s)]
+        if limits is not None:
+            argv += ["--limits", limits]
         sim = Sim(self._spawn("sim", argv), port)
         wait_until("simulator", sim._ready, STARTUP_TIMEOUT_S)
         return sim

@@ -108,6 +108,16 @@ def _http(ax: Axes, r: ScenarioResult) -> None:
     _cdf(ax, series, "submit → request at simulator (ms)")
 
 
+def _ratelimit(ax: Axes, r: ScenarioResult) -> None:
+    s = r.samples
+    series = {
+        "A: limiter on, no burst": s.get("fast_queue_added_ms_A", []),
+        "B: limiter on, slow burst": s.get("fast_queue_added_ms_B", []),
+        "C: limiter off, slow burst": s.get("fast_queue_added_ms_C", []),
+    }
+    _cdf(ax, series, "fast job queue-added latency, total_ms - llm_ms (ms)")
+
+
 _PANELS: dict[str, Callable[[Axes, ScenarioResult], None]] = {
     "overhead": _overhead,
     "isolation": _isolation,
@@ -115,6 +125,7 @@ _PANELS: dict[str, Callable[[Axes, ScenarioResult], None]] = {
     "concurrency": _concurrency,
     "cost": _cost,
     "http": _http,
+    "ratelimit": _ratelimit,
 }
 
 

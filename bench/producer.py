@@ -79,13 +79,29 @@ def has_job_stream() -> bool:
     return callable(getattr(Job, "stream", None))
 
 
-def submit(text: str, urgency: str, *, stream: bool = False, tiers: Any = None) -> Any:
-    """``tierq.producer.submit``; ``stream=True`` only passed when the producer supports it."""
+def submit(
+    text: str,
+    urgency: str,
+    *,
+    stream: bool = False,
+    tiers: Any = None,
+    producer_id: str | None = None,
+    producer: Any = None,
+) -> Any:
+    """``tierq.producer.submit``; ``stream=True`` only passed when the producer supports it.
+
+    ``producer_id``: the sender named in the job; ``producer``: a ``tierq.producer.Producer`` of
+    the caller's settings (None: the one of the environment). Each is passed only when given.
+    """
     from tierq.producer import submit as tierq_submit
 
     kwargs: dict[str, Any] = {"tiers": tiers}
     if stream and supports_stream_flag():
         kwargs["stream"] = True
+    if producer_id is not None:
+        kwargs["producer_id"] = producer_id
+    if producer is not None:
+        kwargs["producer"] = producer
     return tierq_submit(text, urgency, **kwargs)
 
 

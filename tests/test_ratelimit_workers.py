@@ -18,6 +18,7 @@ from celery import Celery
 
 from simulator import SimConfig, SimServer
 from simulator.ratelimit import Limits
+from tasks.errors import DeadlineUnmeetableError
 from tasks.tiers import load_tier_table
 from tests.conftest import KEY_PREFIX, WorkerProcess
 from tests.helpers import wait_until
@@ -156,6 +157,22 @@ def test_two_producers_share_a_contended_tier_fairly(deployment: Deployment) -> 
 
     wait_until(lambda: used() >= 110, 30, "the burst to use the bucket")
     started = used()
+    # admission: the burst's own next job would wait behind its appointments, past a 10 s deadline
+    admission = deployment.producer.admission
+    assert admission is not None
+    tier = deployment.producer.tiers.tiers["standard"]
+
+    def burst_refused() -> DeadlineUnmeetableError | None:
+        admission.refresh()
+        try:
+            admission.check(tier, len(DOC), tier.max_tokens, 10.0, "burst")
+        except DeadlineUnmeetableError as exc:
+            return exc
+        return None
+
+    refused = wait_until(burst_refused, 15, "the burst's appointments to run past 10 s")
+    assert "could not start this job before its deadline" in str(refused) and refused.retry_after
+    assert admission.check(tier, len(DOC), tier.max_tokens, 60.0, "steady").start_s < 60
     steady = [_submit(deployment, "normal", "steady") for _ in range(10)]
     results = [job.result(timeout=60) for job in steady]
     during = used() - started

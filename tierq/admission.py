@@ -4,9 +4,10 @@ A job is predicted to start when both of these allow it:
 
 - **the shared rate limit** (:mod:`worker.store.ratelimit`): the model's buckets must hold, above
   the floor its tier leaves for more urgent tiers, one request and the input of every job queued
-  ahead of it and of itself, and its own ``max_tokens`` of output. The jobs ahead count at their
-  requests and input only: their output is charged at ``max_tokens`` too but mostly given back,
-  so counting it would refuse jobs that would run. A 429's hold counts in full;
+  ahead of it and of itself, and its own ``max_tokens`` of output; and the appointments its
+  producer's jobs already hold (jobs sent back to wait for capacity) must have come round. The
+  jobs ahead count at their requests and input only: their output is charged at ``max_tokens``
+  too but mostly given back, so counting it would refuse jobs that would run. A 429's hold counts in full;
 - **the tier's queue**: the jobs queued ahead, over the calls per second the tier's workers made
   in the last minute or two (``LimiterStats.flow``), but only while the tier is saturated: its
   jobs' mean queue wait is at least :data:`SATURATED_S`. Below that the workers take what comes
@@ -36,7 +37,14 @@ from celery import Celery
 
 from tasks.errors import DeadlineUnmeetableError
 from tasks.tiers import Tier, TierTable
-from worker.store.ratelimit import LimiterStats, ModelState, SharedRateLimiter, TierFlow, estimate_tokens
+from worker.store.ratelimit import (
+    FairShare,
+    LimiterStats,
+    ModelState,
+    SharedRateLimiter,
+    TierFlow,
+    estimate_tokens,
+)
 
 __all__ = ["MIN_RUN_S", "SATURATED_S", "SNAPSHOT_S", "Admission", "Prediction"]
 
@@ -47,6 +55,8 @@ SNAPSHOT_S = 0.5
 #: mean queue wait (seconds) from which a tier counts as saturated: its calls per second are then
 #: what its workers can do, and the queue ahead predicts the wait
 SATURATED_S = 1.0
+#: (tier, producer) readings kept at most
+MAX_SNAPSHOTS = 1024
 #: seconds to wait for a broker connection of the pool to read a queue's depth
 DEPTH_TIMEOUT_S = 2.0
 
@@ -87,10 +97,12 @@ class Admission:
         self.tiers = tiers
         self.limiter = limiter
         self.stats = stats
-        self._snapshots: dict[str, _Snapshot] = {}
+        self._snapshots: dict[tuple[str, str | None], _Snapshot] = {}
         self._lock = threading.Lock()
 
-    def check(self, tier: Tier, chars: int, max_tokens: int, allowed_s: float) -> Prediction:
+    def check(
+        self, tier: Tier, chars: int, max_tokens: int, allowed_s: float, producer: str | None = None
+    ) -> Prediction:
         """Admit a job of ``chars`` prompt characters and ``max_tokens`` with ``allowed_s`` until its
         deadline, and count it as queued; raise when it would start too late to finish.
 
@@ -98,7 +110,7 @@ class Admission:
             DeadlineUnmeetableError: it is predicted to start less than :data:`MIN_RUN_S` (or half
                 its time) before its deadline (``retry_after``: how much later the same job would fit).
         """
-        snapshot = self._snapshot(tier)
+        snapshot = self._snapshot(tier, producer)
         prediction = self.predict(tier, snapshot, estimate_tokens(chars), max_tokens)
         # the call needs MIN_RUN_S, or half the job's time when its deadline is shorter than that
         late_s = prediction.start_s + min(MIN_RUN_S, allowed_s / 2) - allowed_s
@@ -138,15 +150,18 @@ class Admission:
             return Prediction(limit_s, "rate limit", ahead)
         return Prediction(queue_s, "queue", ahead)
 
-    def _snapshot(self, tier: Tier) -> _Snapshot:
+    def _snapshot(self, tier: Tier, producer: str | None) -> _Snapshot:
         now = time.monotonic()
+        key = (tier.name, producer)
         with self._lock:
-            current = self._snapshots.get(tier.name)
+            current = self._snapshots.get(key)
             if current is not None and now - current.at < SNAPSHOT_S:
                 return current
-        fresh = _Snapshot(now, self._depth(tier), self._state(tier), self._flow(tier))
+        fresh = _Snapshot(now, self._depth(tier), self._state(tier, producer), self._flow(tier))
         with self._lock:
-            self._snapshots[tier.name] = fresh
+            if len(self._snapshots) >= MAX_SNAPSHOTS:  # producer ids are the caller's: bounded
+                self._snapshots.clear()
+            self._snapshots[key] = fresh
         return fresh
 
     def _depth(self, tier: Tier) -> int | None:
@@ -170,11 +185,12 @@ class Admission:
         except Exception:  # an unreadable queue admits the job: the publish will tell
             return None
 
-    def _state(self, tier: Tier) -> ModelState | None:
+    def _state(self, tier: Tier, producer: str | None) -> ModelState | None:
         if self.limiter is None:
             return None
         try:
-            return self.limiter.peek(tier.model)
+            floor = self.tiers.floor(tier, tier.model)
+            return self.limiter.peek(tier.model, floor, FairShare(tier.name, producer))
         except redis.RedisError:
             return None
 

@@ -388,7 +388,7 @@ def _admit(admission: Admission, tier: Tier, spec: JobSpec, allowed_s: float) ->
     """Refuse the job when it could not start in time (counted, logged without its text)."""
     chars = len(tier.system_prompt) + len(build_prompt(spec))
     try:
-        admission.check(tier, chars, spec.max_tokens or tier.max_tokens, allowed_s)
+        admission.check(tier, chars, spec.max_tokens or tier.max_tokens, allowed_s, spec.producer_id)
     except DeadlineUnmeetableError as exc:
         observe_admission_refused(tier.name)
         _log.warning(

@@ -1,4 +1,4 @@
-"""The scenarios, by name, in the order ``all`` runs them (``http`` runs only when named)."""
+"""The scenarios, by name, in the order ``all`` runs them (``http`` and ``ratelimit`` run only when named)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from bench.harness import Harness
 from bench.result import Options, ScenarioResult
-from bench.scenarios import concurrency, cost, http_api, isolation, overhead, streaming
+from bench.scenarios import concurrency, cost, http_api, isolation, overhead, ratelimit, streaming
 
 __all__ = ["SCENARIOS", "ScenarioFn"]
 
@@ -20,4 +20,5 @@ SCENARIOS: dict[str, tuple[str, ScenarioFn]] = {
     "concurrency": (concurrency.TITLE, concurrency.run),
     "cost": (cost.TITLE, cost.run),
     "http": (http_api.TITLE, http_api.run),
+    "ratelimit": (ratelimit.TITLE, ratelimit.run),
 }

@@ -25,7 +25,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tasks.errors import ConfigError, JobError, TierqError
+from tasks.errors import ConfigError, DeadlineUnmeetableError, JobError, TierqError
 from tasks.result import JobResult
 from tasks.tiers import load_tier_table
 from tierq.producer import Producer, submit
@@ -347,8 +347,14 @@ def _run_jobs(
     task = progress.add_task("jobs", total=count)
     started = time.monotonic()
     for i, urgency in enumerate(plan_urgencies(count, weights)):
-        job = submit(texts[i % len(texts)], urgency=urgency, metadata={"demo": i}, producer=producer)
-        board.add(urgency, table.for_urgency(urgency).name, job)
+        tier = table.for_urgency(urgency).name
+        try:
+            job = submit(texts[i % len(texts)], urgency=urgency, metadata={"demo": i}, producer=producer)
+        except DeadlineUnmeetableError as exc:  # admission: it could not have started in time
+            board.add(urgency, tier, None)
+            board.jobs[-1].status, board.jobs[-1].error = "failed", str(exc)
+            continue
+        board.add(urgency, tier, job)
     with Live(Group(board.table(), progress), console=console, refresh_per_second=4) as live:
         while True:
             finished = board.poll()

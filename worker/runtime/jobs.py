@@ -65,6 +65,7 @@ __all__ = [
     "FAILED",
     "REFUSED",
     "RETRYING",
+    "WAITING",
     "Attempt",
     "JobRef",
     "build_result",
@@ -78,6 +79,8 @@ __all__ = [
 COMPLETED = "summarize.completed"
 FAILED = "summarize.failed"
 RETRYING = "summarize.retrying"
+#: an attempt sent back to its queue to wait for rate-limit capacity (logged at debug)
+WAITING = "summarize.waiting"
 #: the job's end when the model refused: neither a summary nor a failure of tierq or the API
 REFUSED = "summarize.refused"
 #: the job's end when its producer cancelled it
@@ -577,6 +580,11 @@ def report_failure(
     }
     if isinstance(exc, InvalidJobError):
         figures["field"] = exc.field
+    if delay is not None and isinstance(exc, CapacityWaitError):
+        # not a retry: a backlog waiting for the rate limit sends thousands of these; they are
+        # counted in tierq_ratelimit_capacity_waits_total and tierq stats' "waits"
+        _log.debug(WAITING, delay_s=delay, **figures)
+        return
     if delay is not None:
         _log.warning(RETRYING, delay_s=delay, **figures)
         metrics.observe_retried(tier, attempt.queue, figures["error_type"])

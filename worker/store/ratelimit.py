@@ -124,7 +124,7 @@ if KEYS[2] then
   local half_life, active_s = tonumber(ARGV[10]), tonumber(ARGV[11])
   local waiting_s, fair_wait = tonumber(ARGV[12]), tonumber(ARGV[13])
   local used, denied = 0, 0
-  local total_w, total_u, others_wait = weight, 0, false
+  local total_w, total_u, others_wait, waiting_w = weight, 0, false, weight
   local raw = redis.call('HGETALL', KEYS[2])
   for i = 1, #raw, 2 do
     local u, t0, w, seen, refused = string.match(raw[i + 1], '^([^,]+),([^,]+),([^,]+),([^,]+),([^,]+)$')
@@ -136,7 +136,9 @@ if KEYS[2] then
       elseif tonumber(seen) >= now - active_s then
         total_w = total_w + tonumber(w)
         total_u = total_u + decayed
-        if tonumber(refused) >= now - waiting_s then others_wait = true end
+        if tonumber(refused) >= now - waiting_s then
+          others_wait, waiting_w = true, waiting_w + tonumber(w)
+        end
       elseif tonumber(seen) < now - 600 then
         redis.call('HDEL', KEYS[2], raw[i])
       end
@@ -147,8 +149,9 @@ if KEYS[2] then
     wait = math.max(wait, fair_wait)
   end
   if fits then used = used + 1 else denied = now end
-  -- each producer's appointments are spaced by its share: producers' jobs come back interleaved
-  spread, horizon_key = total_w / weight, horizon_key .. ':' .. me
+  -- each producer's appointments are spaced by its share of the producers waiting now: waiting
+  -- producers' jobs come back interleaved, and a producer alone is spaced by what it needs
+  spread, horizon_key = waiting_w / weight, horizon_key .. ':' .. me
   redis.call('HSET', KEYS[2], me, string.format('%.4f,%.6f,%.3f,%.6f,%.6f', used, now, weight, now, denied))
   redis.call('EXPIRE', KEYS[2], 3600)
 end
@@ -222,9 +225,9 @@ return 1
 """
 
 
-# KEYS[1]: the model's hash. ARGV: limit per kind (3, the configured ones). Returns, without
-# changing anything, per kind the level now (refilled) and the limit, then the seconds the model is
-# held for, all as strings.
+# KEYS[1]: the model's hash. ARGV: limit per kind (3, the configured ones), an appointments field.
+# Returns, without changing anything, per kind the level now (refilled) and the limit, then the
+# seconds the model is held for and until that field's last appointment, all as strings.
 _PEEK = (
     _PRELUDE
     + """
@@ -236,6 +239,7 @@ for i, kind in ipairs(kinds) do
   out[3 + i] = tostring(limit)
 end
 out[7] = tostring(math.max(0, blocked - now))
+out[8] = tostring(math.max(0, (tonumber(redis.call('HGET', KEYS[1], ARGV[4])) or 0) - now))
 return out
 """
 )
@@ -287,10 +291,12 @@ class ModelState:
     limits: tuple[float, float, float]
     #: seconds until a 429's hold ends (0: not held)
     held_s: float
+    #: seconds until the last appointment given to the refused of one floor and producer
+    appointments_s: float = 0.0
 
     def wait_s(self, needs: tuple[float, float, float], floor: float = 0.0) -> float:
         """Seconds until ``needs`` (per kind) would fit above ``floor``, as the buckets refill."""
-        wait = self.held_s
+        wait = max(self.held_s, self.appointments_s)
         for need, level, limit in zip(needs, self.levels, self.limits, strict=True):
             room = level - floor * limit
             if need > room:
@@ -464,14 +470,19 @@ class SharedRateLimiter:
         if correction is not None:
             self._correct(keys=[self.keys.rate_limit(model)], args=correction)
 
-    def peek(self, model: str) -> ModelState:
-        """The model's buckets now, refilled, without taking anything."""
-        reply = self._peek(keys=[self.keys.rate_limit(model)], args=self.limits.as_args())
+    def peek(self, model: str, floor: float = 0.0, share: FairShare | None = None) -> ModelState:
+        """The model's buckets now, refilled, without taking anything, and how far ahead the
+        appointments of ``floor`` (and ``share``'s producer) run."""
+        field = f"horizon:{float(floor)!r}"  # as the reserve script names it (redis-py sends repr())
+        if share is not None:
+            field += f":{share.producer or ANONYMOUS}"
+        reply = self._peek(keys=[self.keys.rate_limit(model)], args=[*self.limits.as_args(), field])
         values = [float(v) for v in reply]
         return ModelState(
             levels=(values[0], values[1], values[2]),
             limits=(values[3], values[4], values[5]),
             held_s=values[6],
+            appointments_s=values[7],
         )
 
     def finish(
