@@ -7,6 +7,12 @@ API endpoints (what the official SDK calls), each needing an ``anthropic-version
                                         ``after_id``, ``before_id``; ``data``, ``first_id``,
                                         ``last_id``, ``has_more``)
     ``GET  /v1/models/{model_id}``      one ``ModelInfo`` (an alias answers with its model)
+    ``POST /v1/messages/batches``       create a Message Batch (:mod:`simulator.batches`)
+    ``GET  /v1/messages/batches``       the batches, newest first, paginated as the models
+    ``GET  /v1/messages/batches/{id}``  one ``MessageBatch``
+    ``POST /v1/messages/batches/{id}/cancel``   start canceling it
+    ``DELETE /v1/messages/batches/{id}``        delete an ended batch
+    ``GET  /v1/messages/batches/{id}/results``  its results, JSON lines, once it has ended
 
 Admin endpoints:
     ``POST /_sim/faults``               append to a job's (or the global) fault script:
@@ -22,8 +28,10 @@ Admin endpoints:
     ``GET  /_sim/timings``              ``{"by_job": {job_id: [timing, ...]}}``
     ``GET  /_sim/timings/{job_id}``     ``{"job_id": ..., "requests": [timing, ...]}``, each timing
                                         ``{"arrived_at", "first_delta_at", "ttft_ms"}``
-    ``POST /_sim/reset``                clear scripts, rates, counts, timings, the prompt cache and
-                                        the rate-limit buckets
+    ``GET  /_sim/batches``              ``{"batches": [{"id", "processing_status", "requests",
+                                        "cancel_initiated"}]}``, newest first
+    ``POST /_sim/reset``                clear scripts, rates, counts, timings, the prompt cache,
+                                        the rate-limit buckets and the batches
     ``GET  /_sim/health``               ``{"ok": true}``
 
 Every response carries a ``request-id`` header (``req_sim_<hex>``); every ``/v1/`` response also
@@ -57,9 +65,27 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from simulator.batches import (
+    BATCH_BASE_S,
+    BATCH_EXPIRY_S,
+    BATCH_PER_REQUEST_S,
+    CUSTOM_ID_PATTERN,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_REQUESTS,
+    Batch,
+    BatchItem,
+    BatchStore,
+)
 from simulator.catalogue import Catalogue, ModelEntry, load_catalogue
-from simulator.errors import SHOULD_RETRY_HEADER, ApiError, api_error_response, error_response, should_retry
-from simulator.faults import FAULT_HEADER, JOB_HEADER, fault_error
+from simulator.errors import (
+    SHOULD_RETRY_HEADER,
+    ApiError,
+    api_error_response,
+    error_body,
+    error_response,
+    should_retry,
+)
+from simulator.faults import BATCH_ONLY_FAULTS, FAULT_HEADER, JOB_HEADER, Fault, fault_error
 from simulator.latency import LatencyModel
 from simulator.messages import PING_INTERVAL_S, StreamProgress, build_reply, stream_reply
 from simulator.ratelimit import DEFAULT_LIMITS, Limits, RateLimited, RateLimiter
@@ -67,6 +93,7 @@ from simulator.state import DEFAULT_MAX_TIMED_JOBS, RequestTiming, SimState
 from simulator.validation import (
     API_VERSIONS,
     InvalidRequest,
+    Prompt,
     check_against_model,
     parse_count_tokens_request,
     parse_messages_request,
@@ -209,29 +236,26 @@ def _check_api_key(request: Request) -> None:
     raise ApiError("authentication_error", "x-api-key or Authorization: Bearer header is required")
 
 
-async def _read_body(request: Request) -> bytes:
-    """Read the body, refusing one over :data:`MAX_REQUEST_BYTES` (by ``Content-Length`` first, and
-    by counting while reading); an oversized body is drained so the client sees the 413."""
+async def _read_body(request: Request, limit: int = MAX_REQUEST_BYTES) -> bytes:
+    """Read the body, refusing one over ``limit`` bytes (by ``Content-Length`` first, and by counting
+    while reading); an oversized body is drained so the client sees the 413."""
     declared = request.headers.get("content-length")
     too_large = False
     if declared is not None:
         try:
-            too_large = int(declared) > MAX_REQUEST_BYTES
+            too_large = int(declared) > limit
         except ValueError:
             raise ApiError("invalid_request_error", "content-length: invalid header value") from None
     chunks: list[bytes] = []
     total = 0
     async for chunk in request.stream():
         total += len(chunk)
-        if total > MAX_REQUEST_BYTES:
+        if total > limit:
             too_large = True
         if not too_large:
             chunks.append(chunk)
     if too_large:
-        raise ApiError(
-            "request_too_large",
-            f"Request exceeds the maximum allowed number of bytes ({MAX_REQUEST_BYTES}).",
-        )
+        raise ApiError("request_too_large", f"Request exceeds the maximum allowed number of bytes ({limit}).")
     return b"".join(chunks)
 
 
@@ -326,6 +350,10 @@ async def create_message(request: Request) -> Response:
         failed = fault_error(fault, retry_after_s=config.retry_after_s, rate_headers=rate_headers)
         if failed is not None:
             raise failed
+        if fault.kind in BATCH_ONLY_FAULTS:
+            raise ApiError(
+                "invalid_request_error", f"fault {fault.kind!r} applies only to Message Batch requests"
+            )
         try:
             entry = _catalogue(request).resolve(peek_model(body) or "")
             prompt = parse_messages_request(body, version, entry)
@@ -440,22 +468,27 @@ class _ListModelsQuery(BaseModel):
     before_id: str | None = None
 
 
-def _page(models: list[ModelEntry], query: _ListModelsQuery) -> dict[str, Any]:
-    ids = [m.id for m in models]
+def _slice(ids: list[str], query: _ListModelsQuery, what: str) -> tuple[int, int, bool]:
+    """The page ``query`` asks for of a list with ``ids``, as ``(begin, end, has_more)``: cursors
+    that name no item, or both cursors at once, are a 400 (https://platform.claude.com/docs/en/api/
+    models-list, messages/batches/list)."""
     for name in ("after_id", "before_id"):
         cursor = getattr(query, name)
         if cursor is not None and cursor not in ids:
-            raise ApiError("invalid_request_error", f"{name}: no model with id {cursor!r}")
+            raise ApiError("invalid_request_error", f"{name}: no {what} with id {cursor!r}")
     if query.after_id is not None and query.before_id is not None:
         raise ApiError("invalid_request_error", "Only one of after_id and before_id may be given")
     if query.before_id is not None:
         end = ids.index(query.before_id)
         begin = max(0, end - query.limit)
-        chosen, has_more = models[begin:end], begin > 0
-    else:
-        begin = ids.index(query.after_id) + 1 if query.after_id is not None else 0
-        chosen = models[begin : begin + query.limit]
-        has_more = begin + query.limit < len(models)
+        return begin, end, begin > 0
+    begin = ids.index(query.after_id) + 1 if query.after_id is not None else 0
+    return begin, begin + query.limit, begin + query.limit < len(ids)
+
+
+def _page(models: list[ModelEntry], query: _ListModelsQuery) -> dict[str, Any]:
+    begin, end, has_more = _slice([m.id for m in models], query, "model")
+    chosen = models[begin:end]
     return {
         "data": [m.model_info() for m in chosen],
         "first_id": chosen[0].id if chosen else None,
@@ -493,6 +526,300 @@ async def get_model(request: Request) -> Response:
     except ApiError as exc:
         return _fail(request, exc, None)
     return JSONResponse(entry.model_info())
+
+
+# --- Message Batches (https://platform.claude.com/docs/en/api/messages/batches) --------------------
+
+
+class _BatchRequestItem(BaseModel):
+    """One entry of ``requests`` (https://platform.claude.com/docs/en/api/messages/batches/create):
+    exactly ``custom_id`` and ``params``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    custom_id: str = Field(pattern=CUSTOM_ID_PATTERN)
+    params: dict[str, Any]
+
+
+class _BatchCreateBody(BaseModel):
+    """A ``POST /v1/messages/batches`` body: ``requests``, at least one (stricter: an empty batch is
+    refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    requests: list[_BatchRequestItem] = Field(min_length=1)
+
+
+def _pydantic_error(exc: ValidationError) -> ApiError:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    return ApiError("invalid_request_error", f"{loc}: {first['msg']}" if loc else str(first["msg"]))
+
+
+def _batch_body(body: Any) -> _BatchCreateBody:
+    """Check the shape and the batch limits; the count is checked before anything else is parsed."""
+    if not isinstance(body, dict):
+        raise ApiError("invalid_request_error", "Request body must be a JSON object")
+    requests = body.get("requests")
+    # https://platform.claude.com/docs/en/build-with-claude/batch-processing ("Batch limitations":
+    # 100,000 Message requests)
+    if isinstance(requests, list) and len(requests) > MAX_BATCH_REQUESTS:
+        raise ApiError(
+            "invalid_request_error",
+            f"requests: a Message Batch may contain at most {MAX_BATCH_REQUESTS} requests, "
+            f"got {len(requests)}",
+        )
+    try:
+        parsed = _BatchCreateBody.model_validate(body)
+    except ValidationError as exc:
+        raise _pydantic_error(exc) from None
+    # https://platform.claude.com/docs/en/api/messages/batches/create (custom_id: "Must be unique for
+    # each request within the Message Batch")
+    first_index: dict[str, int] = {}
+    for index, item in enumerate(parsed.requests):
+        if item.custom_id in first_index:
+            raise ApiError(
+                "invalid_request_error",
+                f"requests.{index}.custom_id: {item.custom_id!r} is already used by requests."
+                f"{first_index[item.custom_id]}; each custom_id must be unique within the batch",
+            )
+        first_index[item.custom_id] = index
+    return parsed
+
+
+def _batch_prompt(request: Request, version: str, index: int, params: dict[str, Any]) -> tuple[Prompt, str]:
+    """Validate one request's ``params`` as a whole ``/v1/messages`` body (stricter than the API,
+    which may report some of these only as an ``errored`` result: the whole create is refused with
+    a 400 naming the request). Return its prompt and canonical model id."""
+    where = f"requests.{index}.params"
+    # https://platform.claude.com/docs/en/api/messages/batches/create (params are
+    # MessageCreateParamsNonStreaming: ``stream`` may only be false)
+    if params.get("stream") is True:
+        raise ApiError(
+            "invalid_request_error", f"{where}.stream: streaming is not supported in Message Batches"
+        )
+    try:
+        entry = _catalogue(request).resolve(peek_model(params) or "")
+        prompt = parse_messages_request(params, version, entry)
+        entry = _catalogue(request).resolve(prompt.model)
+        if entry is None or entry.lifecycle == "retired":
+            raise InvalidRequest(f"model: {prompt.model} was not found")
+        check_against_model(prompt, entry, entry.id)
+    except InvalidRequest as exc:
+        raise ApiError("invalid_request_error", f"{where}.{exc}") from None
+    # https://platform.claude.com/docs/en/build-with-claude/batch-processing ("max_tokens of at least
+    # 1. max_tokens: 0 (cache pre-warming) is not supported inside a batch")
+    if prompt.max_tokens < 1:
+        raise ApiError("invalid_request_error", f"{where}.max_tokens: must be at least 1 in a Message Batch")
+    return prompt, entry.id
+
+
+def _batch_item(
+    request: Request,
+    custom_id: str,
+    prompt: Prompt,
+    model_id: str,
+    fault: Fault,
+    done_at: float,
+    deadline: float,
+) -> BatchItem:
+    """How one batch request ends, by its fault (see :mod:`simulator.faults`)."""
+    state, config = _state(request), _config(request)
+    if fault.kind in BATCH_ONLY_FAULTS:
+        return BatchItem(custom_id, "expired", deadline)
+    failed = fault_error(fault, retry_after_s=config.retry_after_s, rate_headers={})
+    if fault.kind == "midstream":
+        failed = ApiError("overloaded_error", "Overloaded")
+    if failed is not None:
+        # the errored result's ``error`` is an ErrorResponse, the body of the API's HTTP errors
+        error = error_body(failed.error_type, failed.message, details=failed.details)
+        return BatchItem(custom_id, "errored", done_at, error=error)
+    if fault.kind == "stall":
+        done_at += fault.arg if fault.arg is not None else config.stall_s
+    entry = _catalogue(request).resolve(model_id)
+    plan = state.cache.plan(prompt, model_id, entry.min_cacheable_tokens if entry is not None else 0)
+    state.cache.commit(plan)
+    refusal_after: int | None = None
+    if fault.kind == "refusal":
+        refusal_after = int(fault.arg) if fault.arg is not None else config.midstream_deltas
+    reply = build_reply(
+        model=prompt.model,
+        document=prompt.user_text,
+        max_tokens=prompt.max_tokens,
+        input_usage=plan.usage(),
+        thinks=prompt.thinks,
+        thinking_budget=prompt.thinking_budget,
+        thinking_display=prompt.thinking_display,
+        refusal_after=refusal_after,
+        unknown_block=fault.kind == "unknown_block",
+    )
+    message = reply.message()
+    # a batch request runs on the batch tier (SDK ``Usage.service_tier``: "If the request used the
+    # priority, standard, or batch tier"); token counts are those of a normal call
+    message["usage"] = {**message["usage"], "service_tier": "batch"}
+    return BatchItem(custom_id, "succeeded", done_at, message=message)
+
+
+def _results_base(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+async def create_batch(request: Request) -> Response:
+    """``POST /v1/messages/batches``: body size (413 over 256 MB), version, key, JSON, the batch
+    limits and every request's ``params`` (400 naming the first bad one); then each request draws its
+    fault and its outcome is worked out."""
+    state, config = _state(request), _config(request)
+    store: BatchStore = state.batches
+    try:
+        raw = await _read_body(request, MAX_BATCH_BYTES)
+        version = _check_version(request)
+        _check_api_key(request)
+        body = _batch_body(_json(raw))
+        checked = [
+            (item.custom_id, *_batch_prompt(request, version, index, item.params))
+            for index, item in enumerate(body.requests)
+        ]
+        # drawn only once the whole batch is accepted, so a refused batch consumes no script
+        faults = [state.next_fault(custom_id) for custom_id, _, _ in checked]
+    except ApiError as exc:
+        return _fail(request, exc, None)
+    now = store.clock()
+    scale = config.time_scale
+    deadline = now + BATCH_EXPIRY_S * scale
+    items = tuple(
+        _batch_item(
+            request,
+            custom_id,
+            prompt,
+            model_id,
+            fault,
+            now + (BATCH_BASE_S + (index + 1) * BATCH_PER_REQUEST_S) * scale,
+            deadline,
+        )
+        for index, ((custom_id, prompt, model_id), fault) in enumerate(zip(checked, faults, strict=True))
+    )
+    batch = Batch(
+        id=store.new_id(),
+        created_at=now,
+        deadline=deadline,
+        items=items,
+        time_scale=scale,
+        order_seed=uuid.uuid4().int,
+    )
+    store.add(batch)
+    return JSONResponse(batch.as_dict(now, _results_base(request), fresh=True))
+
+
+def _known_batch(request: Request) -> Batch:
+    """The batch the path names; unknown (or deleted) is 404 ``not_found_error``."""
+    batch_id: str = request.path_params["batch_id"]
+    batch = _state(request).batches.get(batch_id)
+    if batch is None:
+        raise ApiError("not_found_error", f"message_batch_id: no Message Batch with id {batch_id!r}")
+    return batch
+
+
+def _checked(request: Request) -> None:
+    _check_version(request)
+    _check_api_key(request)
+
+
+async def get_batch(request: Request) -> Response:
+    """``GET /v1/messages/batches/{id}``."""
+    try:
+        _checked(request)
+        batch = _known_batch(request)
+    except ApiError as exc:
+        return _fail(request, exc, None)
+    store: BatchStore = _state(request).batches
+    return JSONResponse(batch.as_dict(store.clock(), _results_base(request)))
+
+
+async def list_batches(request: Request) -> Response:
+    """``GET /v1/messages/batches``: most recently created first, paginated as ``/v1/models``
+    (https://platform.claude.com/docs/en/api/messages/batches/list: ``limit`` 1 to 1000, default 20,
+    ``after_id``, ``before_id``)."""
+    try:
+        _checked(request)
+        try:
+            query = _ListModelsQuery.model_validate(dict(request.query_params))
+        except ValidationError as exc:
+            raise _pydantic_error(exc) from None
+        store: BatchStore = _state(request).batches
+        batches = store.newest_first()
+        begin, end, has_more = _slice([b.id for b in batches], query, "Message Batch")
+        chosen = batches[begin:end]
+    except ApiError as exc:
+        return _fail(request, exc, None)
+    now, base = store.clock(), _results_base(request)
+    return JSONResponse(
+        {
+            "data": [b.as_dict(now, base) for b in chosen],
+            "first_id": chosen[0].id if chosen else None,
+            "last_id": chosen[-1].id if chosen else None,
+            "has_more": has_more,
+        }
+    )
+
+
+async def cancel_batch(request: Request) -> Response:
+    """``POST /v1/messages/batches/{id}/cancel`` (https://platform.claude.com/docs/en/api/messages/batches/cancel):
+    an ``in_progress`` batch becomes ``canceling``; a ``canceling`` one is answered as it is; an
+    ``ended`` one is refused with 400 (stricter: the API may answer it unchanged)."""
+    store: BatchStore = _state(request).batches
+    try:
+        _checked(request)
+        batch = _known_batch(request)
+        now = store.clock()
+        if batch.status(now) == "ended":
+            raise ApiError(
+                "invalid_request_error", f"Message Batch {batch.id} has ended and can no longer be canceled"
+            )
+        store.cancel(batch.id, now)
+    except ApiError as exc:
+        return _fail(request, exc, None)
+    return JSONResponse(batch.as_dict(now, _results_base(request)))
+
+
+async def delete_batch(request: Request) -> Response:
+    """``DELETE /v1/messages/batches/{id}`` (https://platform.claude.com/docs/en/api/messages/batches/delete:
+    "Message Batches can only be deleted once they've finished processing"; otherwise 400)."""
+    store: BatchStore = _state(request).batches
+    try:
+        _checked(request)
+        batch = _known_batch(request)
+        if batch.status(store.clock()) != "ended":
+            raise ApiError(
+                "invalid_request_error",
+                f"Message Batch {batch.id} is still processing; cancel it and wait for it to end "
+                "before deleting it",
+            )
+        store.delete(batch.id)
+    except ApiError as exc:
+        return _fail(request, exc, None)
+    return JSONResponse({"id": batch.id, "type": "message_batch_deleted"})
+
+
+async def batch_results(request: Request) -> Response:
+    """``GET /v1/messages/batches/{id}/results`` (https://platform.claude.com/docs/en/api/messages/batches/results):
+    one ``MessageBatchIndividualResponse`` per line, only once the batch has ended ("Results ...
+    are not available until processing of the entire batch ends",
+    https://platform.claude.com/docs/en/build-with-claude/batch-processing); before, 400."""
+    store: BatchStore = _state(request).batches
+    try:
+        _checked(request)
+        batch = _known_batch(request)
+        status = batch.status(store.clock())
+        if status != "ended":
+            raise ApiError(
+                "invalid_request_error",
+                f"Message Batch {batch.id} has not ended (processing_status: {status}); "
+                "its results are not available yet",
+            )
+    except ApiError as exc:
+        return _fail(request, exc, None)
+    lines = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in batch.results())
+    return Response(lines.encode(), media_type="application/binary")
 
 
 async def _admin_json(request: Request) -> dict[str, Any]:
@@ -572,6 +899,11 @@ async def job_timings(request: Request) -> Response:
     return JSONResponse({"job_id": job_id, "requests": _state(request).timings(job_id)})
 
 
+async def batch_summary(request: Request) -> Response:
+    """``GET /_sim/batches``."""
+    return JSONResponse({"batches": _state(request).batches.summary()})
+
+
 async def reset(request: Request) -> Response:
     """``POST /_sim/reset``."""
     _state(request).reset()
@@ -617,6 +949,12 @@ def create_app(config: SimConfig | None = None) -> Starlette:
         routes=[
             Route("/v1/messages", create_message, methods=["POST"]),
             Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+            Route("/v1/messages/batches", create_batch, methods=["POST"]),
+            Route("/v1/messages/batches", list_batches, methods=["GET"]),
+            Route("/v1/messages/batches/{batch_id}", get_batch, methods=["GET"]),
+            Route("/v1/messages/batches/{batch_id}", delete_batch, methods=["DELETE"]),
+            Route("/v1/messages/batches/{batch_id}/cancel", cancel_batch, methods=["POST"]),
+            Route("/v1/messages/batches/{batch_id}/results", batch_results, methods=["GET"]),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/_sim/faults", add_faults, methods=["POST"]),
@@ -627,6 +965,7 @@ def create_app(config: SimConfig | None = None) -> Starlette:
             Route("/_sim/limits", limit_counts, methods=["GET"]),
             Route("/_sim/timings", all_timings, methods=["GET"]),
             Route("/_sim/timings/{job_id:path}", job_timings, methods=["GET"]),
+            Route("/_sim/batches", batch_summary, methods=["GET"]),
             Route("/_sim/reset", reset, methods=["POST"]),
             Route("/_sim/health", health, methods=["GET"]),
         ],

@@ -41,6 +41,16 @@ A fault is written as ``KIND`` or ``KIND:ARG``:
     HTTP 200; before the text comes a content block of a type clients do not know
     (``future_block``) with its own ``future_delta`` deltas. A non-streaming answer has it in
     ``content`` before the text block.
+``expired``
+    Message Batches only: the batch request is never processed and ends ``expired`` when the
+    batch reaches its 24 h deadline (scaled by ``time_scale``). A ``/v1/messages`` request
+    scripted with it is refused with a 400 naming the fault (a scripting mistake).
+
+In a Message Batch (:mod:`simulator.batches`) each request draws its fault when the batch is
+created, from the script of its ``custom_id`` (used as the job id), then the global script, then
+the probability table: an HTTP-error fault (and ``midstream``) makes it end ``errored`` with that
+error's body; ``stall:SECONDS`` delays it (unscaled); ``refusal`` and ``unknown_block`` shape its
+Message as they shape a non-streaming answer; ``unknown_event`` changes nothing.
 
 Every HTTP-error fault carries the headers every response has (``request-id``,
 ``anthropic-ratelimit-*``, ``x-should-retry``) and a top-level ``request_id`` in its body.
@@ -60,6 +70,7 @@ from typing import Final, Literal, get_args
 from simulator.errors import ApiError
 
 __all__ = [
+    "BATCH_ONLY_FAULTS",
     "FAULT_HEADER",
     "FAULT_KINDS",
     "HTTP_FAULTS",
@@ -87,6 +98,7 @@ FaultKind = Literal[
     "refusal",
     "unknown_event",
     "unknown_block",
+    "expired",
 ]
 
 #: Every fault kind, in the order the module docstring lists them.
@@ -114,6 +126,9 @@ HTTP_FAULTS: Final[Mapping[str, tuple[int, str, str]]] = {
 
 #: Kinds played inside a 200 answer.
 STREAM_FAULTS: Final = frozenset({"midstream", "stall", "refusal", "unknown_event", "unknown_block"})
+
+#: Kinds that only a Message Batch request can play.
+BATCH_ONLY_FAULTS: Final = frozenset({"expired"})
 
 #: ``error.details.error_code`` of a spend-limit 429.
 SPEND_LIMIT_CODE: Final = "enforced_spend_limit_reached"

@@ -1,5 +1,5 @@
 """The simulator's mutable state: fault scripts, the fault probability table, request counts and timings,
-the prompt cache and the rate-limit buckets.
+the prompt cache, the rate-limit buckets and the Message Batches.
 
 Timings are wall-clock (``time.time()``) marks of each ``/v1/messages`` request that carries a job id:
 when it reached the app and when its first text delta was sent, for benchmarks that compare them
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from simulator.batches import BatchStore
 from simulator.cache import PromptCache
 from simulator.faults import OK, Fault, draw_fault, validate_rates
 from simulator.ratelimit import DEFAULT_LIMITS, Limits, RateLimiter
@@ -65,6 +66,8 @@ class SimState:
         self.clock: Callable[[], float] = clock or time.time
         self.cache = PromptCache(self.clock)
         self.limiter = RateLimiter(limits, self.clock)
+        #: the Message Batches created (:mod:`simulator.batches`)
+        self.batches = BatchStore(self.clock)
         self._lock = threading.Lock()
         self._timings: dict[str, list[RequestTiming]] = {}
         self._max_timed_jobs = max_timed_jobs
@@ -197,8 +200,10 @@ class SimState:
             return {job: [t.as_dict() for t in ts] for job, ts in self._timings.items()}
 
     def reset(self) -> None:
-        """Clear scripts, the probability table, counts, timings, the prompt cache and the buckets."""
+        """Clear scripts, the probability table, counts, timings, the prompt cache, the buckets and
+        the batches."""
         self.cache.reset()
+        self.batches.reset()
         self.limiter.reset()
         with self._lock:
             self._timings.clear()

@@ -136,7 +136,9 @@ if KEYS[2] then
       elseif tonumber(seen) >= now - active_s then
         total_w = total_w + tonumber(w)
         total_u = total_u + decayed
-        if tonumber(refused) >= now - waiting_s then
+        -- waiting: refused lately, or holding appointments still to come round
+        local ahead = tonumber(redis.call('HGET', KEYS[1], horizon_key .. ':' .. raw[i])) or 0
+        if tonumber(refused) >= now - waiting_s or ahead > now then
           others_wait, waiting_w = true, waiting_w + tonumber(w)
         end
       elseif tonumber(seen) < now - 600 then
@@ -144,7 +146,12 @@ if KEYS[2] then
       end
     end
   end
-  if fits and others_wait and total_u > 0 and used + 1 > total_u * weight / total_w + 1 then
+  -- held back only where it matters: the grant would leave no room for a waiting one's request
+  local scarce = false
+  for i = 1, 3 do
+    if level[i] - floor * limit[i] < 2 * tonumber(ARGV[i]) then scarce = true end
+  end
+  if fits and scarce and others_wait and total_u > 0 and used + 1 > total_u * weight / total_w + 1 then
     fits, held_back = false, true
     wait = math.max(wait, fair_wait)
   end
