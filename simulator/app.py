@@ -76,6 +76,7 @@ from simulator.batches import (
     BatchItem,
     BatchStore,
 )
+from simulator.cache import CachePlan
 from simulator.catalogue import Catalogue, ModelEntry, load_catalogue
 from simulator.errors import (
     SHOULD_RETRY_HEADER,
@@ -87,7 +88,7 @@ from simulator.errors import (
 )
 from simulator.faults import BATCH_ONLY_FAULTS, FAULT_HEADER, JOB_HEADER, Fault, fault_error
 from simulator.latency import LatencyModel
-from simulator.messages import PING_INTERVAL_S, StreamProgress, build_reply, stream_reply
+from simulator.messages import PING_INTERVAL_S, Reply, StreamProgress, build_reply, stream_reply
 from simulator.ratelimit import DEFAULT_LIMITS, Limits, RateLimited, RateLimiter
 from simulator.state import DEFAULT_MAX_TIMED_JOBS, RequestTiming, SimState
 from simulator.validation import (
@@ -374,20 +375,7 @@ async def create_message(request: Request) -> Response:
     except ApiError as exc:
         return _fail(request, exc, bucket)
 
-    refusal_after: int | None = None
-    if fault.kind == "refusal":
-        refusal_after = int(fault.arg) if fault.arg is not None else config.midstream_deltas
-    reply = build_reply(
-        model=prompt.model,
-        document=prompt.user_text,
-        max_tokens=prompt.max_tokens,
-        input_usage=plan.usage(),
-        thinks=prompt.thinks,
-        thinking_budget=prompt.thinking_budget,
-        thinking_display=prompt.thinking_display,
-        refusal_after=refusal_after,
-        unknown_block=fault.kind == "unknown_block",
-    )
+    reply = _build_reply(prompt, plan, fault, config)
     timing: LatencyModel = request.app.state.latency
     drawn = timing.timing_for(prompt.model, reply.output_tokens)
     stall_s = 0.0
@@ -614,6 +602,25 @@ def _batch_prompt(request: Request, version: str, index: int, params: dict[str, 
     return prompt, entry.id
 
 
+def _build_reply(prompt: Prompt, plan: CachePlan, fault: Fault, config: SimConfig) -> Reply:
+    """The reply to ``prompt`` (streamed or not, in a batch or not), shaped by its ``fault``:
+    a ``refusal`` after some deltas, an ``unknown_block`` before the text."""
+    refusal_after: int | None = None
+    if fault.kind == "refusal":
+        refusal_after = int(fault.arg) if fault.arg is not None else config.midstream_deltas
+    return build_reply(
+        model=prompt.model,
+        document=prompt.user_text,
+        max_tokens=prompt.max_tokens,
+        input_usage=plan.usage(),
+        thinks=prompt.thinks,
+        thinking_budget=prompt.thinking_budget,
+        thinking_display=prompt.thinking_display,
+        refusal_after=refusal_after,
+        unknown_block=fault.kind == "unknown_block",
+    )
+
+
 def _batch_item(
     request: Request,
     custom_id: str,
@@ -639,20 +646,7 @@ def _batch_item(
     entry = _catalogue(request).resolve(model_id)
     plan = state.cache.plan(prompt, model_id, entry.min_cacheable_tokens if entry is not None else 0)
     state.cache.commit(plan)
-    refusal_after: int | None = None
-    if fault.kind == "refusal":
-        refusal_after = int(fault.arg) if fault.arg is not None else config.midstream_deltas
-    reply = build_reply(
-        model=prompt.model,
-        document=prompt.user_text,
-        max_tokens=prompt.max_tokens,
-        input_usage=plan.usage(),
-        thinks=prompt.thinks,
-        thinking_budget=prompt.thinking_budget,
-        thinking_display=prompt.thinking_display,
-        refusal_after=refusal_after,
-        unknown_block=fault.kind == "unknown_block",
-    )
+    reply = _build_reply(prompt, plan, fault, config)
     message = reply.message()
     # a batch request runs on the batch tier (SDK ``Usage.service_tier``: "If the request used the
     # priority, standard, or batch tier"); token counts are those of a normal call

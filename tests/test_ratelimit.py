@@ -85,11 +85,11 @@ def test_a_reservation_is_all_or_nothing_and_says_how_long_to_wait(
     assert not too_big.granted and math.isinf(too_big.wait_s), "more than the limit never fits"
 
 
-def test_settle_gives_back_what_the_request_did_not_use(redis_client: redis.Redis, model: str) -> None:
+def test_finish_gives_back_what_the_request_did_not_use(redis_client: redis.Redis, model: str) -> None:
     limiter = _limiter(redis_client)
     taken = limiter.reserve(model, 1_000, 36_000)
     assert taken.granted and not limiter.reserve(model, 0, 20_000).granted
-    limiter.settle(taken, input_tokens=900, output_tokens=100)
+    limiter.finish(taken, "t-settle", input_tokens=900, output_tokens=100)
     assert limiter.reserve(model, 0, 30_000).granted, "the unused output tokens came back"
 
 
@@ -351,18 +351,17 @@ def _contend(
     limiter: SharedRateLimiter, model: str, tier: str, attempts: dict[str, int], grants: int
 ) -> dict[str, int]:
     """Producers that always have work ask for one request each, ``attempts[name]`` times a round
-    (as that many worker threads would), until ``grants`` requests were granted in all."""
+    (as that many worker threads would), until ``grants`` requests were granted in all. A round
+    starts once the bucket holds a request again, so that every round is contended."""
     limiter.correct(model, {"anthropic-ratelimit-requests-remaining": "0"})  # start empty: contended
     got = dict.fromkeys(attempts, 0)
-    deadline = time.monotonic() + 30
-    while sum(got.values()) < grants and time.monotonic() < deadline:
+    while sum(got.values()) < grants:
+        wait_until(lambda: limiter.peek(model).levels[0] >= 1, 10, "the bucket to hold a request")
         for name, count in attempts.items():
             for _ in range(count):
                 share = FairShare(tier, name) if tier else None
                 if limiter.reserve(model, 1, 1, share=share).granted:
                     got[name] += 1
-        time.sleep(0.01)  # the producers' pace: a round of attempts every 10 ms
-    assert sum(got.values()) >= grants, got
     return got
 
 

@@ -456,14 +456,6 @@ class SharedRateLimiter:
             usage[name.decode()] = float(used) * 0.5 ** (max(0.0, now - float(at)) / FAIR_HALF_LIFE_S)
         return usage
 
-    def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> None:
-        """Give back what a granted request reserved and did not use (its real usage is known)."""
-        if not reservation.granted:
-            return
-        back = [0, reservation.input_tokens - input_tokens, reservation.output_tokens - output_tokens]
-        if back[1] > 0 or back[2] > 0:
-            self._refund(keys=[self.keys.rate_limit(reservation.model)], args=[*back, *self.limits.as_args()])
-
     def release(self, reservation: Reservation) -> None:
         """Give back all of a granted reservation whose request was never sent."""
         if reservation.granted:
