@@ -29,7 +29,7 @@ Admin endpoints:
     ``GET  /_sim/timings/{job_id}``     ``{"job_id": ..., "requests": [timing, ...]}``, each timing
                                         ``{"arrived_at", "first_delta_at", "ttft_ms"}``
     ``GET  /_sim/batches``              ``{"batches": [{"id", "processing_status", "requests",
-                                        "cancel_initiated"}]}``, newest first
+                                        "cancel_initiated", "custom_ids"}]}``, newest first
     ``POST /_sim/reset``                clear scripts, rates, counts, timings, the prompt cache,
                                         the rate-limit buckets and the batches
     ``GET  /_sim/health``               ``{"ok": true}``

@@ -205,7 +205,7 @@ class BatchStore:
             return self._batches.pop(batch_id, None) is not None
 
     def summary(self) -> list[dict[str, Any]]:
-        """``[{"id", "processing_status", "requests", "cancel_initiated"}]``, newest first."""
+        """``[{"id", "processing_status", "requests", "cancel_initiated", "custom_ids"}]``, newest first."""
         now = self.clock()
         return [
             {
@@ -213,6 +213,7 @@ class BatchStore:
                 "processing_status": b.status(now),
                 "requests": len(b.items),
                 "cancel_initiated": b.cancel_at is not None,
+                "custom_ids": [item.custom_id for item in b.items],
             }
             for b in self.newest_first()
         ]

@@ -7,7 +7,7 @@ model as JSON (``JobResult.to_json()``), so producers in any language read the s
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
@@ -96,6 +96,9 @@ class Timings(BaseModel):
     producer_ttft_ms: float | None = None
     #: waited for the deployment's shared rate limit (in a pool thread, and back in the queue)
     limiter_wait_ms: float = 0.0
+    #: a job that went through the Message Batches API: parked → its batch's results read (the
+    #: batch's own processing time is ``llm_ms``); None for a job that made its own call
+    batch_wait_ms: float | None = None
 
 
 class Fallback(BaseModel):
@@ -127,6 +130,10 @@ class JobResult(BaseModel):
     fallback: Fallback | None = None
     retries: int
     request_id: str | None
+    #: how the model was called: ``messages`` (one streamed call) or ``batch`` (a Message Batch, every
+    #: token at the batch price; ``batch_id`` names it)
+    path: Literal["messages", "batch"] = "messages"
+    batch_id: str | None = None
     metadata: dict[str, JsonValue] | None = None
     # last, so that Celery's truncated repr of the result can be cut here (see worker.celery.request)
     summary: str

@@ -15,6 +15,9 @@ The defaults below can be overridden, tier by tier and field by field, from a TO
 
     [urgencies]
     low = "batch"
+
+A tier with a ``[tiers.<name>.batch]`` table goes through the Message Batches API (every token at
+half price, results within 24 hours): see :class:`BatchPolicy` and ``docs/batches.md``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "DEFAULT_TIERS",
     "SAMPLING_FIELDS",
     "URGENCIES",
+    "BatchPolicy",
     "Effort",
     "Tier",
     "TierTable",
@@ -48,12 +52,33 @@ Effort = Literal["low", "medium", "high", "xhigh", "max"]
 MAX_KEPT_SHARE = 0.9
 
 #: the urgency words a producer may use, most urgent first
-URGENCIES = ("critical", "high", "normal", "low")
+URGENCIES = ("critical", "high", "normal", "low", "bulk")
+
+#: Message Batches limits (https://platform.claude.com/docs/en/build-with-claude/batch-processing,
+#: "Batch limitations": 100,000 requests or 256 MB, whichever is reached first)
+BATCH_MAX_REQUESTS = 100_000
+BATCH_MAX_BYTES = 256_000_000
 
 _SUMMARIZE = (
     "You summarize documents for other services. Reply with the summary only: no preamble, "
     "no headings, no quotes around it."
 )
+
+
+class BatchPolicy(BaseModel):
+    """How a tier's jobs go through the Message Batches API: gathered into one batch until it holds
+    ``max_requests`` jobs or ``max_bytes`` of requests, or its oldest job has waited ``max_age_s``;
+    the batch is then polled, first after ``poll_s`` seconds, the gap doubling up to ``poll_max_s``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_requests: int = Field(default=10_000, ge=1, le=BATCH_MAX_REQUESTS)
+    #: the batch's requests as JSON; a job larger than this goes alone
+    max_bytes: int = Field(default=64_000_000, ge=1_000, le=BATCH_MAX_BYTES)
+    max_age_s: float = Field(default=5.0, gt=0, le=3600)
+    poll_s: float = Field(default=1.0, gt=0, le=600)
+    poll_max_s: float = Field(default=60.0, gt=0, le=3600)
 
 
 class Tier(BaseModel):
@@ -101,6 +126,9 @@ class Tier(BaseModel):
     #: retry a reply that broke after its first text (the text so far is billed again, and a live
     #: ``Job.stream()`` reader is told ``Restarted``); off: such a job fails ``StreamInterruptedError``
     retry_after_text: bool = False
+    #: set: the tier's jobs go through the Message Batches API instead of one call each (every token
+    #: at half price; a batch ends within 24 hours). Not set: each job is its own streamed call
+    batch: BatchPolicy | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -165,10 +193,23 @@ DEFAULT_TIERS: dict[str, dict[str, Any]] = {
         "max_retries": 6,
         "retry_backoff_max_s": 120.0,
     },
+    "bulk": {
+        "queue": "tierq.bulk",
+        # the standard tier's model and effort, at half price: a job that can wait a day
+        "model": "claude-sonnet-5-5",
+        "effort": "low",
+        "max_tokens": 1024,
+        # a batch ends within 24 h (https://platform.claude.com/docs/en/build-with-claude/batch-processing)
+        "deadline_s": 86_400.0,
+        "concurrency": 8,
+        "max_input_chars": 200_000,
+        "max_retries": 3,
+        "batch": {},
+    },
 }
 
 #: which tier serves each urgency by default
-DEFAULT_URGENCIES = {"critical": "fast", "high": "fast", "normal": "standard", "low": "slow"}
+DEFAULT_URGENCIES = {"critical": "fast", "high": "fast", "normal": "standard", "low": "slow", "bulk": "bulk"}
 
 
 class TierTable(BaseModel):

@@ -85,7 +85,12 @@ def test_worker_metrics_have_per_tier_histograms(workers: dict[str, WorkerProces
     used = _value(samples, "tierq_ratelimit_tokens_total", kind="output", stage="used")
     assert reserved >= used > 0, "output is reserved at max_tokens and used at most that"
     depth = {s.labels["tier"]: s.labels["queue_name"] for s in samples["celery_queue_length"]}
-    assert depth == {"fast": "tierq.fast", "standard": "tierq.standard", "slow": "tierq.slow"}
+    assert depth == {
+        "fast": "tierq.fast",
+        "standard": "tierq.standard",
+        "slow": "tierq.slow",
+        "bulk": "tierq.bulk",
+    }
     # the slow worker serves its own figures only
     assert _value(_scrape(workers["slow"]), "tierq_ttft_seconds_count", tier="fast") == 0
 

@@ -332,7 +332,13 @@ def test_admin_lists_batches_and_reset_clears_them(slow: SimServer, slow_client:
     batch = slow_client.messages.batches.create(requests=requests_for("adm-1", "adm-2"))
     listed = httpx2.get(f"{slow.url}/_sim/batches").json()["batches"]
     assert listed == [
-        {"id": batch.id, "processing_status": "in_progress", "requests": 2, "cancel_initiated": False}
+        {
+            "id": batch.id,
+            "processing_status": "in_progress",
+            "requests": 2,
+            "cancel_initiated": False,
+            "custom_ids": ["adm-1", "adm-2"],
+        }
     ]
     assert httpx2.post(f"{slow.url}/_sim/reset").status_code == 200
     assert httpx2.get(f"{slow.url}/_sim/batches").json() == {"batches": []}

@@ -27,7 +27,7 @@ def make_app(settings: Settings, tiers: TierTable) -> Celery:
     """
     if settings.broker_url.startswith("redis://"):
         use_for_redis_urls()
-    built = Celery("tierq", include=["worker.celery.task"], set_as_current=False)
+    built = Celery("tierq", include=["worker.celery.task", "worker.celery.bulk"], set_as_current=False)
     built.config_from_object(celery_config(settings, tiers))
     return built
 

@@ -15,7 +15,15 @@ from worker.celery.app import app
 from worker.celery.delivery import delivered_queue
 from worker.celery.process import context
 from worker.observe.metrics import in_flight
-from worker.runtime.jobs import Attempt, JobRef, plan_retry, report_expired, report_failure, run_attempt
+from worker.runtime.jobs import (
+    Attempt,
+    JobParked,
+    JobRef,
+    plan_retry,
+    report_expired,
+    report_failure,
+    run_attempt,
+)
 
 __all__ = ["summarize"]
 
@@ -46,6 +54,10 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     try:
         with in_flight(ref.tier_name):
             return run_attempt(ref, attempt, ctx).to_json()
+    except JobParked:
+        # a batch tier's job waits in Redis for its batch (worker.runtime.bulk), which stores its
+        # result: nothing is stored now, and the message is done with
+        raise Ignore() from None
     except Exception as exc:
         delay, why = plan_retry(exc, attempt, ref)
         report_failure(exc, attempt, ref, delay, why, ctx)

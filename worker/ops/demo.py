@@ -286,7 +286,9 @@ def run_demo(
         log_dir = Path(tempfile.mkdtemp(prefix="tierq-demo-"))
         children: list[Child] = []
         stack.callback(stop_all, children)
-        for tier in tiers.tiers:
+        # a pool for each tier the mix sends jobs to (the bulk tier's batches take minutes)
+        used = [t for t in tiers.tiers if t in {tiers.urgencies[u] for u in weights}]
+        for tier in used:
             port = free_port()
             args = ["worker", "--tier", tier, "--name", f"{tier}-demo@%h", "--metrics-port", str(port)]
             children.append(Child(f"worker-{tier}", args, log_dir, env))
@@ -298,7 +300,7 @@ def run_demo(
             children.append(Child("flower", ["flower", "--port", str(port)], log_dir, flower_env))
             console.print(f"flower     http://127.0.0.1:{port}  (user {user}, password {password})")
         console.print(f"logs       {log_dir}")
-        _wait_for_workers(producer, len(tiers.tiers), children)
+        _wait_for_workers(producer, len(used), children)
         code = _run_jobs(producer, jobs, weights, texts, tiers.tiers, children, console)
         if keep:
             _keep_running(children, console)

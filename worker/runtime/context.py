@@ -15,6 +15,7 @@ import redis
 from tasks.tiers import TierTable, load_tier_table
 from worker.core.settings import Settings
 from worker.llm.client import LLM
+from worker.store.batches import BatchStore
 from worker.store.clients import backend_redis
 from worker.store.deadletter import DeadLetterStore
 from worker.store.guard import RunGuard
@@ -38,6 +39,8 @@ class Context:
     stats: StatsStream | None
     #: the deployment's shared rate limit per model; None without a Redis backend or when turned off
     limiter: SharedRateLimiter | None = None
+    #: batch tiers' parked jobs and batches; None without a Redis backend
+    batches: BatchStore | None = None
 
     @classmethod
     def build(cls, settings: Settings, tiers: TierTable | None = None) -> Context:
@@ -53,6 +56,7 @@ class Context:
             dead_letters=None if client is None else DeadLetterStore(client, prefix),
             stats=None if client is None else StatsStream(client, prefix, settings.stats_maxlen),
             limiter=SharedRateLimiter.from_settings(client, settings),
+            batches=None if client is None else BatchStore(client, prefix),
         )
 
     def close(self) -> None:

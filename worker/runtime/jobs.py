@@ -14,11 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from pydantic import JsonValue, TypeAdapter, ValidationError
 
 from tasks.errors import (
     CancelRequestedError,
     CapacityWaitError,
+    ConfigError,
     DeadlineExceededError,
     IdempotencyConflictError,
     InvalidJobError,
@@ -41,6 +43,7 @@ from tasks.job import (
     STREAM_HEADER,
     JobSpec,
     build_prompt,
+    carried_context,
     check_job,
     kwargs_repr,
 )
@@ -49,12 +52,14 @@ from tasks.result import Fallback, JobResult, Timings
 from tasks.tiers import Tier, TierTable
 from worker.core.cancel import CancelToken
 from worker.core.settings import MAX_CRASHES, Settings
+from worker.llm.batches import request_size
 from worker.llm.client import LLMReply, LLMRequest
 from worker.llm.pricing import cost_usd
 from worker.observe import metrics
 from worker.observe.logging import get_logger
 from worker.runtime import capacity
 from worker.runtime.context import Context
+from worker.store.batches import Parked, custom_id_for
 from worker.store.deadletter import FailureTimings
 from worker.store.ratelimit import FairShare, Reservation
 from worker.store.streams import FLUSH_INTERVAL_S, TokenPublisher, stream_key
@@ -67,9 +72,11 @@ __all__ = [
     "RETRYING",
     "WAITING",
     "Attempt",
+    "JobParked",
     "JobRef",
     "build_result",
     "plan_retry",
+    "report_completed",
     "report_expired",
     "report_failure",
     "run_attempt",
@@ -87,6 +94,8 @@ REFUSED = "summarize.refused"
 CANCELLED = "summarize.cancelled"
 
 DEDUPLICATED = "summarize.deduplicated"
+#: a batch tier's job parked for its next Message Batch (its message is done with)
+PARKED = "summarize.parked"
 
 #: a retry is planned only if at least this many seconds of the deadline would remain for it
 MIN_ATTEMPT_S = 1.0
@@ -270,6 +279,8 @@ def run_attempt(ref: JobRef, attempt: Attempt, ctx: Context) -> JobResult:
         raise DeadlineExceededError(f"deadline passed before the job started (tier {tier.name})")
     guard = ctx.guard
     request = _llm_request(spec, tier, attempt)
+    if tier.batch is not None:
+        return _park(spec, tier, attempt, deadline, ctx, request)
     if ctx.limiter is not None and ctx.settings.count_tokens:
         counted = ctx.llm.count_input_tokens(request, min(COUNT_TIMEOUT_S, max(0.1, deadline - time.time())))
         request = dataclasses.replace(request, input_tokens=counted)
@@ -339,6 +350,61 @@ def run_attempt(ref: JobRef, attempt: Attempt, ctx: Context) -> JobResult:
     return result
 
 
+class JobParked(Exception):
+    """The job waits in Redis for its tier's next Message Batch; its message is done with."""
+
+
+def _park(
+    spec: JobSpec, tier: Tier, attempt: Attempt, deadline: float, ctx: Context, request: LLMRequest
+) -> JobResult:
+    """Park a batch tier's job for its next batch (:mod:`worker.runtime.bulk` sends it) and raise
+    :class:`JobParked`; the recorded result instead if the job already succeeded."""
+    guard, store = ctx.guard, ctx.batches
+    if guard is None or store is None:
+        raise ConfigError(
+            f"the {tier.name} tier goes through Message Batches, which needs a Redis result backend"
+        )
+    begin = guard.begin(
+        spec.job_id,
+        starts_ttl_s=tier.deadline_s + STARTS_TTL_MARGIN_S,
+        fingerprint=spec.fingerprint(),
+        claim_ttl_s=ctx.settings.result_expires_s,
+    )
+    if begin.acquired:  # parking holds no lock, and is not a start that may crash a worker
+        guard.release(spec.job_id, uncount=True)
+    if begin.conflict:
+        raise IdempotencyConflictError(
+            f"job_id: {spec.job_id!r} already names a different request; this one was not run"
+        )
+    if begin.result is not None:
+        _log.info(DEDUPLICATED, reason="result already recorded", starts=begin.starts)
+        return begin.result
+    if begin.cancelled:
+        raise CancelRequestedError("cancelled by its producer before it ran")
+    custom_id = custom_id_for(spec.job_id)
+    parked = Parked(
+        spec=spec,
+        tier=tier.name,
+        queue=attempt.queue,
+        model=request.model,
+        system=request.system,
+        max_tokens=request.max_tokens,
+        effort=request.effort,
+        size=request_size(custom_id, request),
+        enqueued_at=attempt.enqueued_at,
+        first_started_at=attempt.first_started_at,
+        deadline=deadline,
+        parked_at=time.time(),
+        retries=attempt.spent_retries,
+        log_context=carried_context(structlog.contextvars.get_contextvars()),
+    )
+    if store.park(parked):
+        _log.info(PARKED, tier=tier.name, queue_wait_ms=attempt.queue_wait_ms, request_bytes=parked.size)
+    else:
+        _log.info(PARKED, tier=tier.name, already=True)
+    raise JobParked()
+
+
 def _llm_request(spec: JobSpec, tier: Tier, attempt: Attempt) -> LLMRequest:
     """The request this attempt sends."""
     return LLMRequest(
@@ -397,6 +463,14 @@ def _call_model(
             reply.request_id,
         )
     result = build_result(spec, tier, attempt, reply, time.time(), waited_s)
+    report_completed(spec, attempt, result, ctx)
+    if publisher is not None:
+        publisher.end("succeeded")
+    return result
+
+
+def report_completed(spec: JobSpec, attempt: Attempt, result: JobResult, ctx: Context) -> None:
+    """The one ``summarize.completed`` line, the metrics and the stats entry of a job that succeeded."""
     _log.info(
         COMPLETED,
         enqueued_at=attempt.enqueued_at_source,
@@ -417,9 +491,6 @@ def _call_model(
             output_tokens_per_s=timings.output_tokens_per_s,
             limiter_wait_ms=timings.limiter_wait_ms,
         )
-    if publisher is not None:
-        publisher.end("succeeded")
-    return result
 
 
 def build_result(
@@ -471,6 +542,8 @@ def _log_figures(result: JobResult) -> dict[str, Any]:
         "cost_usd": result.cost_usd,
         "retries": result.retries,
         "request_id": result.request_id,
+        "path": result.path,
+        "batch_id": result.batch_id,
         "fallback_from": result.fallback.from_model if result.fallback else None,
         "summary_chars": len(result.summary),
     }
