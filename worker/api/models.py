@@ -44,7 +44,7 @@ class SubmitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     text: str = Field(description="The document to summarize.")
-    urgency: str = Field(default="normal", description="critical, high, normal or low: picks the tier.")
+    urgency: str = Field(default="normal", description="critical, high, normal, low or bulk: picks the tier.")
     instructions: str | None = Field(default=None, description="What kind of summary to write.")
     max_tokens: int | None = Field(default=None, description="Output cap, at most the tier's.")
     deadline_s: float | None = Field(

@@ -210,7 +210,12 @@ def submit(
         Path | None, typer.Option("--file", "-f", help="Read the text from a file; - is stdin.")
     ] = None,
     urgency: Annotated[
-        str, typer.Option("--urgency", "-u", help="critical, high, normal or low.")
+        str,
+        typer.Option(
+            "--urgency",
+            "-u",
+            help="critical, high, normal, low or bulk (Message Batches: half price, within 24 h).",
+        ),
     ] = "normal",
     instructions: Annotated[str | None, typer.Option(help="What kind of summary to write.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Output cap, at most the tier's.")] = None,
