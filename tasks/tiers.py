@@ -129,14 +129,25 @@ class Tier(BaseModel):
     #: set: the tier's jobs go through the Message Batches API instead of one call each (every token
     #: at half price; a batch ends within 24 hours). Not set: each job is its own streamed call
     batch: BatchPolicy | None = None
+    #: set: only a job whose deadline leaves more than this many seconds when it starts goes through
+    #: Message Batches (``batch`` defaults to :class:`BatchPolicy`); any other takes the Messages
+    #: path. Set it above the time your batches take to end (most within an hour, all within 24 h):
+    #: a batched job whose deadline passes before its batch answers fails ``DeadlineExceededError``
+    batch_when_slack_s: float | None = Field(default=None, gt=0, le=86_400)
 
     @model_validator(mode="before")
     @classmethod
-    def _no_sampling(cls, data: Any) -> Any:
+    def _normalize(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("effort") == "":
             # TOML has no null: ``effort = ""`` unsets a built-in tier's effort (a model that takes
             # none, such as Haiku 4.5, answers 400 to any)
             data = {**data, "effort": None}
+        if (
+            isinstance(data, dict)
+            and data.get("batch_when_slack_s") is not None
+            and data.get("batch") is None
+        ):
+            data = {**data, "batch": {}}
         if isinstance(data, dict):
             for name in SAMPLING_FIELDS:
                 if name in data:
@@ -147,6 +158,12 @@ class Tier(BaseModel):
                         "and speed with effort"
                     )
         return data
+
+    def takes_batch(self, slack_s: float) -> bool:
+        """Whether a job with ``slack_s`` seconds left before its deadline goes through Message Batches."""
+        if self.batch is None:
+            return False
+        return self.batch_when_slack_s is None or slack_s > self.batch_when_slack_s
 
 
 #: the built-in tiers (fields as in :class:`Tier`)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulator import SimConfig, SimServer
@@ -186,9 +187,13 @@ class WorkerProcess:
         self._log.close()
 
 
-def wait_for_nodes(nodes: list[str], procs: list[WorkerProcess], timeout: float = 60.0) -> None:
-    """Wait until every node answers a broadcast ping (the pings' own 0.5 s paces the tries)."""
-    from worker.celery.app import app
+def wait_for_nodes(
+    nodes: list[str], procs: list[WorkerProcess], timeout: float = 60.0, app: Celery | None = None
+) -> None:
+    """Wait until every node answers a broadcast ping (the pings' own 0.5 s paces the tries), sent
+    through ``app`` (a deployment's own, for workers under another key prefix or broker)."""
+    if app is None:
+        from worker.celery.app import app
 
     def answered() -> bool:
         replies = app.control.ping(destination=nodes, timeout=0.5)

@@ -20,7 +20,7 @@ from simulator import SimConfig, SimServer
 from simulator.ratelimit import Limits
 from tasks.errors import DeadlineUnmeetableError
 from tasks.tiers import load_tier_table
-from tests.conftest import KEY_PREFIX, WorkerProcess
+from tests.conftest import KEY_PREFIX, WorkerProcess, wait_for_nodes
 from tests.helpers import wait_until
 from tierq import Producer, submit
 from tierq.producer import Job
@@ -83,17 +83,7 @@ def deployment(tmp_dir: Path, redis_url: str) -> Iterator[Deployment]:
     }
     client = redis.Redis.from_url(redis_url)
     try:
-        nodes = [w.node for w in workers.values()]
-
-        def answered() -> bool:
-            replies = app.control.ping(destination=nodes, timeout=0.5)
-            return set(nodes) <= {name for reply in replies for name in reply}
-
-        def check() -> None:
-            for worker in workers.values():
-                worker.check()
-
-        wait_until(answered, 60, f"workers {nodes} to answer a ping", check, interval=0)
+        wait_for_nodes([w.node for w in workers.values()], list(workers.values()), app=app)
         yield Deployment(sim, Producer(settings, tiers, app), app, LimiterStats(client, PREFIX), workers)
     finally:
         for worker in workers.values():

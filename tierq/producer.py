@@ -375,8 +375,8 @@ def submit(
     if claim is False:
         return Job(spec.job_id, app, None, duplicate=True, producer=producer)
     try:
-        # a batch tier's calls do not draw on the Messages rate limit, and its jobs wait by design
-        if producer.admission is not None and tier.batch is None:
+        # a batched job's call does not draw on the Messages rate limit, and it waits by design
+        if producer.admission is not None and not tier.takes_batch(allowed_s):
             _admit(producer.admission, tier, spec, allowed_s)
         return _enqueue(producer, app, spec, tier.name, time.time() + allowed_s)
     except BaseException:

@@ -360,15 +360,25 @@ def tiers() -> None:
         "deadline",
         "threads",
         "io",
+        "path",
     ):
         table.add_column(column)
     for tier in table_data.tiers.values():
         urgencies = ", ".join(u for u, t in table_data.urgencies.items() if t == tier.name) or "-"
         table.add_row(
             tier.name, urgencies, tier.queue, tier.model, str(tier.max_tokens), tier.effort or "-",
-            f"{tier.deadline_s:g} s", str(tier.concurrency), tier.io,
+            f"{tier.deadline_s:g} s", str(tier.concurrency), tier.io, _path(tier),
         )  # fmt: skip
     _console().print(table)
+
+
+def _path(tier: Tier) -> str:
+    """How the tier's jobs reach the model: one streamed Messages call each, or Message Batches."""
+    if tier.batch is None:
+        return "messages"
+    if tier.batch_when_slack_s is None:
+        return "batch"
+    return f"batch if slack > {tier.batch_when_slack_s:g} s"
 
 
 @cli.command()

@@ -279,7 +279,7 @@ def run_attempt(ref: JobRef, attempt: Attempt, ctx: Context) -> JobResult:
         raise DeadlineExceededError(f"deadline passed before the job started (tier {tier.name})")
     guard = ctx.guard
     request = _llm_request(spec, tier, attempt)
-    if tier.batch is not None:
+    if tier.takes_batch(deadline - time.time()):
         return _park(spec, tier, attempt, deadline, ctx, request)
     if ctx.limiter is not None and ctx.settings.count_tokens:
         counted = ctx.llm.count_input_tokens(request, min(COUNT_TIMEOUT_S, max(0.1, deadline - time.time())))
