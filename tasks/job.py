@@ -35,6 +35,7 @@ __all__ = [
     "check_job",
     "kwargs_repr",
     "parse_job",
+    "prompt_parts",
     "resolve_tier",
 ]
 
@@ -229,10 +230,19 @@ def kwargs_repr(tier: object, text: object) -> str:
     return f"{{'job': <{tier} job, {size} chars redacted>}}"
 
 
+#: the instructions of a job that gives none
+DEFAULT_INSTRUCTIONS = "Summarize the document below."
+
+
+def prompt_parts(spec: JobSpec) -> tuple[str, str]:
+    """The user turn in two parts: the caller's instructions (or the default), which jobs share
+    and the prompt cache may keep, then the document."""
+    return spec.instructions or DEFAULT_INSTRUCTIONS, f"<document>\n{spec.text}\n</document>"
+
+
 def build_prompt(spec: JobSpec) -> str:
     """The user turn: the caller's instructions (or a default) and the document."""
-    ask = spec.instructions or "Summarize the document below."
-    return f"{ask}\n\n<document>\n{spec.text}\n</document>"
+    return "\n\n".join(prompt_parts(spec))
 
 
 def parse_job(job: object) -> JobSpec:

@@ -170,6 +170,7 @@ class WorkerProcess:
             for family in text_string_to_metric_families(text)
             if family.name == name
             for sample in family.samples
+            if not sample.name.endswith("_created")  # a counter's start time, not a count
         }
 
     def queue_depths(self) -> dict[str, float]:

@@ -23,7 +23,14 @@ def test_every_priced_model_costs_what_the_catalogue_says() -> None:
     for price in PRICES.price:
         entry = CATALOGUE.get(price.id)
         assert entry is not None, f"{price.id} is priced but not in the catalogue"
-        for field in ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read"):
+        for field in (
+            "input",
+            "output",
+            "cache_write_5m",
+            "cache_write_1h",
+            "cache_read",
+            "min_cacheable_tokens",
+        ):
             assert getattr(price, field) == getattr(entry, field), f"{price.id}.{field}"
         checked += 1
     assert checked >= 20

@@ -249,6 +249,11 @@ def test_doctor_checks_what_tierq_needs(sim: SimServer) -> None:
         assert row in done.stdout, row
     assert "reachable, key accepted" in done.stdout
     assert "FAIL" not in done.stdout
+    # the built-in system prompt is far under every model's minimum: doctor says it is not cached
+    flowing = " ".join(done.stdout.replace("│", " ").split())  # a cell's wrapped lines, joined
+    assert (
+        "prompt cache fast note system prompt ~34 tokens, below the 4096 claude-haiku-4-5 caches" in flowing
+    )
 
 
 def _tiers_file(tmp_dir: Path, model: str) -> str:

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     #: reserve a call's input at what the API's token-counting endpoint counts (one more request per
     #: attempt, to an endpoint with limits of its own) instead of its characters / 3.5
     count_tokens: bool = False
+    #: mark a request's stable prefix (system prompt, then instructions) with a prompt-cache
+    #: breakpoint when it reaches the model's minimum and was sent again within minutes
+    prompt_cache: bool = True
     #: each producer's weight in its tier's fair share of a model's rate limit, ``name=weight,...``
     #: (names as jobs' ``producer_id``; 1 when not named)
     producer_weights: str = ""

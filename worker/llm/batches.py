@@ -11,6 +11,7 @@ exist all the same, and the caller looks for it (:meth:`BatchAPI.recent`) before
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from tasks.errors import (
     UpstreamServerError,
 )
 from tasks.result import Usage
-from worker.llm.client import LLMRequest, map_sdk_error
+from worker.llm.client import LLMRequest, map_sdk_error, message_params
 
 __all__ = ["BatchAPI", "BatchOutcome", "BatchReply", "BatchState", "batch_params", "request_size"]
 
@@ -42,15 +43,16 @@ def batch_params(request: LLMRequest) -> dict[str, Any]:
     return {
         "model": request.model,
         "max_tokens": request.max_tokens,
-        "system": request.system,
-        "messages": [{"role": "user", "content": request.prompt}],
+        **message_params(request),
         **({} if request.effort is None else {"output_config": {"effort": request.effort}}),
     }
 
 
 def request_size(custom_id: str, request: LLMRequest) -> int:
-    """Bytes of one batch request as JSON, as it counts toward the batch's 256 MB."""
-    body = {"custom_id": custom_id, "params": batch_params(request)}
+    """Bytes of one batch request as JSON, as it counts toward the batch's 256 MB: at most, with
+    whatever prompt-cache breakpoints it is sent with."""
+    marked = dataclasses.replace(request, cache_system=True, cache_instructions=True)
+    body = {"custom_id": custom_id, "params": batch_params(marked)}
     return len(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
 
 

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from anthropic._streaming import ServerSentEvent
 
 __all__ = [
+    "EPHEMERAL",
     "JOB_ID_HEADER",
     "LLM",
     "LLMReply",
@@ -61,6 +62,7 @@ __all__ = [
     "make_async_client",
     "make_client",
     "map_sdk_error",
+    "message_params",
     "stream_reply",
     "stream_reply_on_loop",
 ]
@@ -91,6 +93,7 @@ class LLMRequest:
     job_id: str
     model: str
     system: str
+    #: the user turn after its instructions (the document); all of it when ``instructions`` is ""
     prompt: str
     max_tokens: int
     #: ``output_config.effort``; None leaves the model's default (no sampling parameters: API
@@ -98,6 +101,36 @@ class LLMRequest:
     effort: Effort | None = None
     #: the prompt's input tokens as the API counted them (``TIERQ_COUNT_TOKENS``); None: not counted
     input_tokens: int | None = None
+    #: the user turn's opening instructions: with the system prompt, a prefix jobs share
+    instructions: str = ""
+    #: prompt-cache breakpoints (``cache_control``) at the end of the system prompt and at the end
+    #: of the instructions (see :mod:`worker.llm.caching`)
+    cache_system: bool = False
+    cache_instructions: bool = False
+
+    @property
+    def user_text(self) -> str:
+        """The whole user turn."""
+        return f"{self.instructions}\n\n{self.prompt}" if self.instructions else self.prompt
+
+
+#: a 5-minute prompt-cache breakpoint (https://platform.claude.com/docs/en/build-with-claude/prompt-caching)
+EPHEMERAL: dict[str, str] = {"type": "ephemeral"}
+
+
+def message_params(request: LLMRequest) -> dict[str, Any]:
+    """The request's ``system`` and ``messages``, with its cache breakpoints: the same for a streamed
+    call, a token count and a batch request."""
+    system: str | list[dict[str, Any]] = request.system
+    if request.cache_system and request.system:
+        system = [{"type": "text", "text": request.system, "cache_control": EPHEMERAL}]
+    content: str | list[dict[str, Any]] = request.user_text
+    if request.cache_instructions and request.instructions:
+        content = [
+            {"type": "text", "text": request.instructions, "cache_control": EPHEMERAL},
+            {"type": "text", "text": request.prompt},
+        ]
+    return {"system": system, "messages": [{"role": "user", "content": content}]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,8 +300,7 @@ def _create_args(request: LLMRequest, deadline: float, connect_timeout_s: float)
     return {
         "model": request.model,
         "max_tokens": request.max_tokens,
-        "system": request.system,
-        "messages": [{"role": "user", "content": request.prompt}],
+        **message_params(request),
         "stream": True,
         "timeout": anthropic.Timeout(remaining, connect=min(connect_timeout_s, remaining)),
         "extra_headers": {JOB_ID_HEADER: request.job_id},
@@ -438,8 +470,7 @@ class LLM:
         try:
             counted = self.client.messages.count_tokens(
                 model=request.model,
-                system=request.system,
-                messages=[{"role": "user", "content": request.prompt}],
+                **message_params(request),
                 timeout=anthropic.Timeout(timeout_s, connect=min(self.connect_timeout_s, timeout_s)),
                 extra_headers={JOB_ID_HEADER: request.job_id},
             )

@@ -79,6 +79,8 @@ class ModelPrice(PriceBand):
     """One model's standard prices, and its long-context band where it has one."""
 
     id: str
+    #: the shortest prompt prefix the model caches, in tokens (a shorter one is silently not cached)
+    min_cacheable_tokens: int = Field(ge=1)
     long_context: LongContextBand | None = None
     sources: list[str] = Field(default_factory=list)
 

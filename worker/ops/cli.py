@@ -535,14 +535,14 @@ def stats(
         "total p50",
         "total p95",
     )
-    for column in (*columns, "tok/s", "cost $"):
+    for column in (*columns, "tok/s", "cache hit", "cost $"):
         table.add_column(column, justify="left" if column == "tier" else "right")
     for tier, row in summary.items():
         table.add_row(
             tier, str(row["jobs"]), str(row["failed"]), str(row["refused"]),
             *(_ms(row[k]) for k in ("queue_wait_p50_ms", "queue_wait_p95_ms", "ttft_p50_ms", "ttft_p95_ms",
                                     "total_p50_ms", "total_p95_ms")),
-            _ms(row["output_tokens_per_s_p50"]), f"{row['cost_usd']:.4f}",
+            _ms(row["output_tokens_per_s_p50"]), _share(row["cache_hit_ratio"]), f"{row['cost_usd']:.4f}",
         )  # fmt: skip
     _console().print(table)
     if any(row["calls"] or row["admissions_refused"] for row in limits.values()):
@@ -676,6 +676,10 @@ def _broker_counts(settings: Settings) -> _BrokerCounts:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _console(record: bool = False) -> Console:
@@ -835,8 +839,8 @@ def dlq_replay(
 
 
 #: doctor's verdicts, worst last
-_OK, _WARN, _FAIL = "ok", "warn", "FAIL"
-_STYLE = {_OK: "green", _WARN: "yellow", _FAIL: "bold red"}
+_OK, _NOTE, _WARN, _FAIL = "ok", "note", "warn", "FAIL"
+_STYLE = {_OK: "green", _NOTE: "cyan", _WARN: "yellow", _FAIL: "bold red"}
 
 
 def _redis_check(url: str) -> tuple[str, str]:
@@ -860,6 +864,7 @@ def doctor() -> None:
     import anthropic
 
     from worker.core.settings import get_settings, get_tier_table
+    from worker.llm.caching import system_prompt_cache
     from worker.llm.client import make_client
     from worker.llm.models import DEPRECATED, model_status
     from worker.llm.pricing import PRICES
@@ -912,6 +917,12 @@ def doctor() -> None:
             rows.append((f"price {model}", _WARN, "not in worker/llm/prices.toml: cost_usd will be null"))
         else:
             rows.append((f"price {model}", _OK, f"${price.input:g} in / ${price.output:g} out per MTok"))
+    if not settings.prompt_cache:
+        rows.append(("prompt cache", _NOTE, "off (TIERQ_PROMPT_CACHE=false)"))
+    else:
+        for tier in table_data.tiers.values():
+            cached, why = system_prompt_cache(tier.model, tier.system_prompt)
+            rows.append((f"prompt cache {tier.name}", _OK if cached else _NOTE, why))
     table = Table(title="tierq doctor")
     for column in ("check", "status", "detail"):
         table.add_column(column)

@@ -39,7 +39,7 @@ from tasks.errors import (
     UpstreamServerError,
     UpstreamUnavailableError,
 )
-from tasks.job import build_prompt
+from tasks.job import prompt_parts
 from tasks.result import JobResult, Timings
 from tasks.tiers import BatchPolicy, Tier
 from worker.llm.batches import BatchAPI, BatchOutcome, BatchState
@@ -193,7 +193,7 @@ class BatchRunner:
         )
         self.store.save(record, now + _backoff(policy, record.submit_attempts))
         try:
-            state = self.api.create([(job.custom_id, _request(job)) for job in live])
+            state = self.api.create([(job.custom_id, self._marked(_request(job))) for job in live])
         except RequestRejectedError as exc:
             if exc.status_code in (401, 403, 404):  # this deployment, not these requests
                 raise
@@ -219,6 +219,10 @@ class BatchRunner:
             requests=len(record.members),
             oldest_wait_s=round(max(waits), 3) if waits else None,
         )
+
+    def _marked(self, request: LLMRequest) -> LLMRequest:
+        """The request with its prompt-cache breakpoints (members of one batch share prefixes)."""
+        return request if self.ctx.cache is None else self.ctx.cache.mark(request)
 
     def _find_lost(self, record: BatchRecord, attempted_at: float) -> BatchState | None:
         """The batch a create whose answer was lost made, if it did: created since the create was
@@ -455,11 +459,13 @@ def _attempt(job: Parked, now: float) -> Attempt:
 
 
 def _request(job: Parked) -> LLMRequest:
+    instructions, document = prompt_parts(job.spec)
     return LLMRequest(
         job_id=job.job_id,
         model=job.model,
         system=job.system,
-        prompt=build_prompt(job.spec),
+        prompt=document,
+        instructions=instructions,
         max_tokens=job.max_tokens,
         effort=job.effort,  # type: ignore[arg-type]
     )

@@ -14,6 +14,7 @@ import redis
 
 from tasks.tiers import TierTable, load_tier_table
 from worker.core.settings import Settings
+from worker.llm.caching import CachePlanner
 from worker.llm.client import LLM
 from worker.store.batches import BatchStore
 from worker.store.clients import backend_redis
@@ -41,6 +42,8 @@ class Context:
     limiter: SharedRateLimiter | None = None
     #: batch tiers' parked jobs and batches; None without a Redis backend
     batches: BatchStore | None = None
+    #: sets requests' prompt-cache breakpoints; None when ``prompt_cache`` is off
+    cache: CachePlanner | None = None
 
     @classmethod
     def build(cls, settings: Settings, tiers: TierTable | None = None) -> Context:
@@ -57,6 +60,7 @@ class Context:
             stats=None if client is None else StatsStream(client, prefix, settings.stats_maxlen),
             limiter=SharedRateLimiter.from_settings(client, settings),
             batches=None if client is None else BatchStore(client, prefix),
+            cache=CachePlanner() if settings.prompt_cache else None,
         )
 
     def close(self) -> None:

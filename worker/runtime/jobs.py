@@ -42,10 +42,10 @@ from tasks.job import (
     OVERLOADS_HEADER,
     STREAM_HEADER,
     JobSpec,
-    build_prompt,
     carried_context,
     check_job,
     kwargs_repr,
+    prompt_parts,
 )
 from tasks.message import bounded
 from tasks.result import Fallback, JobResult, Timings
@@ -281,6 +281,8 @@ def run_attempt(ref: JobRef, attempt: Attempt, ctx: Context) -> JobResult:
     request = _llm_request(spec, tier, attempt)
     if tier.takes_batch(deadline - time.time()):
         return _park(spec, tier, attempt, deadline, ctx, request)
+    if ctx.cache is not None:
+        request = ctx.cache.mark(request)
     if ctx.limiter is not None and ctx.settings.count_tokens:
         counted = ctx.llm.count_input_tokens(request, min(COUNT_TIMEOUT_S, max(0.1, deadline - time.time())))
         request = dataclasses.replace(request, input_tokens=counted)
@@ -406,12 +408,14 @@ def _park(
 
 
 def _llm_request(spec: JobSpec, tier: Tier, attempt: Attempt) -> LLMRequest:
-    """The request this attempt sends."""
+    """The request this attempt sends (its cache breakpoints are set as it is sent)."""
+    instructions, document = prompt_parts(spec)
     return LLMRequest(
         job_id=spec.job_id,
         model=attempt.model(tier),
         system=tier.system_prompt,
-        prompt=build_prompt(spec),
+        prompt=document,
+        instructions=instructions,
         max_tokens=spec.max_tokens or tier.max_tokens,
         effort=tier.effort,
     )
@@ -490,6 +494,8 @@ def report_completed(spec: JobSpec, attempt: Attempt, result: JobResult, ctx: Co
             total_ms=timings.total_ms,
             output_tokens_per_s=timings.output_tokens_per_s,
             limiter_wait_ms=timings.limiter_wait_ms,
+            prompt_tokens=result.usage.prompt_tokens,
+            cache_read_tokens=result.usage.cache_read_input_tokens,
         )
 
 

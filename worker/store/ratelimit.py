@@ -38,6 +38,7 @@ import redis
 
 from tasks.errors import ConfigError
 from worker.core.settings import Settings
+from worker.core.tokens import CHARS_PER_TOKEN, estimate_tokens
 from worker.store.keys import Keys
 
 __all__ = [
@@ -60,16 +61,8 @@ KINDS = ("requests", "input_tokens", "output_tokens")
 _HEADER_NAMES = {"requests": "requests", "input_tokens": "input-tokens", "output_tokens": "output-tokens"}
 #: seconds in which an empty bucket refills to its limit
 WINDOW_S = 60.0
-#: characters per input token for an estimate (English prose runs ~4; fewer overestimates, which
-#: holds capacity back only until the call settles)
-CHARS_PER_TOKEN = 3.5
 #: seconds the per-minute counts (``Keys.rate_limit_stats``) are kept
 STATS_TTL_S = 3 * 3600
-
-
-def estimate_tokens(chars: int) -> int:
-    """Input tokens of a prompt of ``chars`` characters, estimated."""
-    return math.ceil(max(0, chars) / CHARS_PER_TOKEN)
 
 
 # What the reserve and peek scripts start from: Redis's clock, the kinds, when the model's buckets

@@ -31,6 +31,8 @@ FIELDS = (
     "output_tokens_per_s",
     "cost_usd",
     "limiter_wait_ms",
+    "prompt_tokens",
+    "cache_read_tokens",
 )
 
 _log = get_logger("tierq.stats")
@@ -62,6 +64,8 @@ class StatsStream:
         total_ms: float | None = None,
         output_tokens_per_s: float | None = None,
         limiter_wait_ms: float | None = None,
+        prompt_tokens: int | None = None,
+        cache_read_tokens: int | None = None,
     ) -> None:
         """Append one job's figures; a Redis error is logged, never raised (stats must not fail a job)."""
         entry = {
@@ -74,6 +78,8 @@ class StatsStream:
             "output_tokens_per_s": output_tokens_per_s,
             "cost_usd": cost_usd,
             "limiter_wait_ms": limiter_wait_ms,
+            "prompt_tokens": prompt_tokens,
+            "cache_read_tokens": cache_read_tokens,
         }
         fields = {k: str(v) for k, v in entry.items() if v is not None}
         try:
@@ -108,7 +114,8 @@ def _floats(entries: Iterable[dict[str, str]], field: str) -> list[float]:
 
 
 def summarize(entries: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
-    """Per-tier counts, percentiles (p50/p95/p99) of the timings, median tokens/s and total cost."""
+    """Per-tier counts, percentiles (p50/p95/p99) of the timings, median tokens/s, total cost and
+    the prompt cache's hit ratio (cache-read tokens over prompt tokens)."""
     by_tier: dict[str, list[dict[str, str]]] = {}
     for entry in entries:
         by_tier.setdefault(entry.get("tier", "?"), []).append(entry)
@@ -132,5 +139,10 @@ def summarize(entries: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
         rates = _floats(done, "output_tokens_per_s")
         summary["output_tokens_per_s_p50"] = statistics.median(rates) if rates else None
         summary["cost_usd"] = round(sum(_floats(rows, "cost_usd")), 6)
+        # the share of prompt tokens read from the prompt cache
+        prompt = sum(_floats(done, "prompt_tokens"))
+        summary["cache_hit_ratio"] = (
+            round(sum(_floats(done, "cache_read_tokens")) / prompt, 4) if prompt else None
+        )
         out[tier] = summary
     return out
