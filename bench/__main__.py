@@ -17,8 +17,9 @@ __all__ = ["main"]
 
 _NAMES = ("overhead", "isolation", "streaming", "concurrency", "cost")
 #: run only when named (not by ``all``): ``http``, the HTTP API against Python's submit();
-#: ``ratelimit``, the shared rate limit under a slow burst (minutes long)
-_EXTRA = ("http", "ratelimit")
+#: ``ratelimit``, the shared rate limit under a slow burst (minutes long); ``dollars``, what a mix
+#: costs with and without batches and the prompt cache (four deployments in turn)
+_EXTRA = ("http", "ratelimit", "dollars")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -118,6 +118,16 @@ def _ratelimit(ax: Axes, r: ScenarioResult) -> None:
     _cdf(ax, series, "fast job queue-added latency, total_ms - llm_ms (ms)")
 
 
+def _dollars(ax: Axes, r: ScenarioResult) -> None:
+    names = [str(row[0]) for row in r.rows]
+    values = [float(row[2]) for row in r.rows]
+    ax.bar(names, values, color="tab:green")
+    for i, value in enumerate(values):
+        ax.text(i, value, f"${value:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylabel("$ per 1,000 jobs of the mix")
+    ax.tick_params(axis="x", labelsize=7)
+
+
 _PANELS: dict[str, Callable[[Axes, ScenarioResult], None]] = {
     "overhead": _overhead,
     "isolation": _isolation,
@@ -126,6 +136,7 @@ _PANELS: dict[str, Callable[[Axes, ScenarioResult], None]] = {
     "cost": _cost,
     "http": _http,
     "ratelimit": _ratelimit,
+    "dollars": _dollars,
 }
 
 

@@ -1,4 +1,5 @@
-"""The scenarios, by name, in the order ``all`` runs them (``http`` and ``ratelimit`` run only when named)."""
+"""The scenarios, by name, in the order ``all`` runs them (``http``, ``ratelimit`` and ``dollars`` run
+only when named)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Callable
 
 from bench.harness import Harness
 from bench.result import Options, ScenarioResult
-from bench.scenarios import concurrency, cost, http_api, isolation, overhead, ratelimit, streaming
+from bench.scenarios import concurrency, cost, dollars, http_api, isolation, overhead, ratelimit, streaming
 
 __all__ = ["SCENARIOS", "ScenarioFn"]
 
@@ -21,4 +22,5 @@ SCENARIOS: dict[str, tuple[str, ScenarioFn]] = {
     "cost": (cost.TITLE, cost.run),
     "http": (http_api.TITLE, http_api.run),
     "ratelimit": (ratelimit.TITLE, ratelimit.run),
+    "dollars": (dollars.TITLE, dollars.run),
 }
