@@ -24,7 +24,7 @@ from tasks.job import JobSpec
 from tasks.result import JobResult
 from tasks.tiers import load_tier_table
 from tests.conftest import RUN_TAG, WorkerProcess, wait_for_nodes
-from tests.helpers import wait_until
+from tests.helpers import run_tierq, wait_until
 from tierq import submit
 from worker.core.settings import Settings
 from worker.llm.batches import request_size
@@ -80,6 +80,12 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_calls_nothing_twice(
     first.proc.kill()
     first.proc.wait()
     assert not any(job.ready() for job in jobs), "answered before the kill: the test lost its point"
+    # an operator sees where they wait
+    stats = run_tierq(["stats", "--json"])
+    assert stats.returncode == 0, stats.stderr
+    bulk = json.loads(stats.stdout)["bulk"]
+    assert bulk["batch_parked"] + bulk["batch_in_flight"] == len(ids)
+    assert bulk["batch_parked" if kill_when == "parked" else "batch_in_flight"] > 0
     second = start_worker(f"bulk-kill-{kill_when}-2")
     results = [job.result(timeout=RESULT_TIMEOUT_S) for job in jobs]
     assert [r.job_id for r in results] == ids

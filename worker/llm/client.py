@@ -113,6 +113,11 @@ class LLMRequest:
         """The whole user turn."""
         return f"{self.instructions}\n\n{self.prompt}" if self.instructions else self.prompt
 
+    @property
+    def user_chars(self) -> int:
+        """Characters of the whole user turn (without joining a large document into a new string)."""
+        return len(self.instructions) + 2 + len(self.prompt) if self.instructions else len(self.prompt)
+
 
 #: a 5-minute prompt-cache breakpoint (https://platform.claude.com/docs/en/build-with-claude/prompt-caching)
 EPHEMERAL: dict[str, str] = {"type": "ephemeral"}

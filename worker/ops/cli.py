@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -502,15 +503,20 @@ def stats(
 ) -> None:
     """Per-tier percentiles of recent jobs, from the bounded stream the workers write."""
     from worker.core.settings import get_settings, get_tier_table
+    from worker.store.batches import BatchStore
     from worker.store.ratelimit import LimiterStats
     from worker.store.stats import StatsStream, summarize
 
     stream = StatsStream.from_settings(get_settings())
     if stream is None:
         raise _fail("stats need a Redis result backend (TIERQ_RESULT_BACKEND or TIERQ_BROKER_URL)")
+    batch_tiers = [name for name, tier in get_tier_table().tiers.items() if tier.batch is not None]
     try:
         summary = summarize(stream.recent(last))
         counts = LimiterStats(stream.client, get_settings().key_prefix).read(RATE_LIMIT_MINUTES)
+        batches = BatchStore(stream.client, get_settings().key_prefix)
+        parked = {tier: batches.pending_count(tier) for tier in batch_tiers}
+        in_flight = batches.in_flight_jobs() if batch_tiers else Counter()
     except Exception as exc:
         raise _fail(f"cannot read stats: {exc}", code=1) from None
     broker = _broker_counts(get_settings())
@@ -520,6 +526,8 @@ def stats(
         for tier, row in summary.items():
             row.update(deliveries.get(tier, {}))
             row.update(limits.get(tier, {}))
+        for tier, count in parked.items():
+            summary.setdefault(tier, {}).update(batch_parked=count, batch_in_flight=in_flight[tier])
         _print_json(summary)
         return
     table = Table(title=f"last {last} jobs per tier (ms)")
@@ -588,6 +596,9 @@ def stats(
             "TIERQ_LEASE_S ago); recovered: put back after their worker died, since the broker started",
             highlight=False,
         )
+    if any(parked.values()) or any(in_flight.values()):
+        waiting = ", ".join(f"{tier} {parked[tier]} parked, {in_flight[tier]} in batches" for tier in parked)
+        _console().print(f"Message Batches, jobs not answered yet: {waiting}", highlight=False)
     for queue, count in broker.stray.items():
         if count:
             _warn(f"{count} message(s) on {queue!r}, a queue no tierq worker reads ({_STRAY_WHY[queue]})")

@@ -47,7 +47,7 @@ def estimate_input_tokens(request: LLMRequest) -> int:
     """The prompt's input tokens: as the API counted them, else estimated from its characters."""
     if request.input_tokens is not None:
         return request.input_tokens
-    return estimate_tokens(len(request.system or "") + len(request.user_text))
+    return estimate_tokens(len(request.system or "") + request.user_chars)
 
 
 def reserving(

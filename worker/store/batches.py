@@ -23,6 +23,7 @@ import hashlib
 import re
 import time
 import uuid
+from collections import Counter
 from typing import Literal, TypeVar
 
 import redis
@@ -266,6 +267,18 @@ class BatchStore:
     def in_flight(self) -> int:
         """Batches recorded and not yet answered, every tier together."""
         return int(self.client.zcard(self._due))
+
+    def in_flight_jobs(self) -> Counter[str]:
+        """Jobs in batches recorded and not yet answered, by tier (``tierq stats``)."""
+        ids: list[bytes] = self.client.zrange(self._due, 0, -1)  # type: ignore[assignment]
+        jobs: Counter[str] = Counter()
+        for start in range(0, len(ids), 500):
+            chunk = [self._batch(i.decode()) for i in ids[start : start + 500]]
+            for raw in self.client.mget(chunk):
+                record = _parse(raw, BatchRecord)
+                if record is not None:
+                    jobs[record.tier] += len(record.members)
+        return jobs
 
     def lease(self, batch_id: str, ttl_s: float) -> str | None:
         """Take the batch for ``ttl_s`` seconds: a token to :meth:`release` it with, or None when
