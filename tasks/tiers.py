@@ -159,6 +159,15 @@ class Tier(BaseModel):
                     )
         return data
 
+    @model_validator(mode="after")
+    def _slack_below_deadline(self) -> Tier:
+        if self.batch_when_slack_s is not None and self.batch_when_slack_s >= self.deadline_s:
+            raise ValueError(
+                f"batch_when_slack_s ({self.batch_when_slack_s:g} s) must be below deadline_s "
+                f"({self.deadline_s:g} s): no job of this tier could ever have that much slack"
+            )
+        return self
+
     def takes_batch(self, slack_s: float) -> bool:
         """Whether a job with ``slack_s`` seconds left before its deadline goes through Message Batches."""
         if self.batch is None:

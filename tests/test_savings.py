@@ -93,6 +93,9 @@ def test_batch_when_slack_s_gives_the_tier_a_batch_policy_and_decides_by_slack()
     assert not never.takes_batch(86_400)
     with pytest.raises(ValueError, match="batch_when_slack_s"):
         Tier(name="t", queue="q", model="m", max_tokens=64, deadline_s=600, batch_when_slack_s=0)
+    # a threshold at or over the deadline would batch nothing: refused as the tiers file loads
+    with pytest.raises(ValueError, match="must be below deadline_s"):
+        Tier(name="t", queue="q", model="m", max_tokens=64, deadline_s=300, batch_when_slack_s=3600)
 
 
 def test_instructions_sent_again_are_cached_and_paid_for_at_the_cache_price(deployment: Deployment) -> None:
