@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.procs import handle_sigterm
+from bench.procs import handle_sigterm, interrupted
 from bench.report import RESULTS_DIR, console, environment, print_environment, print_result, write_json
 from bench.result import Options, ScenarioResult
 
@@ -77,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(result)
                 print_result(out, result)
     except KeyboardInterrupt:
+        interrupt = True
+    else:
+        # a signal whose KeyboardInterrupt Python swallowed (raised in a __del__) still stops the run
+        interrupt = interrupted()
+    if interrupt:
         out.print("[yellow]interrupted: every process the bench started has been stopped[/]")
         return 130
     document: dict[str, Any]

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from types import FrameType
 
 from worker.ops.embedded import die_with_parent
 
-__all__ = ["Child", "cpu_s", "handle_sigterm", "rss_mb", "wait_until"]
+__all__ = ["Child", "cpu_s", "handle_sigterm", "interrupted", "rss_mb", "wait_until"]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -104,14 +105,27 @@ def rss_mb(pid: int) -> float:
     return int(_stat_fields(pid)[21]) * _PAGE / 1e6
 
 
+#: set by the first SIGINT, SIGTERM or SIGHUP: a KeyboardInterrupt raised where Python swallows it
+#: (in a ``__del__`` or a weakref callback, "Exception ignored in ...") still ends the run as interrupted
+_interrupted = threading.Event()
+
+
+def interrupted() -> bool:
+    """Whether the bench was told to stop (see :func:`handle_sigterm`)."""
+    return _interrupted.is_set()
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    _interrupted.set()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 @contextlib.contextmanager
 def handle_sigterm() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into KeyboardInterrupt, so cleanup runs as it does on Ctrl-C."""
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    """Turn SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt, so cleanup runs as it does on Ctrl-C,
+    and remember it (:func:`interrupted`)."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in signals}
     try:
         yield
     finally:

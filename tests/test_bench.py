@@ -137,11 +137,12 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_interrupt_stops_every_process(tmp_path: Path) -> None:
+    output = (tmp_path / "bench.out").open("wb")
     proc = spawn(
         "bench",
         ["overhead", "--quick", "--json", str(tmp_path / "o.json")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=subprocess.STDOUT,
     )
     try:
         seen: set[int] = set()
@@ -152,10 +153,12 @@ def test_interrupt_stops_every_process(tmp_path: Path) -> None:
 
         wait_until(three_children, 60, "the bench's redis, simulator and worker", interval=0.1)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        code = proc.wait(timeout=60)
+        assert code == 130, (tmp_path / "bench.out").read_text(errors="replace")[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        output.close()
     wait_until(lambda: all(_gone(pid) for pid in seen), 10, "the bench's processes to end", interval=0.1)
     assert not (tmp_path / "o.json").exists()
