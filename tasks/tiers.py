@@ -138,25 +138,22 @@ class Tier(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _normalize(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("effort") == "":
+        if not isinstance(data, dict):
+            return data
+        if data.get("effort") == "":
             # TOML has no null: ``effort = ""`` unsets a built-in tier's effort (a model that takes
             # none, such as Haiku 4.5, answers 400 to any)
             data = {**data, "effort": None}
-        if (
-            isinstance(data, dict)
-            and data.get("batch_when_slack_s") is not None
-            and data.get("batch") is None
-        ):
+        if data.get("batch_when_slack_s") is not None and data.get("batch") is None:
             data = {**data, "batch": {}}
-        if isinstance(data, dict):
-            for name in SAMPLING_FIELDS:
-                if name in data:
-                    raise ValueError(
-                        f"{name}: not a tier setting. Anthropic API version 2026-10-21 (sent by the "
-                        f"anthropic SDK 2.x) rejects {', '.join(SAMPLING_FIELDS)} with HTTP 400, even at "
-                        "their defaults; shape a summary with a tight max_tokens and a short instruction, "
-                        "and speed with effort"
-                    )
+        for name in SAMPLING_FIELDS:
+            if name in data:
+                raise ValueError(
+                    f"{name}: not a tier setting. Anthropic API version 2026-10-21 (sent by the "
+                    f"anthropic SDK 2.x) rejects {', '.join(SAMPLING_FIELDS)} with HTTP 400, even at "
+                    "their defaults; shape a summary with a tight max_tokens and a short instruction, "
+                    "and speed with effort"
+                )
         return data
 
     @model_validator(mode="after")

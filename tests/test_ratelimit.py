@@ -33,6 +33,7 @@ from tierq.admission import Admission
 from tierq.producer import Producer
 from worker.celery.app import app as celery_app
 from worker.core.settings import Settings
+from worker.core.tokens import estimate_tokens
 from worker.llm.client import LLMRequest
 from worker.runtime import capacity
 from worker.runtime.context import Context
@@ -43,7 +44,6 @@ from worker.store.ratelimit import (
     LimiterStats,
     ModelLimits,
     SharedRateLimiter,
-    estimate_tokens,
 )
 
 #: one request a second, 6,000 input and 600 output tokens a second

@@ -37,13 +37,13 @@ from celery import Celery
 
 from tasks.errors import DeadlineUnmeetableError
 from tasks.tiers import Tier, TierTable
+from worker.core.tokens import estimate_tokens
 from worker.store.ratelimit import (
     FairShare,
     LimiterStats,
     ModelState,
     SharedRateLimiter,
     TierFlow,
-    estimate_tokens,
 )
 
 __all__ = ["MIN_RUN_S", "SATURATED_S", "SNAPSHOT_S", "Admission", "Prediction"]

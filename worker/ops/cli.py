@@ -507,21 +507,22 @@ def stats(
     from worker.store.ratelimit import LimiterStats
     from worker.store.stats import StatsStream, summarize
 
-    stream = StatsStream.from_settings(get_settings())
+    settings, tier_table = get_settings(), get_tier_table().tiers
+    stream = StatsStream.from_settings(settings)
     if stream is None:
         raise _fail("stats need a Redis result backend (TIERQ_RESULT_BACKEND or TIERQ_BROKER_URL)")
-    batch_tiers = [name for name, tier in get_tier_table().tiers.items() if tier.batch is not None]
+    batch_tiers = [name for name, tier in tier_table.items() if tier.batch is not None]
     try:
         summary = summarize(stream.recent(last))
-        counts = LimiterStats(stream.client, get_settings().key_prefix).read(RATE_LIMIT_MINUTES)
-        batches = BatchStore(stream.client, get_settings().key_prefix)
+        counts = LimiterStats(stream.client, settings.key_prefix).read(RATE_LIMIT_MINUTES)
+        batches = BatchStore(stream.client, settings.key_prefix)
         parked = {tier: batches.pending_count(tier) for tier in batch_tiers}
         in_flight = batches.in_flight_jobs() if batch_tiers else Counter()
     except Exception as exc:
         raise _fail(f"cannot read stats: {exc}", code=1) from None
-    broker = _broker_counts(get_settings())
+    broker = _broker_counts(settings)
     deliveries = broker.deliveries
-    limits = _rate_limit_rows(counts, get_tier_table().tiers)
+    limits = _rate_limit_rows(counts, tier_table)
     if as_json:
         for tier, row in summary.items():
             row.update(deliveries.get(tier, {}))

@@ -19,10 +19,11 @@ from collections.abc import Callable
 import redis
 
 from tasks.errors import CapacityWaitError, RateLimitedError, RequestRejectedError
+from worker.core.tokens import estimate_tokens
 from worker.llm.client import LLMReply, LLMRequest
 from worker.observe import metrics
 from worker.observe.logging import get_logger
-from worker.store.ratelimit import FairShare, Reservation, SharedRateLimiter, estimate_tokens
+from worker.store.ratelimit import FairShare, Reservation, SharedRateLimiter
 
 __all__ = [
     "MIN_REQUEUE_S",

@@ -264,10 +264,6 @@ class BatchStore:
         first: list[tuple[bytes, float]] = self.client.zrange(self._due, 0, 0, withscores=True)  # type: ignore[assignment]
         return float(first[0][1]) if first else None
 
-    def in_flight(self) -> int:
-        """Batches recorded and not yet answered, every tier together."""
-        return int(self.client.zcard(self._due))
-
     def in_flight_jobs(self) -> Counter[str]:
         """Jobs in batches recorded and not yet answered, by tier (``tierq stats``)."""
         ids: list[bytes] = self.client.zrange(self._due, 0, -1)  # type: ignore[assignment]

@@ -38,11 +38,9 @@ import redis
 
 from tasks.errors import ConfigError
 from worker.core.settings import Settings
-from worker.core.tokens import CHARS_PER_TOKEN, estimate_tokens
 from worker.store.keys import Keys
 
 __all__ = [
-    "CHARS_PER_TOKEN",
     "KINDS",
     "FairShare",
     "LimiterStats",
@@ -51,7 +49,6 @@ __all__ = [
     "Reservation",
     "SharedRateLimiter",
     "TierFlow",
-    "estimate_tokens",
     "parse_weights",
 ]
 
