@@ -15,19 +15,20 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-RUN pip install --upgrade pip
-# dependencies first, against empty packages, so a code-only change reuses this layer; the image
-# runs the workers, Flower, the API and the simulator (tierq[sim,api]): not the demo's bundled Redis
-COPY pyproject.toml README.md ./
-RUN mkdir tierq worker tasks simulator \
-    && touch tierq/__init__.py worker/__init__.py tasks/__init__.py simulator/__init__.py \
-    && pip install '.[sim,api]'
+# dependencies first, exactly as uv.lock pins them (with their hashes), so a code-only change reuses
+# this layer; the image runs the workers, Flower, the API and the simulator (tierq[sim,api]): not the
+# demo's bundled Redis. uv only exports the lock; pip installs it.
+COPY pyproject.toml uv.lock README.md ./
+RUN pip install --upgrade pip 'uv==0.13.10' \
+    && uv export --frozen --no-emit-project --no-dev --extra sim --extra api -o /tmp/requirements.txt \
+    && pip install --require-hashes -r /tmp/requirements.txt \
+    && pip uninstall --yes uv
 # then the project itself
 COPY tierq ./tierq
 COPY worker ./worker
 COPY tasks ./tasks
 COPY simulator ./simulator
-RUN pip install --no-deps --force-reinstall '.[sim,api]' \
+RUN pip install --no-deps '.' \
     && tierq --help >/dev/null
 
 # ---- runtime ----

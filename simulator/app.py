@@ -54,6 +54,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -142,6 +143,9 @@ class SimConfig:
     clock: Callable[[], float] | None = None
     #: The model catalogue; ``None`` reads the packaged ``simulator/catalogue.toml``.
     catalogue: Catalogue | None = None
+    #: The day the catalogue is served as of (models retired by then 404); ``None``: today, UTC.
+    #: Tests pin it so that a retirement date passing does not change what they judge.
+    today: date | None = None
     #: Longest silence in a stream before a ``ping`` (seconds, real time).
     ping_interval_s: float = PING_INTERVAL_S
 
@@ -968,7 +972,8 @@ def create_app(config: SimConfig | None = None) -> Starlette:
     )
     app.state.config = config
     app.state.sim = state
-    app.state.catalogue = config.catalogue if config.catalogue is not None else load_catalogue()
+    catalogue = config.catalogue if config.catalogue is not None else load_catalogue()
+    app.state.catalogue = catalogue.as_of(config.today or datetime.now(UTC).date())
     app.state.latency = LatencyModel(
         time_scale=config.time_scale,
         seed=config.seed,

@@ -154,6 +154,22 @@ class Catalogue:
             return self._by_id[entry.alias_of]
         return entry
 
+    def as_of(self, day: date) -> Catalogue:
+        """This catalogue on ``day``: a model whose ``retires_at`` is on or before it is ``retired``
+        (its calls 404 and the Models API says so), whatever the file wrote when it was checked.
+
+        https://platform.claude.com/docs/en/about-claude/model-deprecations: a model "is no longer
+        available" from its retirement date and requests to it fail. The SDK's own table
+        (``anthropic/_data``) goes stale between releases; the date in the catalogue does not.
+        """
+        entries = [
+            entry.model_copy(update={"lifecycle": "retired"})
+            if entry.retires_at is not None and entry.retires_at <= day and entry.lifecycle != "retired"
+            else entry
+            for entry in self._by_id.values()
+        ]
+        return Catalogue(entries, self.source)
+
     def models(self) -> list[ModelEntry]:
         """The models the Models API lists: no aliases, most recently released first."""
         listed = [e for e in self._by_id.values() if e.alias_of is None]

@@ -24,7 +24,7 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulator import SimConfig, SimServer
-from tests.helpers import spawn, wait_until
+from tests.helpers import SIM_TODAY, spawn, wait_until
 from worker.ops.embedded import EmbeddedRedis, free_port
 
 #: the simulator runs 20x faster than published model speeds
@@ -58,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
         server = EmbeddedRedis().start()
         _started["redis"] = server
         url = f"{server.url}/0"
-    sim = SimServer(SimConfig(time_scale=SIM_TIME_SCALE, seed=7, stall_s=SIM_STALL_S))
+    sim = SimServer(SimConfig(time_scale=SIM_TIME_SCALE, seed=7, stall_s=SIM_STALL_S, today=SIM_TODAY))
     sim.start()
     _started["sim"] = sim
     tiers_file = tmp / "tiers.toml"

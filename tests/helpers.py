@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +17,8 @@ T = TypeVar("T")
 
 #: the repository root: every process the tests start runs here, so ``python -m tests...`` resolves
 ROOT = Path(__file__).resolve().parents[1]
+#: the day the simulator serves its catalogue as of: a retirement date passing must not change a test
+SIM_TODAY = date(2026, 12, 7)
 
 
 def wait_until(

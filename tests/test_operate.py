@@ -263,7 +263,13 @@ def _tiers_file(tmp_dir: Path, model: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("model", "word"), [("claude-sonnet-4-20250514", "retired"), ("claude-nope-1", "unknown")]
+    ("model", "word"),
+    [
+        ("claude-sonnet-4-20250514", "retired"),
+        # deprecated in the catalogue, retired by its date (2026-11-30): the simulator's day decides
+        ("claude-sonnet-4-5", "retired"),
+        ("claude-nope-1", "unknown"),
+    ],
 )
 def test_a_worker_refuses_to_start_on_a_retired_or_unknown_model(
     sim: SimServer, tmp_dir: Path, model: str, word: str

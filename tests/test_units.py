@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import httpx2
 import pytest
 import redis
 import structlog
@@ -25,6 +27,7 @@ from tasks.errors import (
     ConfigError,
     DeadlineExceededError,
     InvalidJobError,
+    LLMError,
     OverloadedError,
     RateLimitedError,
     RequestRejectedError,
@@ -40,6 +43,7 @@ from worker.llm.aioloop import EventLoopThread
 from worker.llm.client import (
     LLMReply,
     LLMRequest,
+    _ReplyReader,
     astream_reply,
     make_async_client,
     make_client,
@@ -241,6 +245,29 @@ def test_a_stalled_stream_ends_at_the_deadline(sim: SimServer, ctx: Context, way
     with pytest.raises(DeadlineExceededError):
         _call(ctx, way, _request(job_id), time.time() + 0.5)
     assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        # what anthropic <= 2.16 let through from a stream being read, and what 2.17 raises instead
+        httpx2.ReadTimeout("timed out"),
+        anthropic.APITimeoutError(request=httpx2.Request("POST", "http://127.0.0.1/v1/messages")),
+    ],
+    ids=["transport", "sdk"],
+)
+def test_a_read_timeout_maps_into_the_tree_whatever_the_sdk_raises(raised: Exception) -> None:
+    def mapped(reader: _ReplyReader) -> type[Exception]:
+        with pytest.raises(LLMError) as info, reader.mapping_errors():
+            raise raised
+        return type(info.value)
+
+    request = _request(uuid.uuid4().hex)
+    before_text = _ReplyReader(request, time.time() + 60, None)
+    assert mapped(before_text) is UpstreamUnavailableError  # retryable, nothing was produced
+    before_text.first_token_at = time.perf_counter()
+    assert mapped(before_text) is StreamInterruptedError
+    assert mapped(_ReplyReader(request, time.time() - 1, None)) is DeadlineExceededError
 
 
 @pytest.mark.parametrize("way", WAYS)

@@ -275,7 +275,7 @@ class _ReplyReader:
             raise UpstreamServerError(label) from exc
         except (httpx2.TransportError, aiohttp.ClientError) as exc:
             # the SDK wraps transport errors of the request, not of a stream being read
-            request = exc.request if isinstance(exc, httpx2.TransportError) else None
+            request = _transport_request(exc)
             raise map_sdk_error(
                 anthropic.APIConnectionError(message=f"{type(exc).__name__}: {exc}", request=request),  # type: ignore[arg-type]
                 produced_text=self.first_token_at is not None,
@@ -488,6 +488,16 @@ class LLM:
         """Close the async client on the loop, stop the loop, close the sync client."""
         self.loop.shutdown()
         self.client.close()
+
+
+def _transport_request(exc: BaseException) -> httpx2.Request | None:
+    """The request a transport error carries (httpx raises RuntimeError when it was raised without one)."""
+    if not isinstance(exc, httpx2.TransportError):
+        return None
+    try:
+        return exc.request
+    except RuntimeError:
+        return None
 
 
 def _json_or_text(data: str) -> object:
