@@ -1,7 +1,7 @@
 """What a benchmark runs against: one Redis per bench invocation, and per scenario a :class:`Stage`.
 
-:class:`Harness` starts an :class:`~worker.ops.embedded.EmbeddedRedis` and points this process's
-environment at it *before* anything imports ``worker.celery.app`` or ``tierq.producer`` (their settings
+:class:`Harness` starts an :class:`~tierq.ops.embedded.EmbeddedRedis` and points this process's
+environment at it *before* anything imports ``tierq.celery.app`` or ``tierq.producer`` (their settings
 are read once). Each scenario runs in a :class:`Stage`: the Redis is flushed, and the simulator and
 workers it starts are stopped when the stage ends, on error and on Ctrl-C too.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import redis
 
 from bench.procs import Child, wait_until
-from worker.ops.embedded import EmbeddedRedis, free_port
+from tierq.ops.embedded import EmbeddedRedis, free_port
 
 __all__ = ["ROOT", "Api", "Harness", "Sim", "Stage"]
 
@@ -107,7 +107,7 @@ class Harness:
 
 
 class Sim:
-    """The simulator as a separate process (``python -m simulator``), so its CPU is not ours."""
+    """The simulator as a separate process (``python -m tierq.sim``), so its CPU is not ours."""
 
     def __init__(self, child: Child, port: int) -> None:
         self.child = child
@@ -184,12 +184,12 @@ class Stage:
         seed: int = 7,
         limits: str | None = None,
     ) -> Sim:
-        """Start ``python -m simulator`` on a free port and wait until it answers.
+        """Start ``python -m tierq.sim`` on a free port and wait until it answers.
 
         ``limits``: the per-model rate limits, ``rpm=N,itpm=N,otpm=N`` (None: the simulator's default).
         """
         port = free_port()
-        argv = [sys.executable, "-m", "simulator", "--port", str(port), "--time-scale", str(time_scale)]
+        argv = [sys.executable, "-m", "tierq.sim", "--port", str(port), "--time-scale", str(time_scale)]
         argv += ["--seed", str(seed)]
         for flag, value in (("--jitter", jitter), ("--fixed-ttft-s", fixed_ttft_s)):
             if value is not None:
@@ -216,26 +216,26 @@ class Stage:
         tiers_file: Path | None = None,
         extra_env: dict[str, str] | None = None,
     ) -> Child:
-        """Start ``python -m worker worker --tier TIER`` against ``sim`` and wait until it answers ping."""
+        """Start ``python -m tierq worker --tier TIER`` against ``sim`` and wait until it answers ping."""
         node = f"{tier}-{uuid.uuid4().hex[:6]}@bench"
-        argv = [sys.executable, "-m", "worker", "worker", "--tier", tier, "--name", node, "-l", "WARNING"]
+        argv = [sys.executable, "-m", "tierq", "worker", "--tier", tier, "--name", node, "-l", "WARNING"]
         if concurrency is not None:
             argv += ["--concurrency", str(concurrency)]
         env = {"ANTHROPIC_BASE_URL": sim.url, **(extra_env or {})}
         if tiers_file is not None:
             env["TIERQ_TIERS_FILE"] = str(tiers_file)
         child = self._spawn(f"worker-{tier}", argv, env)
-        from worker.celery.app import app
+        from tierq.celery.app import app
 
         _wait_for_node(app, node, child)
         return child
 
     def start_api(self) -> Api:
-        """Start ``python -m worker api`` on a free port with one producer token; wait for ``/healthz``."""
+        """Start ``python -m tierq api`` on a free port with one producer token; wait for ``/healthz``."""
         port = free_port()
         token = secrets.token_urlsafe(24)
         digest = hashlib.sha256(token.encode()).hexdigest()
-        argv = [sys.executable, "-m", "worker", "api", "--port", str(port)]
+        argv = [sys.executable, "-m", "tierq", "api", "--port", str(port)]
         api = Api(self._spawn("api", argv, {"TIERQ_API_TOKENS": f"bench:{digest}"}), port, token)
         wait_until("api", api._ready, STARTUP_TIMEOUT_S)
         return api

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from worker.ops.embedded import die_with_parent
+from tierq.ops.embedded import die_with_parent
 
 __all__ = ["Child", "cpu_s", "handle_sigterm", "interrupted", "rss_mb", "wait_until"]
 

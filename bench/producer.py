@@ -38,7 +38,7 @@ class EnqueueStamps:
         from celery import signals
 
         import tierq.producer  # noqa: F401 - its stamping handler must be connected first
-        from tasks.job import ENQUEUED_AT_HEADER, SUMMARIZE_TASK
+        from tierq.contract.job import ENQUEUED_AT_HEADER, SUMMARIZE_TASK
 
         self._header = ENQUEUED_AT_HEADER
         self._stamps: dict[str, float] = {}

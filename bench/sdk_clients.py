@@ -5,7 +5,7 @@ process (each call ~0.5 s, a few tokens per delta, like a short fast-tier reply)
 same calls each way in this process and prints CPU-ms per call (``time.process_time``) and
 wall time. It isolates the SDK's streaming cost from Celery's, to choose how a worker process
 should hold many calls at once. The last way, the raw events of ``AsyncAnthropic`` on the SDK's
-aiohttp transport (``anthropic[aiohttp]``), is what ``io = "asyncio"`` tiers do (worker/llm/client.py).
+aiohttp transport (``anthropic[aiohttp]``), is what ``io = "asyncio"`` tiers do (tierq/llm/client.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from functools import partial
 
 import anthropic
 
-from worker.ops.embedded import free_port
+from tierq.ops.embedded import free_port
 
 __all__ = ["main"]
 
@@ -71,7 +71,7 @@ async def _async_call(client: anthropic.AsyncAnthropic) -> int:
 
 
 async def _async_raw_call(client: anthropic.AsyncAnthropic) -> int:
-    """The raw-events call on ``AsyncAnthropic``: what ``worker.llm.client`` does on its event loop."""
+    """The raw-events call on ``AsyncAnthropic``: what ``tierq.llm.client`` does on its event loop."""
     chunks = 0
     raw = await client.messages.with_raw_response.create(
         model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": PROMPT}], stream=True
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         [
             sys.executable,
             "-m",
-            "simulator",
+            "tierq.sim",
             "--port",
             str(port),
             "--fixed-ttft-s",

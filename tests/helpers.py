@@ -72,9 +72,9 @@ def run_tierq(
     *,
     stdin: str | None = None,
     inherit_env: bool = True,
-    module: str = "worker",
+    module: str = "tierq",
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m worker ARGS`` (the ``tierq`` CLI; or another ``module``) to its end, output
+    """Run ``python -m tierq ARGS`` (the ``tierq`` CLI; or another ``module``) to its end, output
     captured as text. ``env`` as for :func:`spawn`; the console is 200 columns wide, so that rich
     tables and lines are not cut to the 80 of a pipe."""
     return subprocess.run(

@@ -18,17 +18,17 @@ import uvicorn
 from fastapi import FastAPI
 from structlog.testing import capture_logs
 
-from simulator import SimServer
 from tests.conftest import KEY_PREFIX, WorkerProcess
 from tests.helpers import run_tierq, wait_until
 from tierq import Producer, submit
-from worker.api import TokenTable, hash_token, make_api
-from worker.api.app import body_limit
-from worker.core.settings import get_settings
-from worker.ops.embedded import free_port
-from worker.store.keys import Keys
-from worker.store.ratelimit import SharedRateLimiter
-from worker.store.streams import StreamEntry, TokenPublisher, read_entries
+from tierq.api import TokenTable, hash_token, make_api
+from tierq.api.app import body_limit
+from tierq.core.settings import get_settings
+from tierq.ops.embedded import free_port
+from tierq.sim import SimServer
+from tierq.store.keys import Keys
+from tierq.store.ratelimit import SharedRateLimiter
+from tierq.store.streams import StreamEntry, TokenPublisher, read_entries
 
 DOC = " ".join(
     f"Section {i} of the agreement says the supplier ships every order within {i + 2} days."

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import redis
 
-from simulator import SimServer
-from tasks.result import JobResult
-from tasks.tiers import load_tier_table
 from tests.conftest import KEY_PREFIX, WorkerProcess, wait_for_nodes
 from tierq import JobFailedError, JobRefusedError, submit
-from worker.llm.pricing import cost_usd
-from worker.store.deadletter import DeadLetterStore
+from tierq.contract.result import JobResult
+from tierq.contract.tiers import load_tier_table
+from tierq.llm.pricing import cost_usd
+from tierq.sim import SimServer
+from tierq.store.deadletter import DeadLetterStore
 
 DOC = " ".join(f"Sentence {i} of a document that can wait a day for its summary." for i in range(30))
 #: seconds a job of these tests may take: gathering, the scaled batch, polls, and a retry's second batch

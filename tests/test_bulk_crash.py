@@ -19,19 +19,19 @@ from typing import Any
 import pytest
 import redis
 
-from simulator import SimServer
-from tasks.job import JobSpec
-from tasks.result import JobResult
-from tasks.tiers import load_tier_table
 from tests.conftest import RUN_TAG, WorkerProcess, wait_for_nodes
 from tests.helpers import run_tierq, wait_until
 from tierq import submit
-from worker.core.settings import Settings
-from worker.llm.batches import request_size
-from worker.llm.client import LLMRequest
-from worker.runtime.bulk import BatchRunner
-from worker.runtime.context import Context
-from worker.store.batches import BatchRecord, Parked
+from tierq.contract.job import JobSpec
+from tierq.contract.result import JobResult
+from tierq.contract.tiers import load_tier_table
+from tierq.core.settings import Settings
+from tierq.llm.batches import request_size
+from tierq.llm.client import LLMRequest
+from tierq.runtime.bulk import BatchRunner
+from tierq.runtime.context import Context
+from tierq.sim import SimServer
+from tierq.store.batches import BatchRecord, Parked
 
 DOC = " ".join(f"Sentence {i} of a document that can wait a day for its summary." for i in range(30))
 RESULT_TIMEOUT_S = 90

@@ -7,11 +7,11 @@ import uuid
 import pytest
 import redis
 
-from simulator import SimServer
 from tests.conftest import KEY_PREFIX, WorkerProcess
 from tests.helpers import wait_until
 from tierq import JobCancelledError, get_job, submit
-from worker.store.keys import Keys
+from tierq.sim import SimServer
+from tierq.store.keys import Keys
 
 DOC = " ".join(f"Point {i}: a cancelled job spends nothing more than it already has." for i in range(20))
 

@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 import redis
 
-from simulator import SimServer
-from tasks.errors import JobFailedError
-from tasks.job import SUMMARIZE_TASK
 from tests.conftest import KEY_PREFIX, WorkerProcess
 from tests.helpers import run_tierq, wait_until
 from tierq import get_job, submit
-from worker.celery.app import app
-from worker.core.settings import get_tier_table
-from worker.store.keys import Keys
+from tierq.celery.app import app
+from tierq.contract.errors import JobFailedError
+from tierq.contract.job import SUMMARIZE_TASK
+from tierq.core.settings import get_tier_table
+from tierq.sim import SimServer
+from tierq.store.keys import Keys
 
 DOC = " ".join(f"Item {i}: a job must run once, or be told apart and kept for a replay." for i in range(30))
 

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from tasks.errors import ConfigError
 from tests.helpers import run_tierq, spawn, wait_until
-from worker.ops.demo import parse_mix, plan_urgencies
+from tierq.contract.errors import ConfigError
+from tierq.ops.demo import parse_mix, plan_urgencies
 
 URGENCIES = ["critical", "high", "normal", "low"]
 
@@ -90,7 +90,7 @@ def test_demo_runs_to_the_end_on_embedded_defaults() -> None:
 def _running_demo(args: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], bytearray, Callable[[], None]]]:
     """``tierq demo ARGS`` as a child; what it printed so far; a check that it is still running."""
     proc = spawn(
-        "worker",
+        "tierq",
         ["demo", *args],
         _demo_env(),
         inherit_env=False,

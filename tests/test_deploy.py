@@ -26,8 +26,8 @@ import typer.main
 import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema
 
-from tasks.tiers import TierTable, load_tier_table
-from worker.ops.cli import cli
+from tierq.contract.tiers import TierTable, load_tier_table
+from tierq.ops.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -79,7 +79,7 @@ def cli_commands() -> dict[str, Any]:
     """The ``tierq`` subcommands (click commands; typer may vendor its own click)."""
     group = typer.main.get_command(cli)
     commands = getattr(group, "commands", None)
-    assert isinstance(commands, dict), "worker.ops.cli:cli is not a command group"
+    assert isinstance(commands, dict), "tierq.ops.cli:cli is not a command group"
     return dict(commands)
 
 
@@ -91,7 +91,7 @@ def check_tierq_argv(argv: list[str]) -> tuple[str, dict[str, Any]]:
     sub = argv[1]
     assert sub in EXPECTED_COMMANDS, f"unexpected subcommand {sub!r} in {argv}"
     commands = cli_commands()
-    assert sub in commands, f"`tierq {sub}` is not a command of worker.ops.cli: {sorted(commands)}"
+    assert sub in commands, f"`tierq {sub}` is not a command of tierq.ops.cli: {sorted(commands)}"
     error = None
     try:
         ctx = commands[sub].make_context(f"tierq {sub}", list(argv[2:]))
@@ -241,7 +241,7 @@ def test_tier_table_has_the_deployed_tiers() -> None:
 def test_exported_metric_names_match_the_dashboard_list(redis_url: str) -> None:
     from prometheus_client.metrics import MetricWrapperBase
 
-    import worker.observe.metrics as metrics
+    import tierq.observe.metrics as metrics
 
     exported = set()
     for value in vars(metrics).values():
@@ -291,7 +291,7 @@ def test_dockerignore_keeps_the_build_inputs() -> None:
     ]
     for excluded in (".venv", ".git", ".pytest_cache", "**/__pycache__", ".env"):
         assert excluded in patterns
-    needs = ("pyproject.toml", "README.md", "worker", "tasks", "simulator", "tierq", "worker/ops/cli.py")
+    needs = ("pyproject.toml", "README.md", "worker", "tasks", "simulator", "tierq", "tierq/ops/cli.py")
     for needed in needs:
         hits = [p for p in patterns if not p.startswith("!") and fnmatch.fnmatch(needed, p)]
         assert not hits, f".dockerignore drops {needed} ({hits})"
@@ -373,7 +373,7 @@ def test_compose_worker(tier: str) -> None:
     raw = hc["test"][1]
     assert "$$HOSTNAME" in raw, "escape $HOSTNAME as $$HOSTNAME, or compose substitutes it"
     argv = shlex.split(raw.replace("$$", "$"))
-    assert argv[:5] == ["celery", "-A", "worker.celery.app", "inspect", "ping"]
+    assert argv[:5] == ["celery", "-A", "tierq.celery.app", "inspect", "ping"]
     assert argv[argv.index("-d") + 1] == f"{tier}@$HOSTNAME"
     assert parse_duration(hc["interval"]) >= 30, "the ping is costly: check rarely"
     assert parse_duration(hc["start_period"]) > 0
@@ -491,7 +491,7 @@ def test_k8s_worker_deployment(tier: str) -> None:
         argv = probe["exec"]["command"]
         assert argv[:2] == ["sh", "-c"]
         ping = shlex.split(argv[2])
-        assert ping[:5] == ["celery", "-A", "worker.celery.app", "inspect", "ping"]
+        assert ping[:5] == ["celery", "-A", "tierq.celery.app", "inspect", "ping"]
         assert ping[ping.index("-d") + 1] == f"{tier}@$HOSTNAME"
         assert probe["timeoutSeconds"] > float(ping[ping.index("--timeout") + 1])
     if "readinessProbe" in container:
@@ -755,7 +755,7 @@ def test_prometheus_scrapes_the_workers() -> None:
 def test_the_readme_configuration_table_lists_every_setting() -> None:
     from pydantic import AliasChoices
 
-    from worker.core.settings import Settings
+    from tierq.core.settings import Settings
 
     table = (ROOT / "README.md").read_text(encoding="utf-8").split("## Configuration", 1)[1]
     for name, field in Settings.model_fields.items():

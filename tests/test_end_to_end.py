@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from simulator import SimServer
-from tasks.errors import InvalidJobError, JobFailedError
 from tests.conftest import WorkerProcess
 from tests.helpers import run_tierq, wait_until
 from tierq import get_job, submit
-from worker.core.settings import get_tier_table
+from tierq.contract.errors import InvalidJobError, JobFailedError
+from tierq.core.settings import get_tier_table
+from tierq.sim import SimServer
 
 DOC = " ".join(
     f"Paragraph {i} says that tiered queues keep urgent work fast while slow work waits its turn."
@@ -193,7 +193,7 @@ def test_cli_bad_input_fails_fast_with_one_line(
 
 
 def test_submit_with_the_broker_down_fails_fast_with_one_line() -> None:
-    from worker.ops.embedded import free_port
+    from tierq.ops.embedded import free_port
 
     started = time.monotonic()
     done = run_tierq(["submit", "some text"], {"TIERQ_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"})

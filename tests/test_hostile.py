@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import redis
 
-from simulator import SimServer
-from tasks.errors import IdempotencyConflictError
 from tests.conftest import KEY_PREFIX, WorkerProcess
 from tests.helpers import wait_until
 from tierq import get_job, submit
-from worker.celery.request import redact_result_repr
-from worker.core.settings import get_tier_table
-from worker.store.deadletter import DeadLetter, DeadLetterStore
+from tierq.celery.request import redact_result_repr
+from tierq.contract.errors import IdempotencyConflictError
+from tierq.core.settings import get_tier_table
+from tierq.sim import SimServer
+from tierq.store.deadletter import DeadLetter, DeadLetterStore
 
 pytestmark = pytest.mark.usefixtures("workers")
 

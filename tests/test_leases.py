@@ -1,4 +1,4 @@
-"""Leased deliveries on Redis (``worker/celery/transport.py``), against the session's fast worker.
+"""Leased deliveries on Redis (``tierq/celery/transport.py``), against the session's fast worker.
 
 What a dead worker leaves behind is written straight into Redis, as a worker killed at that moment
 would leave it: a delivery recorded unacknowledged whose lease nobody renews, an entry moved into a
@@ -20,13 +20,13 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from simulator import SimServer
 from tests.conftest import KEY_PREFIX, WorkerProcess
 from tests.helpers import run_tierq, wait_until
 from tierq import get_job
-from worker.celery.transport import IN_FLIGHT_FORGET_S
-from worker.core.settings import DEFAULT_LEASE_S, get_tier_table
-from worker.store.keys import in_flight_keys, unacked_keys
+from tierq.celery.transport import IN_FLIGHT_FORGET_S
+from tierq.core.settings import DEFAULT_LEASE_S, get_tier_table
+from tierq.sim import SimServer
+from tierq.store.keys import in_flight_keys, unacked_keys
 
 pytestmark = pytest.mark.usefixtures("workers")
 

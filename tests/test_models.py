@@ -1,6 +1,6 @@
 """The product's model facts against the simulator's catalogue and the SDK's model list.
 
-``worker/llm/prices.toml`` (what tierq bills) and ``simulator/catalogue.toml`` (what the simulated API
+``tierq/llm/prices.toml`` (what tierq bills) and ``tierq/sim/catalogue.toml`` (what the simulated API
 knows) are written independently on purpose; these tests are where they must agree.
 """
 
@@ -11,9 +11,9 @@ from typing import get_args
 import pytest
 from anthropic.types import Model
 
-from simulator.catalogue import load_catalogue
-from tasks.tiers import load_tier_table
-from worker.llm.pricing import PRICES
+from tierq.contract.tiers import load_tier_table
+from tierq.llm.pricing import PRICES
+from tierq.sim.catalogue import load_catalogue
 
 CATALOGUE = load_catalogue()
 

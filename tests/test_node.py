@@ -32,7 +32,7 @@ import redis
 
 from tests.conftest import WorkerProcess
 from tests.helpers import ROOT, spawn, wait_until
-from worker.ops.embedded import free_port
+from tierq.ops.embedded import free_port
 
 NODE_DIR = ROOT / "tests" / "node"
 #: seconds ``npm ci`` may take (a cold cache fetches ~30 small packages)
@@ -246,7 +246,7 @@ def api(tmp_dir: Path, workers: dict[str, WorkerProcess]) -> Iterator[tuple[str,
     log_path = tmp_dir / "api-node.log"
     with log_path.open("wb") as log:
         proc = spawn(
-            "worker",
+            "tierq",
             ["api", "--host", "127.0.0.1", "--port", str(port)],
             {"TIERQ_API_TOKENS": f"node:{hashlib.sha256(token.encode()).hexdigest()}"},
             stdout=log,

@@ -18,14 +18,14 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from simulator import SimServer
 from tests.conftest import KEY_PREFIX, RUN_TAG, WorkerProcess
 from tests.helpers import run_tierq, spawn, wait_until
 from tierq import get_job, submit
-from worker.celery.request import redact_result_repr
-from worker.ops.embedded import free_port
-from worker.store.keys import Keys
-from worker.store.stats import StatsStream, percentile, summarize
+from tierq.celery.request import redact_result_repr
+from tierq.ops.embedded import free_port
+from tierq.sim import SimServer
+from tierq.store.keys import Keys
+from tierq.store.stats import StatsStream, percentile, summarize
 
 DOC = " ".join(
     f"Line {i} of a report about queues, tiers and the latency that users feel." for i in range(30)
@@ -154,7 +154,7 @@ def flower(tmp_dir: Path) -> Iterator[tuple[str, str]]:
     auth = f"ops:{uuid.uuid4().hex}"
     log = (tmp_dir / "flower.log").open("wb")
     env = {"TIERQ_FLOWER_BASIC_AUTH": auth}
-    proc = spawn("worker", ["flower", "--port", str(port)], env, stdout=log, stderr=subprocess.STDOUT)
+    proc = spawn("tierq", ["flower", "--port", str(port)], env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
     def check() -> None:

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from simulator import SimServer
-from simulator.messages import REFUSAL_DETAILS
 from tests.conftest import WorkerProcess
 from tests.helpers import wait_until
 from tierq import JobFailedError, JobRefusedError, JobResult, Restarted, submit
-from worker.core.settings import get_settings
-from worker.store.deadletter import DeadLetterStore
+from tierq.core.settings import get_settings
+from tierq.sim import SimServer
+from tierq.sim.messages import REFUSAL_DETAILS
+from tierq.store.deadletter import DeadLetterStore
 
 DOC = " ".join(f"Point {i}: the summary must say what the API really answered, and why." for i in range(30))
 

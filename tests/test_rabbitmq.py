@@ -19,15 +19,15 @@ import pytest
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
 
-from simulator import SimServer
-from tasks.errors import InvalidJobError, JobFailedError
-from tasks.message import DELIVERY_LIMIT_QUEUE
-from tasks.tiers import TierTable, load_tier_table
 from tests.conftest import KEY_PREFIX, RUN_TAG, WorkerProcess
 from tests.helpers import wait_until
 from tierq import get_job, submit
-from worker.celery.config import celery_config, delivery_limit_queue
-from worker.core.settings import MAX_CRASHES, Settings
+from tierq.celery.config import celery_config, delivery_limit_queue
+from tierq.contract.errors import InvalidJobError, JobFailedError
+from tierq.contract.message import DELIVERY_LIMIT_QUEUE
+from tierq.contract.tiers import TierTable, load_tier_table
+from tierq.core.settings import MAX_CRASHES, Settings
+from tierq.sim import SimServer
 
 AMQP_URL = os.environ.get("TIERQ_TEST_AMQP_URL")
 SERVED = ("fast", "standard", "slow")

@@ -1,4 +1,4 @@
-"""The shared rate limiter (``worker/store/ratelimit.py``) against a real Redis: several limiters
+"""The shared rate limiter (``tierq/store/ratelimit.py``) against a real Redis: several limiters
 (as several worker processes would hold) sharing one model's buckets."""
 
 from __future__ import annotations
@@ -15,30 +15,30 @@ import pytest
 import redis
 from kombu import Queue
 
-from simulator import SimServer
-from simulator.ratelimit import DEFAULT_LIMITS
-from tasks.errors import (
+from tests.conftest import KEY_PREFIX
+from tests.helpers import run_tierq, wait_until
+from tierq import submit
+from tierq.admission import Admission
+from tierq.celery.app import app as celery_app
+from tierq.contract.errors import (
     CapacityWaitError,
     ConfigError,
     DeadlineUnmeetableError,
     JobFailedError,
     RequestRejectedError,
 )
-from tasks.job import build_prompt
-from tasks.tiers import load_tier_table
-from tests.conftest import KEY_PREFIX
-from tests.helpers import run_tierq, wait_until
-from tierq import submit
-from tierq.admission import Admission
+from tierq.contract.job import build_prompt
+from tierq.contract.tiers import load_tier_table
+from tierq.core.settings import Settings
+from tierq.core.tokens import estimate_tokens
+from tierq.llm.client import LLMRequest
 from tierq.producer import Producer
-from worker.celery.app import app as celery_app
-from worker.core.settings import Settings
-from worker.core.tokens import estimate_tokens
-from worker.llm.client import LLMRequest
-from worker.runtime import capacity
-from worker.runtime.context import Context
-from worker.runtime.jobs import Attempt, JobRef, run_attempt
-from worker.store.ratelimit import (
+from tierq.runtime import capacity
+from tierq.runtime.context import Context
+from tierq.runtime.jobs import Attempt, JobRef, run_attempt
+from tierq.sim import SimServer
+from tierq.sim.ratelimit import DEFAULT_LIMITS
+from tierq.store.ratelimit import (
     FAIR_MAX_PRODUCERS,
     FairShare,
     LimiterStats,

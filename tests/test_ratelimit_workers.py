@@ -16,18 +16,18 @@ import pytest
 import redis
 from celery import Celery
 
-from simulator import SimConfig, SimServer
-from simulator.ratelimit import Limits
-from tasks.errors import DeadlineUnmeetableError
-from tasks.tiers import load_tier_table
 from tests.conftest import KEY_PREFIX, WorkerProcess, wait_for_nodes
 from tests.helpers import wait_until
 from tierq import Producer, submit
+from tierq.celery.app import make_app
+from tierq.contract.errors import DeadlineUnmeetableError
+from tierq.contract.tiers import load_tier_table
+from tierq.core.settings import Settings
+from tierq.observe.metrics import queue_list_keys
 from tierq.producer import Job
-from worker.celery.app import make_app
-from worker.core.settings import Settings
-from worker.observe.metrics import queue_list_keys
-from worker.store.ratelimit import LimiterStats
+from tierq.sim import SimConfig, SimServer
+from tierq.sim.ratelimit import Limits
+from tierq.store.ratelimit import LimiterStats
 
 PREFIX = f"{KEY_PREFIX}rl-"
 #: the simulator's limits per model, and the same as the deployment configures them

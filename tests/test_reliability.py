@@ -8,13 +8,13 @@ import uuid
 import pytest
 import redis
 
-from simulator import SimServer
-from tasks.errors import InvalidJobError, JobExpiredError
 from tests.conftest import KEY_PREFIX, WorkerProcess
 from tests.helpers import run_tierq, wait_until
 from tierq import Producer, get_job, submit
-from worker.core.settings import Settings
-from worker.store.keys import Keys
+from tierq.contract.errors import InvalidJobError, JobExpiredError
+from tierq.core.settings import Settings
+from tierq.sim import SimServer
+from tierq.store.keys import Keys
 
 DOC = " ".join(
     f"Clause {i} says the job must end before its deadline or say why it did not." for i in range(30)

@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks.tiers import BatchPolicy, Tier, load_tier_table
 from tests.conftest import KEY_PREFIX, WorkerProcess, wait_for_nodes
 from tests.helpers import run_tierq
 from tierq import Producer, submit
-from worker.celery.app import make_app
-from worker.core.settings import Settings
-from worker.llm.caching import REUSE_WINDOW_S, CachePlanner
-from worker.llm.client import LLMRequest, message_params
-from worker.llm.pricing import cost_usd
+from tierq.celery.app import make_app
+from tierq.contract.tiers import BatchPolicy, Tier, load_tier_table
+from tierq.core.settings import Settings
+from tierq.llm.caching import REUSE_WINDOW_S, CachePlanner
+from tierq.llm.client import LLMRequest, message_params
+from tierq.llm.pricing import cost_usd
 
 PREFIX = f"{KEY_PREFIX}savings-"
 TIERS = """

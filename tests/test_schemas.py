@@ -11,7 +11,8 @@ import jsonschema
 import pytest
 from referencing import Registry, Resource
 
-from tasks.job import (
+from tests.helpers import ROOT, run_tierq
+from tierq.contract.job import (
     CONTEXT_HEADER,
     DEADLINE_HEADER,
     ENQUEUED_AT_HEADER,
@@ -23,11 +24,10 @@ from tasks.job import (
     TIER_HEADER,
     build_job,
 )
-from tasks.message import TaskHeaders
-from tasks.result import JobResult, Timings, Usage
-from tasks.schemas import rendered
-from tasks.tiers import load_tier_table
-from tests.helpers import ROOT, run_tierq
+from tierq.contract.message import TaskHeaders
+from tierq.contract.result import JobResult, Timings, Usage
+from tierq.contract.schemas import rendered
+from tierq.contract.tiers import load_tier_table
 
 SCHEMAS = ROOT / "docs" / "schemas" / "v1"
 

@@ -14,13 +14,13 @@ import anthropic
 import httpx2
 import pytest
 from anthropic.types import Message
-
-from simulator import SimConfig, SimServer
 from simulator.__main__ import parse_args
-from simulator.faults import Fault
-from simulator.latency import LatencyModel, profile_for
-from simulator.state import SimState
-from simulator.text import count_tokens, split_deltas, summarize, tokenize
+
+from tierq.sim import SimConfig, SimServer
+from tierq.sim.faults import Fault
+from tierq.sim.latency import LatencyModel, profile_for
+from tierq.sim.state import SimState
+from tierq.sim.text import count_tokens, split_deltas, summarize, tokenize
 
 MODEL = "claude-haiku-4-5"
 DOC = (
@@ -385,7 +385,7 @@ def test_latency_profiles_and_fault_specs() -> None:
             Fault.parse(bad)
 
 
-# --- benchmark knobs: request timings, fixed latency, jitter, `python -m simulator` --------------
+# --- benchmark knobs: request timings, fixed latency, jitter, `python -m tierq.sim` --------------
 
 
 def test_request_timings_per_job(sim: SimServer, client: anthropic.Anthropic) -> None:

@@ -16,8 +16,9 @@ import httpx2
 import pytest
 from anthropic.types.messages import MessageBatch, MessageBatchIndividualResponse
 
-from simulator import SimConfig, SimServer
-from simulator.batches import (
+from tests.helpers import FakeClock, wait_until
+from tierq.sim import SimConfig, SimServer
+from tierq.sim.batches import (
     BATCH_BASE_S,
     BATCH_EXPIRY_S,
     BATCH_PER_REQUEST_S,
@@ -25,7 +26,6 @@ from simulator.batches import (
     MAX_BATCH_BYTES,
     MAX_BATCH_REQUESTS,
 )
-from tests.helpers import FakeClock, wait_until
 
 MODEL = "claude-haiku-4-5"
 DOC = (

@@ -11,12 +11,12 @@ from typing import Any
 
 import anthropic
 import pytest
+from simulator.__main__ import parse_args
 from typer.testing import CliRunner
 
-from simulator import SimConfig, SimServer
-from simulator.__main__ import parse_args
-from simulator.ratelimit import DEFAULT_LIMITS, Limits
 from tests.helpers import FakeClock, wait_until
+from tierq.sim import SimConfig, SimServer
+from tierq.sim.ratelimit import DEFAULT_LIMITS, Limits
 
 MODEL = "claude-haiku-4-5"
 DOC = "Tierq runs Celery workers. Each tier has its own pool. Redis is the broker. Haiku is fast."
@@ -152,7 +152,7 @@ def test_limits_option_parsing() -> None:
 
 
 def test_tierq_sim_refuses_bad_limits() -> None:
-    from worker.ops.cli import cli
+    from tierq.ops.cli import cli
 
     result = CliRunner().invoke(cli, ["sim", "--limits", "rpm=lots"])
     assert result.exit_code == 2

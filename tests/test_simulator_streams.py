@@ -16,9 +16,9 @@ import pytest
 from anthropic.types import RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from simulator import SimConfig, SimServer
-from simulator.text import count_tokens
 from tests.helpers import FakeClock
+from tierq.sim import SimConfig, SimServer
+from tierq.sim.text import count_tokens
 
 MODEL = "claude-haiku-4-5"
 THINKER = "claude-opus-5"

@@ -18,10 +18,10 @@ import httpx2
 import pytest
 from anthropic.types import message_count_tokens_params, message_create_params
 
-from simulator import SimConfig, SimServer
-from simulator.catalogue import Catalogue, CatalogueError, load_catalogue
-from simulator.validation import CountTokensRequest, MessagesRequest, MessagesRequest2023
 from tests.helpers import SIM_TODAY
+from tierq.sim import SimConfig, SimServer
+from tierq.sim.catalogue import Catalogue, CatalogueError, load_catalogue
+from tierq.sim.validation import CountTokensRequest, MessagesRequest, MessagesRequest2023
 
 MODEL = "claude-haiku-4-5"
 DOC = (

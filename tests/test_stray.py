@@ -11,11 +11,11 @@ import pytest
 import redis
 from kombu.transport.virtual.base import UndeliverableWarning
 
-from tasks.job import SUMMARIZE_TASK
-from tasks.message import DEFAULT_CELERY_QUEUE, DELIVERY_LIMIT_QUEUE, UNROUTABLE_QUEUE
 from tests.conftest import KEY_PREFIX, WorkerProcess
 from tests.helpers import run_tierq, wait_until
-from worker.celery.app import app
+from tierq.celery.app import app
+from tierq.contract.job import SUMMARIZE_TASK
+from tierq.contract.message import DEFAULT_CELERY_QUEUE, DELIVERY_LIMIT_QUEUE, UNROUTABLE_QUEUE
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from simulator import SimServer
-from tasks.errors import JobFailedError
 from tests.helpers import run_tierq
 from tierq import JobResult, get_job, submit
+from tierq.contract.errors import JobFailedError
+from tierq.sim import SimServer
 
 #: long enough that the slow tier's model writes for most of a second at the tests' time scale
 LONG_DOC = " ".join(
@@ -86,9 +86,9 @@ def test_cli_submit_stream_prints_text_then_figures() -> None:
 
 def test_a_reader_is_told_when_the_job_starts_over() -> None:
     from tierq import Restarted
-    from worker.core.settings import get_settings
-    from worker.store.clients import backend_redis
-    from worker.store.streams import TokenPublisher, stream_key
+    from tierq.core.settings import get_settings
+    from tierq.store.clients import backend_redis
+    from tierq.store.streams import TokenPublisher, stream_key
 
     settings = get_settings()
     client = backend_redis(settings)

@@ -21,8 +21,8 @@ import redis
 import structlog
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
-from simulator import SimServer
-from tasks.errors import (
+from tierq.celery.delivery import delivered_queue
+from tierq.contract.errors import (
     CapacityWaitError,
     ConfigError,
     DeadlineExceededError,
@@ -35,12 +35,11 @@ from tasks.errors import (
     UpstreamServerError,
     UpstreamUnavailableError,
 )
-from tasks.job import build_job
-from tasks.tiers import TierTable, load_tier_table
-from worker.celery.delivery import delivered_queue
-from worker.core.settings import Settings, get_settings
-from worker.llm.aioloop import EventLoopThread
-from worker.llm.client import (
+from tierq.contract.job import build_job
+from tierq.contract.tiers import TierTable, load_tier_table
+from tierq.core.settings import Settings, get_settings
+from tierq.llm.aioloop import EventLoopThread
+from tierq.llm.client import (
     LLMReply,
     LLMRequest,
     _ReplyReader,
@@ -49,10 +48,11 @@ from worker.llm.client import (
     make_client,
     stream_reply,
 )
-from worker.llm.pricing import PRICES, Usage, cost_usd
-from worker.ops.embedded import free_port
-from worker.runtime.context import Context
-from worker.runtime.jobs import Attempt, JobRef, plan_retry, run_attempt
+from tierq.llm.pricing import PRICES, Usage, cost_usd
+from tierq.ops.embedded import free_port
+from tierq.runtime.context import Context
+from tierq.runtime.jobs import Attempt, JobRef, plan_retry, run_attempt
+from tierq.sim import SimServer
 
 DOC = " ".join(
     f"Sentence {i} explains how queue number {i} keeps its latency under control with care."
@@ -422,6 +422,28 @@ def test_long_context_band_prices_the_whole_request() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("toml", "where"),
+    [
+        (
+            '# ours\n[tiers.fast]\nmodel = "claude-haiku-4-5"\nmax_tokens = 0\n',
+            ", line 4: tiers.fast: max_tokens",
+        ),
+        ("[tiers.standard]\nconcurrency = 4\n\n[tiers.slow]\nbogus = 1\n", ", line 5: tiers.slow: bogus"),
+        ('tiers.fast.io = "gevent"\n', ", line 1: tiers.fast: io"),
+        ("[tiers.bulk]\nbatch_when_slack_s = 9e9\n", ", line 2: tiers.bulk: batch_when_slack_s"),
+        # a rule across fields: the tier's table
+        ("\n[tiers.standard]\ndeadline_s = 60\nbatch_when_slack_s = 120\n", ", line 2: tiers.standard"),
+    ],
+)
+def test_a_bad_tiers_file_names_its_line(tmp_path: Path, toml: str, where: str) -> None:
+    path = tmp_path / "tiers.toml"
+    path.write_text(toml, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_tier_table(path)
+    assert str(info.value).startswith(f"tiers file {path}{where}"), str(info.value)
+
+
 def test_thinking_tokens_are_read_from_output_tokens_details() -> None:
     usage = Usage.from_api(
         {"input_tokens": 5, "output_tokens": 90, "output_tokens_details": {"thinking_tokens": 70}}
@@ -439,8 +461,8 @@ def test_a_tiers_file_cannot_set_sampling_parameters(tmp_path: Path) -> None:
 
 
 def test_eviction_warning_names_the_policy() -> None:
-    from worker.ops.checks import redis_eviction_warning
-    from worker.ops.embedded import EmbeddedRedis, free_port
+    from tierq.ops.checks import redis_eviction_warning
+    from tierq.ops.embedded import EmbeddedRedis, free_port
 
     with EmbeddedRedis() as server:
         assert redis_eviction_warning(server.url) is None  # started with noeviction
@@ -454,7 +476,7 @@ def test_eviction_warning_names_the_policy() -> None:
 
 
 def test_api_key_from_a_secrets_file(tmp_path: Path) -> None:
-    from worker.core.settings import Settings
+    from tierq.core.settings import Settings
 
     path = tmp_path / "key"
     path.write_text("sk-ant-from-file\n")
@@ -471,10 +493,10 @@ def test_api_key_from_a_secrets_file(tmp_path: Path) -> None:
 def test_celery_config_transport_and_task_events(url: str) -> None:
     from kombu import Connection
 
-    from worker.celery.app import make_app
-    from worker.celery.config import celery_config
-    from worker.celery.transport import Transport
-    from worker.core.settings import Settings
+    from tierq.celery.app import make_app
+    from tierq.celery.config import celery_config
+    from tierq.celery.transport import Transport
+    from tierq.core.settings import Settings
 
     config = celery_config(Settings(broker_url=url), load_tier_table(None))
     assert "broker_transport" not in config, "URLs keep their scheme (Flower knows brokers by it)"
@@ -492,7 +514,7 @@ def test_celery_config_transport_and_task_events(url: str) -> None:
 def test_the_transport_keeps_one_client_per_pool(redis_url: str) -> None:
     from kombu import Connection
 
-    from worker.celery.transport import TRANSPORT
+    from tierq.celery.transport import TRANSPORT
 
     with Connection(redis_url, transport=TRANSPORT) as conn:
         channel = conn.default_channel
@@ -505,7 +527,7 @@ def test_the_transport_keeps_one_client_per_pool(redis_url: str) -> None:
 
 
 def test_text_batcher_lets_the_first_through_then_gathers() -> None:
-    from worker.core.batching import TextBatcher
+    from tierq.core.batching import TextBatcher
 
     batcher = TextBatcher(interval_s=60.0)
     assert batcher.add("a") == "a", "the first delta goes at once"
@@ -515,7 +537,7 @@ def test_text_batcher_lets_the_first_through_then_gathers() -> None:
 
 
 def test_a_result_stored_by_the_previous_version_still_reads() -> None:
-    from tasks.result import JobResult
+    from tierq.contract.result import JobResult
 
     stored = {  # what the worker stored before usage grew cache and thinking fields and truncated
         "job_id": "j1",

@@ -2,7 +2,7 @@
 
 A job is predicted to start when both of these allow it:
 
-- **the shared rate limit** (:mod:`worker.store.ratelimit`): the model's buckets must hold, above
+- **the shared rate limit** (:mod:`tierq.store.ratelimit`): the model's buckets must hold, above
   the floor its tier leaves for more urgent tiers, one request and the input of every job queued
   ahead of it and of itself, and its own ``max_tokens`` of output; and the appointments its
   producer's jobs already hold (jobs sent back to wait for capacity) must have come round. The
@@ -17,7 +17,7 @@ A job is predicted to start when both of these allow it:
 
 When that start, plus :data:`MIN_RUN_S` for the call itself (half the job's time, for a deadline
 shorter than twice that), is past the job's deadline,
-:meth:`Admission.check` raises :class:`~tasks.errors.DeadlineUnmeetableError` (the HTTP API answers
+:meth:`Admission.check` raises :class:`~tierq.contract.errors.DeadlineUnmeetableError` (the HTTP API answers
 429 with ``Retry-After``). Both readings are kept for :data:`SNAPSHOT_S` per tier, with the jobs
 this process admitted since added to the queue, so a burst of submits costs one broker and one Redis
 round trip per tier and fraction of a second, not one per job. Anything unreadable admits the job:
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import redis
 from celery import Celery
 
-from tasks.errors import DeadlineUnmeetableError
-from tasks.tiers import Tier, TierTable
-from worker.core.tokens import estimate_tokens
-from worker.store.ratelimit import (
+from tierq.contract.errors import DeadlineUnmeetableError
+from tierq.contract.tiers import Tier, TierTable
+from tierq.core.tokens import estimate_tokens
+from tierq.store.ratelimit import (
     FairShare,
     LimiterStats,
     ModelState,

@@ -8,7 +8,7 @@ The caller's structlog context (``structlog.contextvars.bind_contextvars(request
 travels with the job and is bound in the worker's log lines for it.
 
 Input is validated before anything is enqueued: a bad field raises
-:class:`~tasks.errors.InvalidJobError` naming it, and nothing reaches the broker.
+:class:`~tierq.contract.errors.InvalidJobError` naming it, and nothing reaches the broker.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,8 +28,11 @@ from celery import Celery, signals
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
+from pydantic import JsonValue
 
-from tasks.errors import (
+from tierq.admission import Admission
+from tierq.celery.app import get_app, make_app
+from tierq.contract.errors import (
     BrokerUnavailableError,
     DeadlineExceededError,
     DeadlineUnmeetableError,
@@ -42,7 +45,7 @@ from tasks.errors import (
     JobTimeoutError,
     RefusedError,
 )
-from tasks.job import (
+from tierq.contract.job import (
     CONTEXT_HEADER,
     DEADLINE_HEADER,
     ENQUEUED_AT_HEADER,
@@ -57,19 +60,17 @@ from tasks.job import (
     check_job,
     kwargs_repr,
 )
-from tasks.result import JobResult
-from tasks.tiers import Tier, TierTable, load_tier_table
-from tierq.admission import Admission
-from worker.celery.app import app as default_app
-from worker.core.settings import Settings, get_settings
-from worker.observe.logging import get_logger
-from worker.observe.metrics import observe_admission_refused
-from worker.store.clients import backend_redis
-from worker.store.deadletter import DeadLetterStore
-from worker.store.guard import RunGuard
-from worker.store.keys import Keys
-from worker.store.ratelimit import LimiterStats, SharedRateLimiter
-from worker.store.streams import read_entries
+from tierq.contract.result import JobResult, JobStatus
+from tierq.contract.tiers import Tier, TierTable, load_tier_table
+from tierq.core.settings import Settings, get_settings, get_tier_table
+from tierq.observe.logging import get_logger
+from tierq.observe.metrics import observe_admission_refused
+from tierq.store.clients import backend_redis
+from tierq.store.deadletter import DeadLetterStore
+from tierq.store.guard import RunGuard
+from tierq.store.keys import Keys
+from tierq.store.ratelimit import LimiterStats, SharedRateLimiter
+from tierq.store.streams import read_entries
 
 __all__ = ["Job", "Producer", "Restarted", "default_producer", "get_job", "replay", "submit"]
 
@@ -77,14 +78,18 @@ __all__ = ["Job", "Producer", "Restarted", "default_producer", "get_job", "repla
 class Producer:
     """What a producer needs, built once: settings, the tier table, the Celery app, one Redis client.
 
-    ``Producer(settings)`` configures one explicitly; the module's :func:`submit`, :func:`get_job`
-    and :func:`replay` use :func:`default_producer`, read from the environment on first use.
+    ``Producer(settings)`` configures one explicitly, with a Celery app of its own built from those
+    settings (its broker, its result backend); the module's :func:`submit`, :func:`get_job` and
+    :func:`replay` use :func:`default_producer`, read from the environment on first use.
     """
 
     def __init__(self, settings: Settings, tiers: TierTable | None = None, app: Celery | None = None) -> None:
         self.settings = settings
         self.tiers = tiers if tiers is not None else load_tier_table(settings.tiers_file)
-        self.app = app if app is not None else default_app
+        self.app = app if app is not None else make_app(settings, self.tiers)
+        signals.before_task_publish.connect(
+            _stamp_enqueued_at, sender=SUMMARIZE_TASK, weak=False, dispatch_uid="tierq.producer.stamp"
+        )
         #: the result backend's Redis (claims, token streams, run locks, dead letters); None if not Redis
         self.redis = backend_redis(settings)
         self.keys = Keys(settings.key_prefix)
@@ -110,17 +115,18 @@ _default_lock = threading.Lock()
 
 
 def default_producer() -> Producer:
-    """The producer the module-level functions use: from the environment, built on first use."""
+    """The producer the module-level functions use: from the environment, built on first use, with
+    the process's default Celery app (:func:`tierq.celery.app.get_app`)."""
     with _default_lock:
         if not _default:
-            _default.append(Producer(get_settings()))
+            _default.append(Producer(get_settings(), get_tier_table(), get_app()))
         return _default[0]
 
 
 #: Celery state → the status a producer sees
-_STATUS = {
+_STATUS: dict[str, JobStatus] = {
     "PENDING": "pending",  # queued, or unknown: Celery cannot tell the two apart
-    "RECEIVED": "queued",
+    "RECEIVED": "pending",
     "STARTED": "running",
     "RETRY": "retrying",
     "SUCCESS": "succeeded",
@@ -159,11 +165,6 @@ def _stamp_enqueued_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
 
 #: the last enqueue stamp this thread published, read back by ``submit``
 _stamped = threading.local()
-
-
-signals.before_task_publish.connect(
-    _stamp_enqueued_at, sender=SUMMARIZE_TASK, weak=False, dispatch_uid="tierq.producer.stamp"
-)
 
 
 def _expired(outcome: object) -> bool:
@@ -208,7 +209,7 @@ class Job:
     def __repr__(self) -> str:
         return f"Job(id={self.id!r})"
 
-    def status(self) -> str:
+    def status(self) -> JobStatus:
         """One of pending, running, retrying, succeeded, failed, refused, expired, cancelled, unknown
         (no job of this id was submitted or taken by a worker, or its records expired)."""
         with _reachable("result backend unavailable"):
@@ -220,7 +221,7 @@ class Job:
             guard = self._producer.guard
             if state == "PENDING" and guard is not None:
                 return guard.not_ended(self.id)
-        return _STATUS.get(state, state.lower())
+        return _STATUS.get(state, "unknown")
 
     def ready(self) -> bool:
         """Whether the job has ended, in success or failure."""
@@ -329,7 +330,7 @@ def submit(
     instructions: str | None = None,
     max_tokens: int | None = None,
     job_id: str | None = None,
-    metadata: dict[str, Any] | None = None,
+    metadata: Mapping[str, JsonValue] | None = None,
     *,
     stream: bool = False,
     deadline_s: float | None = None,
@@ -365,7 +366,7 @@ def submit(
         instructions,
         max_tokens,
         job_id or uuid.uuid4().hex,
-        metadata,
+        dict(metadata) if isinstance(metadata, Mapping) else metadata,
         stream,
         producer_id,
     )

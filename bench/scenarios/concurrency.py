@@ -74,7 +74,7 @@ def run(harness: Harness, options: Options) -> ScenarioResult:
     )
     with harness.stage("concurrency") as stage:
         sim = stage.start_sim(fixed_ttft_s=TTFT_S, fixed_total_s=CALL_S)
-        from tasks.tiers import load_tier_table
+        from tierq.contract.tiers import load_tier_table
 
         with contextlib.closing(harness.client()) as client:
             redis_pid = int(client.info("server")["process_id"])
@@ -116,7 +116,7 @@ def _one_run(
 ) -> dict[str, Any]:
     from bench import rawapp
     from bench.producer import EnqueueStamps, submit, wait_results
-    from worker.celery.app import app as tierq_app
+    from tierq.celery.app import app as tierq_app
 
     assert worker.node is not None
     raw = variant == "raw sleep"

@@ -117,8 +117,8 @@ def _get(handle: Any) -> Any:
 
 def _request_body(doc: str) -> dict[str, Any]:
     """The Messages request a fast-tier worker sends for ``doc`` (same model, limits, prompt)."""
-    from tasks.job import build_job, build_prompt
-    from worker.core.settings import get_tier_table
+    from tierq.contract.job import build_job, build_prompt
+    from tierq.core.settings import get_tier_table
 
     spec, tier = build_job(get_tier_table(), doc, "high", None, None, "bench-sse", None)
     body: dict[str, Any] = {

@@ -12,7 +12,7 @@ a flushed Redis:
 - **+ both**: the shipped defaults.
 
 Dollars are each job's ``cost_usd``: the simulator's token usage priced by the product's table
-(``worker/llm/prices.toml``: batch discount, cache writes and reads). The mix, per 100 jobs: 15
+(``tierq/llm/prices.toml``: batch discount, cache writes and reads). The mix, per 100 jobs: 15
 critical and 10 high (fast tier: short documents, no instructions), 35 normal (standard: a
 6,000-character document and one of three shared rubrics of ~3,000 characters), 10 low (slow: a
 20,000-character document and a rubric), 30 bulk (a 6,000-character document and a rubric). The
@@ -113,10 +113,10 @@ def _jobs(total: int) -> list[tuple[str, str, str | None]]:
 @contextlib.contextmanager
 def _deployment(stage: Stage, batches: bool, cache: bool) -> Iterator[tuple[Sim, Any]]:
     """A fresh simulator, the tiers' workers, and a producer of the same tiers file."""
-    from tasks.tiers import load_tier_table
+    from tierq.celery.app import make_app
+    from tierq.contract.tiers import load_tier_table
+    from tierq.core.settings import Settings
     from tierq.producer import Producer
-    from worker.celery.app import make_app
-    from worker.core.settings import Settings
 
     sim = stage.start_sim(time_scale=TIME_SCALE, jitter=0.0)
     tiers_file = stage.write_tiers("" if batches else '[urgencies]\nbulk = "standard"\n')
@@ -267,6 +267,6 @@ def _completion(result: ScenarioResult, both: _Run) -> None:
         )
     result.notes.append(
         "$/1k <urgency>: dollars per 1,000 jobs of that urgency; dollars: each job's cost_usd, the "
-        "simulator's token usage priced by worker/llm/prices.toml; the simulator's output length "
+        "simulator's token usage priced by tierq/llm/prices.toml; the simulator's output length "
         "follows the document, so the mix's dollars are a model of a workload, not an invoice"
     )

@@ -200,7 +200,7 @@ def _stop_pools(stage: Stage, pools: _Pools, client: redis.Redis) -> None:
 def _purge_queues(client: redis.Redis) -> None:
     """Every message of the two tiers' queues: waiting, held unacknowledged, in flight."""
     from bench.producer import delete_queue
-    from worker.store.keys import in_flight_keys, unacked_keys
+    from tierq.store.keys import in_flight_keys, unacked_keys
 
     for queue in (FAST_QUEUE, SLOW_QUEUE):
         delete_queue(client, queue)
@@ -226,15 +226,15 @@ class _Producers:
     reads them) and a Celery app that routes the tiers file's tiers."""
 
     def __init__(self, tiers_file: Path) -> None:
-        from tasks.tiers import load_tier_table
-        from worker.celery.app import make_app
+        from tierq.celery.app import make_app
+        from tierq.contract.tiers import load_tier_table
 
         self.tiers_file = tiers_file
         self.tiers = load_tier_table(tiers_file)
         self.app = make_app(self._settings(True), self.tiers)
 
     def _settings(self, limiter: bool) -> Any:
-        from worker.core.settings import Settings
+        from tierq.core.settings import Settings
 
         return Settings(rate_limit=limiter, rate_limits=WORKER_LIMITS, tiers_file=self.tiers_file)
 
@@ -278,7 +278,7 @@ class _Sampler:
     """Polls the simulator's ``/_sim/limits`` and the shared limiter's bucket for the model."""
 
     def __init__(self, sim: Sim, client: redis.Redis, started: float) -> None:
-        from worker.store.ratelimit import ModelLimits, SharedRateLimiter
+        from tierq.store.ratelimit import ModelLimits, SharedRateLimiter
 
         self.sim = sim
         self.limiter = SharedRateLimiter(client, ModelLimits.parse(WORKER_LIMITS))
@@ -333,7 +333,7 @@ class _Submitted:
 
     def submit(self, doc: str, urgency: str, producer_id: str, producer: Any) -> None:
         from bench.producer import submit
-        from tasks.errors import DeadlineUnmeetableError
+        from tierq.contract.errors import DeadlineUnmeetableError
 
         try:
             at = time.monotonic() - self.started
@@ -391,7 +391,7 @@ class _Burster:
 
 def _burst_main(tiers_file: str, limiter: bool, doc: str, count: int, ready: Any, go: Any, out: Any) -> None:
     """The burst process: build a producer, say ready, submit ``count`` slow jobs when told."""
-    from worker.ops.embedded import die_with_parent
+    from tierq.ops.embedded import die_with_parent
 
     die_with_parent()
     producer = _Producers(Path(tiers_file)).get(limiter)
@@ -416,7 +416,7 @@ def _phase(
     burst: bool,
 ) -> dict[str, Any]:
     """One window: the slow burst (if any) at its start, fast jobs steadily through it."""
-    from worker.store.ratelimit import LimiterStats
+    from tierq.store.ratelimit import LimiterStats
 
     burster = _Burster(producers.tiers_file, pools.limiter, slow_doc, plan.burst_jobs) if burst else None
     try:

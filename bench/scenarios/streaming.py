@@ -15,7 +15,7 @@ from bench.docs import make_doc
 from bench.harness import Harness
 from bench.result import Options, ScenarioResult, Target
 from bench.stats import median, summarize
-from tasks.result import JobResult
+from tierq.contract.result import JobResult
 
 __all__ = ["TITLE", "run"]
 

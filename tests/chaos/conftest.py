@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from simulator import SimConfig
 from tests.chaos.harness import (
     SIM_TIME_SCALE,
     TIERS_TOML,
@@ -28,8 +27,9 @@ from tests.chaos.harness import (
     Tally,
     clean_env,
 )
-from worker.ops.embedded import EmbeddedRedis
-from worker.store.keys import Keys
+from tierq.ops.embedded import EmbeddedRedis
+from tierq.sim import SimConfig
+from tierq.store.keys import Keys
 
 #: one row per scenario, printed as a table at the end of the run
 ROWS: list[Tally] = []

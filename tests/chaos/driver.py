@@ -15,8 +15,14 @@ import sys
 import time
 from typing import Any
 
-from tasks.errors import BrokerUnavailableError, JobExpiredError, JobFailedError, JobTimeoutError, TierqError
 from tierq import get_job, submit
+from tierq.contract.errors import (
+    BrokerUnavailableError,
+    JobExpiredError,
+    JobFailedError,
+    JobTimeoutError,
+    TierqError,
+)
 
 
 def _submit(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,7 +86,7 @@ def _outcome(ids: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _publish(body_b64: str, content_type: str, headers: dict[str, Any], queue: str) -> None:
-    from worker.celery.app import app
+    from tierq.celery.app import app
 
     with app.connection_for_write() as conn:
         conn.Producer().publish(
@@ -94,8 +100,8 @@ def _publish(body_b64: str, content_type: str, headers: dict[str, Any], queue: s
 
 
 def _dead_letters(ids: list[str]) -> dict[str, dict[str, Any] | None]:
-    from worker.core.settings import get_settings
-    from worker.store.deadletter import DeadLetterStore
+    from tierq.core.settings import get_settings
+    from tierq.store.deadletter import DeadLetterStore
 
     store = DeadLetterStore.from_settings(get_settings())
     if store is None:

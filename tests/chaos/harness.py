@@ -2,7 +2,7 @@
 completed streams, real worker subprocesses that may be killed, and a producer subprocess.
 
 Nothing here touches the main test session's Redis or simulator: this process's settings
-(``worker.core.settings.get_settings`` is read once) belong to the main session, so every tierq call on
+(``tierq.core.settings.get_settings`` is read once) belong to the main session, so every tierq call on
 the producer side runs in a subprocess (``tests/chaos/driver.py``) with the chaos environment.
 """
 
@@ -28,8 +28,8 @@ from typing import Any
 import redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from simulator import SimConfig, SimServer
 from tests.helpers import spawn, wait_until
+from tierq.sim import SimConfig, SimServer
 
 #: the chaos simulator runs 10x faster than the published model speeds
 SIM_TIME_SCALE = 0.1
@@ -193,7 +193,7 @@ class ChaosSim(SimServer):
 
 
 class ChaosWorker:
-    """``python -m worker worker --tier T --name N``; stdout and stderr (JSON lines) go to a file."""
+    """``python -m tierq worker --tier T --name N``; stdout and stderr (JSON lines) go to a file."""
 
     def __init__(
         self, tier: str, name: str, env: dict[str, str], log_path: Path, concurrency: int | None = None
@@ -204,7 +204,7 @@ class ChaosWorker:
         self._log = log_path.open("wb")
         threads = [] if concurrency is None else ["--concurrency", str(concurrency)]
         self.proc = spawn(
-            "worker",
+            "tierq",
             ["worker", "--tier", tier, "--name", self.node, *threads],
             env,
             inherit_env=False,

@@ -22,7 +22,7 @@ from tests.chaos.harness import (
     unacked_ids,
 )
 from tests.helpers import wait_until
-from worker.store.streams import StreamEntry, read_entries
+from tierq.store.streams import StreamEntry, read_entries
 
 
 def _completed_lines(workers: list[ChaosWorker], job_id: str) -> int:

@@ -9,7 +9,7 @@ import pytest
 from tests.chaos.conftest import Chaos, Pool
 from tests.chaos.harness import LONG_TOKENS, ChaosWorker, Producer, document, new_id, new_tag, queued, tally
 from tests.helpers import wait_until
-from worker.store.keys import Keys
+from tierq.store.keys import Keys
 
 #: what Celery's consumer logs when its broker connection breaks
 BROKER_LOST = "Connection to broker lost"

@@ -12,8 +12,8 @@ import pytest
 from tests.chaos.conftest import Chaos, Pool
 from tests.chaos.harness import Producer, document, new_id, new_tag, queued, tally
 from tests.helpers import run_tierq, wait_until
-from worker.core.settings import MAX_CRASHES
-from worker.store.keys import Keys
+from tierq.core.settings import MAX_CRASHES
+from tierq.store.keys import Keys
 
 #: the chaos tiers file gives the standard tier max_retries = 1: a job may start 1 + 1 + MAX_CRASHES
 #: times; the next start gives it up

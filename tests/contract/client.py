@@ -47,8 +47,8 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 
 def _dead_letter(job_id: str, wait_s: float) -> dict[str, Any] | None:
-    from worker.core.settings import get_settings
-    from worker.store.deadletter import DeadLetterStore
+    from tierq.core.settings import get_settings
+    from tierq.store.deadletter import DeadLetterStore
 
     store = DeadLetterStore.from_settings(get_settings())
     if store is None:
@@ -84,7 +84,7 @@ def run(specs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def ping(nodes: list[str], timeout: float = PING_TIMEOUT_S) -> bool:
     """Whether every node answered a ping within ``timeout`` seconds."""
-    from worker.celery.app import app
+    from tierq.celery.app import app
 
     def answered() -> bool:
         replies = app.control.ping(destination=nodes, timeout=0.5)  # its 0.5 s paces the tries

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from simulator import SimServer
-from tasks import errors
 from tests.conftest import WorkerProcess
 from tests.contract.conftest import DOC, TEXTS, Outcome
 from tests.contract.replay import ReplayServer
 from tests.helpers import wait_until
 from tierq import submit
+from tierq.contract import errors
+from tierq.sim import SimServer
 
 #: Haiku 4.5, US dollars per million tokens: $1 in, $5 out, cache reads 0.1x input (FINDINGS.md, pricing page)
 HAIKU_IN, HAIKU_OUT, HAIKU_CACHE_READ = 1.00, 5.00, 0.10

@@ -18,9 +18,9 @@ from typing import Any
 import anthropic
 import pytest
 
-from simulator import SimServer
 from tests.contract import shapes
 from tests.contract.replay import ReplayServer
+from tierq.sim import SimServer
 
 #: bytes over the Messages API's 32 MB request limit
 OVER_32_MB = 32 * 1024 * 1024 + 1024

@@ -1,0 +1,5 @@
+"""``python -m tierq``: the ``tierq`` command."""
+
+from tierq.ops.cli import main
+
+main()
