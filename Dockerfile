@@ -25,9 +25,6 @@ RUN pip install --upgrade pip 'uv==0.13.10' \
     && pip uninstall --yes uv
 # then the project itself
 COPY tierq ./tierq
-COPY worker ./worker
-COPY tasks ./tasks
-COPY simulator ./simulator
 RUN pip install --no-deps '.' \
     && tierq --help >/dev/null
 

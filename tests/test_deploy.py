@@ -275,7 +275,7 @@ def test_dockerfile() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     packages = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
     copied = {src for c in dockerfile("COPY") if not c.startswith("--from") for src in c.split()[:-1]}
-    for needed in ["pyproject.toml", "README.md", *packages]:
+    for needed in ["pyproject.toml", "uv.lock", "README.md", *packages]:
         assert needed in copied, f"the Dockerfile does not copy {needed}"
     # no secret baked in
     for assignment in [*env, *dockerfile("ARG")]:
@@ -291,7 +291,7 @@ def test_dockerignore_keeps_the_build_inputs() -> None:
     ]
     for excluded in (".venv", ".git", ".pytest_cache", "**/__pycache__", ".env"):
         assert excluded in patterns
-    needs = ("pyproject.toml", "README.md", "worker", "tasks", "simulator", "tierq", "tierq/ops/cli.py")
+    needs = ("pyproject.toml", "uv.lock", "README.md", "tierq", "tierq/ops/cli.py", "tierq/sim/catalogue.toml")
     for needed in needs:
         hits = [p for p in patterns if not p.startswith("!") and fnmatch.fnmatch(needed, p)]
         assert not hits, f".dockerignore drops {needed} ({hits})"
