@@ -25,6 +25,9 @@ from tierq.llm.pricing import cost_usd
 from tierq.sim import SimServer
 from tierq.store.deadletter import DeadLetterStore
 
+#: a deployment of its own, or processes killed and restarted: in `make test`, not `make check`
+pytestmark = pytest.mark.slow
+
 DOC = " ".join(f"Sentence {i} of a document that can wait a day for its summary." for i in range(30))
 #: seconds a job of these tests may take: gathering, the scaled batch, polls, and a retry's second batch
 RESULT_TIMEOUT_S = 90

@@ -33,6 +33,9 @@ from tierq.runtime.context import Context
 from tierq.sim import SimServer
 from tierq.store.batches import BatchRecord, Parked
 
+#: a deployment of its own, or processes killed and restarted: in `make test`, not `make check`
+pytestmark = pytest.mark.slow
+
 DOC = " ".join(f"Sentence {i} of a document that can wait a day for its summary." for i in range(30))
 RESULT_TIMEOUT_S = 90
 

@@ -291,7 +291,14 @@ def test_dockerignore_keeps_the_build_inputs() -> None:
     ]
     for excluded in (".venv", ".git", ".pytest_cache", "**/__pycache__", ".env"):
         assert excluded in patterns
-    needs = ("pyproject.toml", "uv.lock", "README.md", "tierq", "tierq/ops/cli.py", "tierq/sim/catalogue.toml")
+    needs = (
+        "pyproject.toml",
+        "uv.lock",
+        "README.md",
+        "tierq",
+        "tierq/ops/cli.py",
+        "tierq/sim/catalogue.toml",
+    )
     for needed in needs:
         hits = [p for p in patterns if not p.startswith("!") and fnmatch.fnmatch(needed, p)]
         assert not hits, f".dockerignore drops {needed} ({hits})"

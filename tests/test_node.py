@@ -34,6 +34,9 @@ from tests.conftest import WorkerProcess
 from tests.helpers import ROOT, spawn, wait_until
 from tierq.ops.embedded import free_port
 
+#: a deployment of its own, or processes killed and restarted: in `make test`, not `make check`
+pytestmark = pytest.mark.slow
+
 NODE_DIR = ROOT / "tests" / "node"
 #: seconds ``npm ci`` may take (a cold cache fetches ~30 small packages)
 NPM_TIMEOUT_S = 60

@@ -35,7 +35,7 @@ DOC = " ".join(
     f"Point {i}: quorum queues keep a job when a broker node or a worker goes away." for i in range(40)
 )
 
-pytestmark = pytest.mark.skipif(not AMQP_URL, reason="TIERQ_TEST_AMQP_URL is not set")
+pytestmark = [pytest.mark.skipif(not AMQP_URL, reason="TIERQ_TEST_AMQP_URL is not set"), pytest.mark.slow]
 
 
 class Amqp:

@@ -29,6 +29,9 @@ from tierq.sim import SimConfig, SimServer
 from tierq.sim.ratelimit import Limits
 from tierq.store.ratelimit import LimiterStats
 
+#: a deployment of its own, or processes killed and restarted: in `make test`, not `make check`
+pytestmark = pytest.mark.slow
+
 PREFIX = f"{KEY_PREFIX}rl-"
 #: the simulator's limits per model, and the same as the deployment configures them
 SIM_LIMITS = "rpm=120,itpm=10000000,otpm=10000000"

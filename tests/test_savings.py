@@ -27,6 +27,9 @@ from tierq.llm.caching import REUSE_WINDOW_S, CachePlanner
 from tierq.llm.client import LLMRequest, message_params
 from tierq.llm.pricing import cost_usd
 
+#: a deployment of its own, or processes killed and restarted: in `make test`, not `make check`
+pytestmark = pytest.mark.slow
+
 PREFIX = f"{KEY_PREFIX}savings-"
 TIERS = """
 [tiers.standard]

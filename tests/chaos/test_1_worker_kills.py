@@ -24,6 +24,9 @@ from tests.chaos.harness import (
 from tests.helpers import wait_until
 from tierq.store.streams import StreamEntry, read_entries
 
+#: a deployment of its own, or processes killed and restarted: in `make test`, not `make check`
+pytestmark = pytest.mark.slow
+
 
 def _completed_lines(workers: list[ChaosWorker], job_id: str) -> int:
     return sum(len(w.events_for(job_id, "summarize.completed")) for w in workers)

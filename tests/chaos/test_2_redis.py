@@ -11,6 +11,9 @@ from tests.chaos.harness import LONG_TOKENS, ChaosWorker, Producer, document, ne
 from tests.helpers import wait_until
 from tierq.store.keys import Keys
 
+#: a deployment of its own, or processes killed and restarted: in `make test`, not `make check`
+pytestmark = pytest.mark.slow
+
 #: what Celery's consumer logs when its broker connection breaks
 BROKER_LOST = "Connection to broker lost"
 

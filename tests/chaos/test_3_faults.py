@@ -10,6 +10,9 @@ import pytest
 from tests.chaos.conftest import Chaos, Pool
 from tests.chaos.harness import Producer, document, new_id, new_tag, tally
 
+#: a deployment of its own, or processes killed and restarted: in `make test`, not `make check`
+pytestmark = pytest.mark.slow
+
 #: case → (simulator faults for the job, submit options, expected status, expected error type)
 CASES: dict[str, tuple[list[str], dict[str, Any], str, str | None]] = {
     "500": (["500"], {}, "succeeded", None),

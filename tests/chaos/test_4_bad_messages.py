@@ -15,6 +15,9 @@ from tests.helpers import run_tierq, wait_until
 from tierq.core.settings import MAX_CRASHES
 from tierq.store.keys import Keys
 
+#: a deployment of its own, or processes killed and restarted: in `make test`, not `make check`
+pytestmark = pytest.mark.slow
+
 #: the chaos tiers file gives the standard tier max_retries = 1: a job may start 1 + 1 + MAX_CRASHES
 #: times; the next start gives it up
 STANDARD_MAX_RETRIES = 1

@@ -12,6 +12,9 @@ from tests.chaos.conftest import Chaos, Pool
 from tests.chaos.harness import ChaosWorker, Producer, document, new_id, new_tag, tally
 from tests.helpers import wait_until
 
+#: a deployment of its own, or processes killed and restarted: in `make test`, not `make check`
+pytestmark = pytest.mark.slow
+
 
 def _needles(chaos: Chaos) -> dict[str, str]:
     return {s: "document or message text" for s in chaos.secrets} | {chaos.api_key: "API key"}

@@ -27,6 +27,9 @@ from tests.chaos.harness import (
 )
 from tests.helpers import wait_until
 
+#: a deployment of its own, or processes killed and restarted: in `make test`, not `make check`
+pytestmark = pytest.mark.slow
+
 #: the fast tier's recovery target (issue 12): p99 seconds from kill -9 to running again
 FAST_RECOVERY_P99_S = 5.0
 #: seconds each first call stalls: far longer than any recovery, shorter than the fast deadline
