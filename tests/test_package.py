@@ -55,7 +55,11 @@ def test_the_wheel_ships_one_top_level_package(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"tierq", wheel.name.split("-py3")[0] + ".dist-info"}
     # the data files the code reads at run time travel with it
-    assert {"tierq/llm/prices.toml", "tierq/sim/catalogue.toml"} <= set(names)
+    assert {
+        "tierq/llm/prices.toml",
+        "tierq/sim/catalogue.toml",
+        "tierq/store/lua/ratelimit_reserve.lua",
+    } <= set(names)
 
 
 def test_import_does_nothing_and_a_bad_tiers_file_fails_at_first_use(

@@ -14,9 +14,9 @@ import anthropic
 import httpx2
 import pytest
 from anthropic.types import Message
-from simulator.__main__ import parse_args
 
 from tierq.sim import SimConfig, SimServer
+from tierq.sim.__main__ import parse_args
 from tierq.sim.faults import Fault
 from tierq.sim.latency import LatencyModel, profile_for
 from tierq.sim.state import SimState

@@ -11,11 +11,11 @@ from typing import Any
 
 import anthropic
 import pytest
-from simulator.__main__ import parse_args
 from typer.testing import CliRunner
 
 from tests.helpers import FakeClock, wait_until
 from tierq.sim import SimConfig, SimServer
+from tierq.sim.__main__ import parse_args
 from tierq.sim.ratelimit import DEFAULT_LIMITS, Limits
 
 MODEL = "claude-haiku-4-5"

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tierq.contract.job import JobSpec
 from tierq.contract.tiers import BatchPolicy
 from tierq.store.keys import Keys
+from tierq.store.scripts import lua
 
 __all__ = ["BatchRecord", "BatchStore", "Parked", "custom_id_for"]
 
@@ -43,26 +44,6 @@ BATCH_TTL_S = 3 * 86_400
 #: ``custom_id`` (https://platform.claude.com/docs/en/api/messages/batches/create): 1 to 64
 #: letters, digits, ``_`` or ``-``
 _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-
-# park a job once: a redelivered message finds its record and adds nothing
-_PARK = """
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('zadd', KEYS[2], ARGV[3], ARGV[4])
-  redis.call('hset', KEYS[3], ARGV[4], ARGV[5])
-  return 1
-end
-return 0
-"""
-
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-_UNLOCK = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
 
 #: job records read per round trip
 _CHUNK = 256
@@ -137,9 +118,9 @@ class BatchStore:
     def __init__(self, client: redis.Redis, key_prefix: str = "") -> None:
         self.client = client
         self.keys = Keys(key_prefix)
-        self._park = client.register_script(_PARK)
-        self._renew = client.register_script(_RENEW)
-        self._unlock_script = client.register_script(_UNLOCK)
+        self._park = client.register_script(lua("batch_park"))
+        self._renew = client.register_script(lua("renew_if_owner"))
+        self._unlock_script = client.register_script(lua("release_if_owner"))
 
     # --- keys --------------------------------------------------------------------------------------
     def _job(self, job_id: str) -> str:

@@ -30,17 +30,13 @@ from tierq.core.cancel import CancelToken
 from tierq.core.settings import DEFAULT_LEASE_S
 from tierq.observe.logging import get_logger
 from tierq.store.keys import Keys
+from tierq.store.scripts import lua
 
 __all__ = ["Begin", "RunGuard"]
 #: seconds between a waiting duplicate's looks at the lock and the result
 WAIT_POLL_S = 0.25
 #: seconds an attempt keeps trying to record its result while Redis is away
 RECORD_RETRY_S = 60.0
-
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
 
 _log = get_logger("tierq.guard")
 
@@ -77,7 +73,7 @@ class RunGuard:
         #: run locks this process holds: lock key → (the job's cancel mark, its token)
         self._held: dict[str, tuple[str, CancelToken]] = {}
         self._lock = threading.Lock()
-        self._release = client.register_script(_RELEASE)
+        self._release = client.register_script(lua("release_if_owner"))
         self._beating = False
 
     def claim(self, job_id: str, fingerprint: str, ttl_s: int) -> str | None:

@@ -39,6 +39,7 @@ import redis
 from tierq.contract.errors import ConfigError
 from tierq.core.settings import Settings
 from tierq.store.keys import Keys
+from tierq.store.scripts import lua
 
 __all__ = [
     "KINDS",
@@ -60,186 +61,6 @@ _HEADER_NAMES = {"requests": "requests", "input_tokens": "input-tokens", "output
 WINDOW_S = 60.0
 #: seconds the per-minute counts (``Keys.rate_limit_stats``) are kept
 STATS_TTL_S = 3 * 3600
-
-
-# What the reserve and peek scripts start from: Redis's clock, the kinds, when the model's buckets
-# were last brought up to date, and until when a 429 holds it.
-_PRELUDE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local kinds = {'requests', 'input_tokens', 'output_tokens'}
-local at = tonumber(redis.call('HGET', KEYS[1], 'at')) or now
-local blocked = tonumber(redis.call('HGET', KEYS[1], 'blocked_until')) or 0
-"""
-
-# KEYS[1]: the model's hash; KEYS[2] (optional): the tier's fair-share hash for the model. ARGV:
-# need per kind (3), floor fraction, limit per kind (3, the configured ones: the hash's learned ones
-# win); with KEYS[2]: the producer, its weight, then the usage half-life, the seconds a producer
-# counts as active (since its last reserve) and as waiting (since its last refusal), the wait a
-# producer over its share is given, and how many producers are kept apart. Returns {granted 0|1,
-# seconds to wait as a string} (-1: the need exceeds a limit, it never fits).
-_RESERVE = (
-    _PRELUDE
-    + """
-local floor = tonumber(ARGV[4])
-local level, limit = {}, {}
-local wait, fits = 0, true
-for i, kind in ipairs(kinds) do
-  limit[i] = tonumber(redis.call('HGET', KEYS[1], 'limit:' .. kind)) or tonumber(ARGV[4 + i])
-  local stored = tonumber(redis.call('HGET', KEYS[1], kind)) or limit[i]
-  level[i] = math.min(limit[i], stored + math.max(0, now - at) * limit[i] / 60)
-  local need = tonumber(ARGV[i])
-  if need > limit[i] * (1 - floor) then
-    return {0, '-1'}
-  end
-  local room = level[i] - floor * limit[i]
-  if need > room then
-    fits = false
-    wait = math.max(wait, (need - room) * 60 / limit[i])
-  end
-end
-if blocked > now then
-  fits = false
-  wait = math.max(wait, blocked - now)
-end
-local held_back, spread, horizon_key = false, 1, 'horizon:' .. ARGV[4]
-if KEYS[2] then
-  -- weighted fair share between the tier's producers: each producer's grants decay with a
-  -- half-life; one that holds more than its weight's share of the active producers' usage is
-  -- held back while another producer waits (was refused lately)
-  local me, weight = ARGV[8], tonumber(ARGV[9])
-  if redis.call('HEXISTS', KEYS[2], me) == 0 and redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[14]) then
-    me = '-'  -- past the producers a tier keeps apart (a sender names its own): share the anonymous one
-  end
-  local half_life, active_s = tonumber(ARGV[10]), tonumber(ARGV[11])
-  local waiting_s, fair_wait = tonumber(ARGV[12]), tonumber(ARGV[13])
-  local used, denied = 0, 0
-  local total_w, total_u, others_wait, waiting_w = weight, 0, false, weight
-  local raw = redis.call('HGETALL', KEYS[2])
-  for i = 1, #raw, 2 do
-    local u, t0, w, seen, refused = string.match(raw[i + 1], '^([^,]+),([^,]+),([^,]+),([^,]+),([^,]+)$')
-    if u then
-      local decayed = tonumber(u) * math.pow(0.5, math.max(0, now - tonumber(t0)) / half_life)
-      if raw[i] == me then
-        used, denied = decayed, tonumber(refused)
-        total_u = total_u + decayed
-      elseif tonumber(seen) >= now - active_s then
-        total_w = total_w + tonumber(w)
-        total_u = total_u + decayed
-        -- waiting: refused lately, or holding appointments still to come round
-        local ahead = tonumber(redis.call('HGET', KEYS[1], horizon_key .. ':' .. raw[i])) or 0
-        if tonumber(refused) >= now - waiting_s or ahead > now then
-          others_wait, waiting_w = true, waiting_w + tonumber(w)
-        end
-      elseif tonumber(seen) < now - 600 then
-        redis.call('HDEL', KEYS[2], raw[i])
-      end
-    end
-  end
-  -- held back only where it matters: the grant would leave no room for a waiting one's request
-  local scarce = false
-  for i = 1, 3 do
-    if level[i] - floor * limit[i] < 2 * tonumber(ARGV[i]) then scarce = true end
-  end
-  if fits and scarce and others_wait and total_u > 0 and used + 1 > total_u * weight / total_w + 1 then
-    fits, held_back = false, true
-    wait = math.max(wait, fair_wait)
-  end
-  if fits then used = used + 1 else denied = now end
-  -- each producer's appointments are spaced by its share of the producers waiting now: waiting
-  -- producers' jobs come back interleaved, and a producer alone is spaced by what it needs
-  spread, horizon_key = waiting_w / weight, horizon_key .. ':' .. me
-  redis.call('HSET', KEYS[2], me, string.format('%.4f,%.6f,%.3f,%.6f,%.6f', used, now, weight, now, denied))
-  redis.call('EXPIRE', KEYS[2], 3600)
-end
-if not fits and not held_back then
-  -- an appointment: the refused of one floor (and producer) are spaced by what each needs, so a
-  -- backlog comes back one by one as the buckets refill instead of all at the first refill
-  local spacing = 0
-  for i = 1, 3 do spacing = math.max(spacing, tonumber(ARGV[i]) * 60 / limit[i]) end
-  local horizon = tonumber(redis.call('HGET', KEYS[1], horizon_key)) or 0
-  local appointment = now + wait
-  if horizon > now then appointment = math.max(appointment, horizon + spacing * spread) end
-  redis.call('HSET', KEYS[1], horizon_key, tostring(appointment))
-  wait = appointment - now
-end
-for i, kind in ipairs(kinds) do
-  if fits then level[i] = level[i] - tonumber(ARGV[i]) end
-  redis.call('HSET', KEYS[1], kind, tostring(level[i]))
-end
-redis.call('HSET', KEYS[1], 'at', tostring(now))
-redis.call('EXPIRE', KEYS[1], 3600)
-if fits then return {1, '0'} end
-return {0, tostring(wait)}
-"""
-)
-
-# KEYS[1]: the model's hash. ARGV: amount per kind (3) to give back. Levels never pass the limits.
-_REFUND = """
-local kinds = {'requests', 'input_tokens', 'output_tokens'}
-for i, kind in ipairs(kinds) do
-  local amount = tonumber(ARGV[i])
-  local level = tonumber(redis.call('HGET', KEYS[1], kind))
-  local limit = tonumber(redis.call('HGET', KEYS[1], 'limit:' .. kind)) or tonumber(ARGV[3 + i])
-  if amount > 0 and level then
-    redis.call('HSET', KEYS[1], kind, tostring(math.min(limit, level + amount)))
-  end
-end
-return 1
-"""
-
-# KEYS[1]: the model's hash. ARGV: per kind (3) the API's remaining (or ''), then per kind its
-# limit (or ''). Lowers each level to the API's remaining; learns the limits.
-_CORRECT = """
-local kinds = {'requests', 'input_tokens', 'output_tokens'}
-for i, kind in ipairs(kinds) do
-  local limit = tonumber(ARGV[3 + i])
-  if limit and limit > 0 then redis.call('HSET', KEYS[1], 'limit:' .. kind, tostring(limit)) end
-  local remaining = tonumber(ARGV[i])
-  if remaining then
-    local level = tonumber(redis.call('HGET', KEYS[1], kind))
-    if level == nil or remaining < level then
-      redis.call('HSET', KEYS[1], kind, tostring(remaining))
-    end
-  end
-end
-if redis.call('HEXISTS', KEYS[1], 'at') == 0 then
-  local t = redis.call('TIME')
-  redis.call('HSET', KEYS[1], 'at', tostring(tonumber(t[1]) + tonumber(t[2]) / 1000000))
-end
-redis.call('EXPIRE', KEYS[1], 3600)
-return 1
-"""
-
-# KEYS[1]: the model's hash. ARGV[1]: seconds. Holds the model until then (never shortens a hold).
-_BLOCK = """
-local t = redis.call('TIME')
-local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
-local current = tonumber(redis.call('HGET', KEYS[1], 'blocked_until')) or 0
-if until_ > current then redis.call('HSET', KEYS[1], 'blocked_until', tostring(until_)) end
-redis.call('EXPIRE', KEYS[1], 3600)
-return 1
-"""
-
-
-# KEYS[1]: the model's hash. ARGV: limit per kind (3, the configured ones), an appointments field.
-# Returns, without changing anything, per kind the level now (refilled) and the limit, then the
-# seconds the model is held for and until that field's last appointment, all as strings.
-_PEEK = (
-    _PRELUDE
-    + """
-local out = {}
-for i, kind in ipairs(kinds) do
-  local limit = tonumber(redis.call('HGET', KEYS[1], 'limit:' .. kind)) or tonumber(ARGV[i])
-  local stored = tonumber(redis.call('HGET', KEYS[1], kind)) or limit
-  out[i] = tostring(math.min(limit, stored + math.max(0, now - at) * limit / 60))
-  out[3 + i] = tostring(limit)
-end
-out[7] = tostring(math.max(0, blocked - now))
-out[8] = tostring(math.max(0, (tonumber(redis.call('HGET', KEYS[1], ARGV[4])) or 0) - now))
-return out
-"""
-)
 
 
 #: the fair share's producer for jobs that name none
@@ -359,11 +180,11 @@ class SharedRateLimiter:
         self.limits = limits
         self.weights = dict(weights or {})
         self.keys = Keys(key_prefix)
-        self._reserve = client.register_script(_RESERVE)
-        self._refund = client.register_script(_REFUND)
-        self._correct = client.register_script(_CORRECT)
-        self._block = client.register_script(_BLOCK)
-        self._peek = client.register_script(_PEEK)
+        self._reserve = client.register_script(lua("ratelimit_prelude", "ratelimit_reserve"))
+        self._refund = client.register_script(lua("ratelimit_refund"))
+        self._correct = client.register_script(lua("ratelimit_correct"))
+        self._block = client.register_script(lua("ratelimit_block"))
+        self._peek = client.register_script(lua("ratelimit_prelude", "ratelimit_peek"))
 
     @classmethod
     def from_settings(cls, client: redis.Redis | None, settings: Settings) -> SharedRateLimiter | None:
@@ -407,7 +228,7 @@ class SharedRateLimiter:
         it rides on a round trip the caller makes anyway. Sent as EVAL: a script object in a
         pipeline costs redis-py a SCRIPT EXISTS round trip of its own."""
         keys, args = self._reserve_call(model, input_tokens, output_tokens, floor, share)
-        pipe.eval(_RESERVE, len(keys), *keys, *args)
+        pipe.eval(lua("ratelimit_prelude", "ratelimit_reserve"), len(keys), *keys, *args)
 
     def reservation(self, model: str, input_tokens: int, output_tokens: int, reply: object) -> Reservation:
         """The :class:`Reservation` a reserve script's reply grants (or refuses)."""
@@ -493,12 +314,12 @@ class SharedRateLimiter:
         pipe = self.client.pipeline(transaction=False)
         correction = _correction(headers or {})
         if correction is not None:
-            pipe.eval(_CORRECT, 1, key, *correction)
+            pipe.eval(lua("ratelimit_correct"), 1, key, *correction)
         back = [0, reservation.input_tokens - input_tokens, reservation.output_tokens - output_tokens]
         if reservation.granted and (back[1] > 0 or back[2] > 0):
-            pipe.eval(_REFUND, 1, key, *back, *self.limits.as_args())
+            pipe.eval(lua("ratelimit_refund"), 1, key, *back, *self.limits.as_args())
         if rate_limited_s is not None and rate_limited_s > 0:
-            pipe.eval(_BLOCK, 1, key, rate_limited_s)
+            pipe.eval(lua("ratelimit_block"), 1, key, rate_limited_s)
         counts = {f"calls:{tier}": 1, f"reserved_input:{reservation.model}": reservation.input_tokens}
         counts[f"reserved_output:{reservation.model}"] = reservation.output_tokens
         counts[f"used_input:{reservation.model}"] = input_tokens
