@@ -37,8 +37,12 @@ class EnqueueStamps:
     def __init__(self) -> None:
         from celery import signals
 
-        import tierq.producer  # noqa: F401 - its stamping handler must be connected first
         from tierq.contract.job import ENQUEUED_AT_HEADER, SUMMARIZE_TASK
+        from tierq.producer import default_producer
+
+        # the producer connects its stamping handler as it is built: before this one, so the
+        # stamp is set when this one runs
+        default_producer()
 
         self._header = ENQUEUED_AT_HEADER
         self._stamps: dict[str, float] = {}

@@ -14,7 +14,9 @@ import subprocess
 import tempfile
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,10 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import SIM_TODAY, spawn, wait_until
+from tierq import Producer
+from tierq.celery.app import make_app
+from tierq.contract.tiers import load_tier_table
+from tierq.core.settings import Settings
 from tierq.ops.embedded import EmbeddedRedis, free_port
 from tierq.sim import SimConfig, SimServer
 
@@ -219,3 +225,61 @@ def workers(tmp_dir: Path) -> Iterator[dict[str, WorkerProcess]]:
     finally:
         for proc in procs.values():
             proc.stop()
+
+
+@dataclass
+class Deployment:
+    """A deployment of a test module's own: its key prefix, tiers file and environment, its Celery
+    app and producer, and worker processes started with that environment."""
+
+    prefix: str
+    env: dict[str, str]
+    settings: Settings
+    app: Celery
+    producer: Producer
+    workers: dict[str, WorkerProcess]
+    redis: redis.Redis
+
+
+@contextmanager
+def own_deployment(
+    name: str,
+    tmp_dir: Path,
+    redis_url: str,
+    tiers_toml: str,
+    pools: Mapping[str, list[str]],
+    env: Mapping[str, str] | None = None,
+) -> Iterator[Deployment]:
+    """Start one worker process per ``pools`` entry (node name → its tiers) under the key prefix
+    ``<run prefix><name>-`` with ``tiers_toml`` and ``env`` (``TIERQ_*``, ``ANTHROPIC_BASE_URL``) on
+    top of the session's; wait until each answers; at the end kill them and remove the prefix's keys.
+    The producer is built from the same settings, as a service's would be."""
+    prefix = f"{KEY_PREFIX}{name}-"
+    tiers_file = tmp_dir / f"tiers-{name}.toml"
+    tiers_file.write_text(tiers_toml, encoding="utf-8")
+    full_env = {"TIERQ_KEY_PREFIX": prefix, "TIERQ_TIERS_FILE": str(tiers_file), **(env or {})}
+    fields: dict[str, Any] = {
+        k.removeprefix("TIERQ_").lower(): v for k, v in full_env.items() if k.startswith("TIERQ_")
+    }
+    if "ANTHROPIC_BASE_URL" in full_env:
+        fields["anthropic_base_url"] = full_env["ANTHROPIC_BASE_URL"]
+    settings = Settings(**fields)
+    tiers = load_tier_table(tiers_file)
+    app = make_app(settings, tiers)
+    workers = {
+        node: WorkerProcess(served, tmp_dir / f"worker-{name}-{node}.log", full_env, name=f"{name}-{node}")
+        for node, served in pools.items()
+    }
+    client = redis.Redis.from_url(redis_url)
+    try:
+        wait_for_nodes([w.node for w in workers.values()], list(workers.values()), app=app)
+        yield Deployment(prefix, full_env, settings, app, Producer(settings, tiers, app), workers, client)
+    finally:
+        for worker in workers.values():
+            worker.proc.kill()
+        for worker in workers.values():
+            worker.stop()
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()

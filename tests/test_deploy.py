@@ -759,13 +759,13 @@ def test_prometheus_scrapes_the_workers() -> None:
         assert target.rsplit(":", 1)[0] in services, f"{target} is not a compose service"
 
 
-def test_the_readme_configuration_table_lists_every_setting() -> None:
+def test_the_configuration_table_lists_every_setting() -> None:
     from pydantic import AliasChoices
 
     from tierq.core.settings import Settings
 
-    table = (ROOT / "README.md").read_text(encoding="utf-8").split("## Configuration", 1)[1]
+    table = (ROOT / "docs" / "running.md").read_text(encoding="utf-8").split("## Configuration", 1)[1]
     for name, field in Settings.model_fields.items():
         alias = field.validation_alias
         names = alias.choices if isinstance(alias, AliasChoices) else [f"TIERQ_{name.upper()}"]
-        assert any(f"`{env}`" in table for env in names), f"README's configuration table lacks {names[0]}"
+        assert any(f"`{env}`" in table for env in names), f"docs/running.md lacks {names[0]}"

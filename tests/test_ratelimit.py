@@ -34,8 +34,9 @@ from tierq.core.tokens import estimate_tokens
 from tierq.llm.client import LLMRequest
 from tierq.producer import Producer
 from tierq.runtime import capacity
+from tierq.runtime.attempt import Attempt, JobRef
 from tierq.runtime.context import Context
-from tierq.runtime.jobs import Attempt, JobRef, run_attempt
+from tierq.runtime.jobs import run_attempt
 from tierq.sim import SimServer
 from tierq.sim.ratelimit import DEFAULT_LIMITS
 from tierq.store.ratelimit import (

@@ -13,16 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 from celery import Celery
 
-from tests.conftest import KEY_PREFIX, WorkerProcess, wait_for_nodes
+from tests.conftest import KEY_PREFIX, WorkerProcess, own_deployment
 from tests.helpers import wait_until
 from tierq import Producer, submit
-from tierq.celery.app import make_app
 from tierq.contract.errors import DeadlineUnmeetableError
 from tierq.contract.tiers import load_tier_table
-from tierq.core.settings import Settings
 from tierq.observe.metrics import queue_list_keys
 from tierq.producer import Job
 from tierq.sim import SimConfig, SimServer
@@ -64,40 +61,13 @@ class Deployment:
 def deployment(tmp_dir: Path, redis_url: str) -> Iterator[Deployment]:
     sim = SimServer(SimConfig(time_scale=0.02, seed=11, limits=Limits.parse(SIM_LIMITS)))
     sim.start()
-    tiers_file = tmp_dir / "tiers-ratelimit.toml"
-    tiers_file.write_text(TIERS, encoding="utf-8")
-    env = {
-        "TIERQ_KEY_PREFIX": PREFIX,
-        "TIERQ_TIERS_FILE": str(tiers_file),
-        "TIERQ_RATE_LIMITS": RATE_LIMITS,
-        "ANTHROPIC_BASE_URL": sim.url,
-    }
-    settings = Settings(key_prefix=PREFIX, tiers_file=tiers_file, rate_limits=RATE_LIMITS)
-    tiers = load_tier_table(tiers_file)
-    app = make_app(settings, tiers)
-    workers = {
-        name: WorkerProcess([tier], tmp_dir / f"worker-rl-{name}.log", env, name=f"rl-{name}")
-        for name, tier in (
-            ("fast", "fast"),
-            ("slow", "slow"),
-            ("standard-1", "standard"),
-            ("standard-2", "standard"),
-        )
-    }
-    client = redis.Redis.from_url(redis_url)
+    env = {"TIERQ_RATE_LIMITS": RATE_LIMITS, "ANTHROPIC_BASE_URL": sim.url}
+    pools = {name: [tier] for name, tier in POOLS}
     try:
-        wait_for_nodes([w.node for w in workers.values()], list(workers.values()), app=app)
-        yield Deployment(sim, Producer(settings, tiers, app), app, LimiterStats(client, PREFIX), workers)
+        with own_deployment("rl", tmp_dir, redis_url, TIERS, pools, env) as own:
+            yield Deployment(sim, own.producer, own.app, LimiterStats(own.redis, own.prefix), own.workers)
     finally:
-        for worker in workers.values():
-            worker.proc.kill()
-        for worker in workers.values():
-            worker.stop()
         sim.stop()
-        keys = list(client.scan_iter(match=f"{PREFIX}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 def _submit(deployment: Deployment, urgency: str, producer_id: str) -> Job:

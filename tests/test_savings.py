@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
-from tests.conftest import KEY_PREFIX, WorkerProcess, wait_for_nodes
+from tests.conftest import WorkerProcess, own_deployment
 from tests.helpers import run_tierq
 from tierq import Producer, submit
-from tierq.celery.app import make_app
-from tierq.contract.tiers import BatchPolicy, Tier, load_tier_table
-from tierq.core.settings import Settings
+from tierq.contract.tiers import BatchPolicy, Tier
 from tierq.llm.caching import REUSE_WINDOW_S, CachePlanner
 from tierq.llm.client import LLMRequest, message_params
 from tierq.llm.pricing import cost_usd
@@ -30,7 +27,6 @@ from tierq.llm.pricing import cost_usd
 #: a deployment of its own, or processes killed and restarted: in `make test`, not `make check`
 pytestmark = pytest.mark.slow
 
-PREFIX = f"{KEY_PREFIX}savings-"
 TIERS = """
 [tiers.standard]
 batch_when_slack_s = 120
@@ -47,23 +43,8 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_dir: Path, redis_url: str) -> Iterator[Deployment]:
-    tiers_file = tmp_dir / "tiers-savings.toml"
-    tiers_file.write_text(TIERS, encoding="utf-8")
-    env = {"TIERQ_KEY_PREFIX": PREFIX, "TIERQ_TIERS_FILE": str(tiers_file)}
-    settings = Settings(key_prefix=PREFIX, tiers_file=tiers_file)
-    tiers = load_tier_table(tiers_file)
-    worker = WorkerProcess(["standard"], tmp_dir / "worker-savings.log", env, name="savings-standard")
-    client = redis.Redis.from_url(redis_url)
-    try:
-        app = make_app(settings, tiers)
-        wait_for_nodes([worker.node], [worker], app=app)
-        yield Deployment(Producer(settings, tiers, app), worker, env)
-    finally:
-        worker.stop()
-        keys = list(client.scan_iter(match=f"{PREFIX}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+    with own_deployment("savings", tmp_dir, redis_url, TIERS, {"standard": ["standard"]}) as own:
+        yield Deployment(own.producer, own.workers["standard"], own.env)
 
 
 def test_a_job_with_slack_goes_through_a_batch_and_a_pressing_one_does_not(deployment: Deployment) -> None:

@@ -50,8 +50,10 @@ from tierq.llm.client import (
 )
 from tierq.llm.pricing import PRICES, Usage, cost_usd
 from tierq.ops.embedded import free_port
+from tierq.runtime.attempt import Attempt, JobRef
 from tierq.runtime.context import Context
-from tierq.runtime.jobs import Attempt, JobRef, plan_retry, run_attempt
+from tierq.runtime.jobs import run_attempt
+from tierq.runtime.retry import plan_retry
 from tierq.sim import SimServer
 
 DOC = " ".join(

@@ -1,4 +1,4 @@
-"""The summarize task: a thin shell over :mod:`tierq.runtime.jobs`; Celery's retry is the one retry loop."""
+"""The summarize task: a thin shell over :mod:`tierq.runtime`; Celery's retry is the one retry loop."""
 
 from __future__ import annotations
 
@@ -14,15 +14,10 @@ from tierq.celery.process import context
 from tierq.contract.errors import CancelRequestedError, IdempotencyConflictError, TierqError
 from tierq.contract.job import SUMMARIZE_TASK
 from tierq.observe.metrics import in_flight
-from tierq.runtime.jobs import (
-    Attempt,
-    JobParked,
-    JobRef,
-    plan_retry,
-    report_expired,
-    report_failure,
-    run_attempt,
-)
+from tierq.runtime.attempt import Attempt, JobRef
+from tierq.runtime.jobs import JobParked, run_attempt
+from tierq.runtime.report import report_expired, report_failure
+from tierq.runtime.retry import plan_retry
 
 __all__ = ["summarize"]
 

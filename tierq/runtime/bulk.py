@@ -47,8 +47,9 @@ from tierq.llm.client import LLMRequest
 from tierq.llm.pricing import cost_usd
 from tierq.observe import metrics
 from tierq.observe.logging import get_logger
+from tierq.runtime.attempt import Attempt, JobRef
 from tierq.runtime.context import Context
-from tierq.runtime.jobs import RETRYING, Attempt, JobRef, report_completed, report_failure
+from tierq.runtime.report import RETRYING, report_completed, report_failure
 from tierq.store.batches import BatchRecord, Parked
 from tierq.store.streams import TokenPublisher, stream_key
 

@@ -6,7 +6,8 @@ Point the official SDK at it with ``base_url`` (or ``ANTHROPIC_BASE_URL``)::
         client = anthropic.Anthropic(api_key="sim-key", base_url=sim.url)
 """
 
-from tierq.sim.app import SimConfig, create_app
+from tierq.sim.app import create_app
+from tierq.sim.config import SimConfig
 from tierq.sim.server import SimServer, serve
 
 __all__ = ["SimConfig", "SimServer", "create_app", "serve"]

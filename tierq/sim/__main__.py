@@ -1,7 +1,7 @@
 """``python -m tierq.sim``: serve the simulator in the foreground, with the benchmark knobs.
 
 ``tierq sim`` covers everyday use; this entry point also exposes the latency overrides of
-:class:`~tierq.sim.app.SimConfig` (jitter, fixed TTFT, fixed call duration)::
+:class:`~tierq.sim.config.SimConfig` (jitter, fixed TTFT, fixed call duration)::
 
     python -m tierq.sim --port 8765 --fixed-total-s 0.5 --jitter 0
     python -m tierq.sim --limits rpm=50,itpm=30000,otpm=8000
@@ -13,7 +13,7 @@ import argparse
 import contextlib
 from collections.abc import Sequence
 
-from tierq.sim.app import SimConfig
+from tierq.sim.config import SimConfig
 from tierq.sim.ratelimit import DEFAULT_LIMITS, Limits
 from tierq.sim.server import serve
 

@@ -13,7 +13,8 @@ from typing import Self
 import uvicorn
 from starlette.types import ASGIApp
 
-from tierq.sim.app import SimConfig, create_app
+from tierq.sim.app import create_app
+from tierq.sim.config import SimConfig
 from tierq.sim.state import SimState
 
 __all__ = ["SimServer", "serve"]

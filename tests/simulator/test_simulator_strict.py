@@ -40,15 +40,8 @@ RATE_HEADERS = [
 
 
 @pytest.fixture(scope="module")
-def sim() -> Iterator[SimServer]:
-    with SimServer(SimConfig(time_scale=0, seed=7, today=SIM_TODAY)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(sim: SimServer) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(api_key="sim-key", base_url=sim.url, max_retries=0) as c:
-        yield c
+def sim_config() -> SimConfig:
+    return SimConfig(time_scale=0, seed=7, today=SIM_TODAY)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -15,6 +14,7 @@ import httpx2
 import pytest
 from anthropic.types import Message
 
+from tests.helpers import SIM_TODAY
 from tierq.sim import SimConfig, SimServer
 from tierq.sim.__main__ import parse_args
 from tierq.sim.faults import Fault
@@ -45,15 +45,8 @@ STREAM_EVENTS = [
 
 
 @pytest.fixture(scope="module")
-def sim() -> Iterator[SimServer]:
-    with SimServer(SimConfig(time_scale=0.01, seed=7, stall_s=2.0)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(sim: SimServer) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(api_key="sim-key", base_url=sim.url, max_retries=0) as c:
-        yield c
+def sim_config() -> SimConfig:
+    return SimConfig(time_scale=0.01, seed=7, stall_s=2.0, today=SIM_TODAY)
 
 
 def new_job() -> str:

@@ -16,7 +16,7 @@ import httpx2
 import pytest
 from anthropic.types.messages import MessageBatch, MessageBatchIndividualResponse
 
-from tests.helpers import FakeClock, wait_until
+from tests.helpers import SIM_TODAY, FakeClock, wait_until
 from tierq.sim import SimConfig, SimServer
 from tierq.sim.batches import (
     BATCH_BASE_S,
@@ -46,15 +46,8 @@ def requests_for(*custom_ids: str, **extra: Any) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def sim() -> Iterator[SimServer]:
-    with SimServer(SimConfig(time_scale=FAST_SCALE, seed=7)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(sim: SimServer) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(api_key="sim-key", base_url=sim.url, max_retries=0) as c:
-        yield c
+def sim_config() -> SimConfig:
+    return SimConfig(time_scale=FAST_SCALE, seed=7, today=SIM_TODAY)
 
 
 @pytest.fixture

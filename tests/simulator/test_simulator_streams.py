@@ -8,7 +8,6 @@ pydantic types (``RawMessageStreamEvent``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -16,7 +15,7 @@ import pytest
 from anthropic.types import RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from tests.helpers import FakeClock
+from tests.helpers import SIM_TODAY, FakeClock
 from tierq.sim import SimConfig, SimServer
 from tierq.sim.text import count_tokens
 
@@ -48,15 +47,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture(scope="module")
-def sim(clock: FakeClock) -> Iterator[SimServer]:
-    with SimServer(SimConfig(time_scale=0.01, seed=7, stall_s=2.0, clock=clock)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(sim: SimServer) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(api_key="sim-key", base_url=sim.url, max_retries=0) as c:
-        yield c
+def sim_config(clock: FakeClock) -> SimConfig:
+    return SimConfig(time_scale=0.01, seed=7, stall_s=2.0, clock=clock, today=SIM_TODAY)
 
 
 def raw_events(client: anthropic.Anthropic, **kwargs: Any) -> list[tuple[str, dict[str, Any], str]]:

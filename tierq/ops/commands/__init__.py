@@ -1,0 +1,1 @@
+"""The ``tierq`` commands, one module per group; :mod:`tierq.ops.cli` assembles them."""
