@@ -249,15 +249,19 @@ def own_deployment(
     tiers_toml: str,
     pools: Mapping[str, list[str]],
     env: Mapping[str, str] | None = None,
+    broker_url: str | None = None,
 ) -> Iterator[Deployment]:
     """Start one worker process per ``pools`` entry (node name → its tiers) under the key prefix
     ``<run prefix><name>-`` with ``tiers_toml`` and ``env`` (``TIERQ_*``, ``ANTHROPIC_BASE_URL``) on
     top of the session's; wait until each answers; at the end kill them and remove the prefix's keys.
-    The producer is built from the same settings, as a service's would be."""
+    The producer is built from the same settings, as a service's would be. ``broker_url``: another
+    Redis than the session's (its keys are removed there)."""
     prefix = f"{KEY_PREFIX}{name}-"
     tiers_file = tmp_dir / f"tiers-{name}.toml"
     tiers_file.write_text(tiers_toml, encoding="utf-8")
     full_env = {"TIERQ_KEY_PREFIX": prefix, "TIERQ_TIERS_FILE": str(tiers_file), **(env or {})}
+    if broker_url is not None:
+        full_env["TIERQ_BROKER_URL"] = redis_url = broker_url
     fields: dict[str, Any] = {
         k.removeprefix("TIERQ_").lower(): v for k, v in full_env.items() if k.startswith("TIERQ_")
     }

@@ -163,3 +163,52 @@ def test_workers_started_before_the_broker_connect_and_submit_fails_fast(
         assert answer["elapsed_s"] < 10, "submit fails fast while the broker is down"
     assert (row.completed, row.lost, row.duplicates) == (len(ids), 0, 0), outcomes
     assert not chaos.client.exists(Keys(chaos.prefix).submitted(down_id)), "a refused id stays free"
+
+
+@pytest.mark.timeout(180)
+def test_redis_restart_with_fast_jobs_in_flight_keeps_every_worker_consuming(
+    chaos: Chaos, pool: Pool, producer: Producer
+) -> None:
+    """Redis killed (AOF on) while two fast workers each hold jobs mid-call, back a few seconds later:
+    both workers go on consuming, the jobs they held end once each, and new jobs run at once."""
+    workers = [pool.start("fast"), pool.start("fast")]
+    for worker in workers:
+        worker.wait_ready()
+    counter = chaos.sim.counter
+    ids = []
+    for _ in range(12):
+        tag = new_tag()
+        text = document(tag, 25)
+        chaos.secrets += [tag, text[:200]]
+        job_id = new_id("inflight")
+        # each call stalls past the outage: the deliveries are held, unacknowledged, at the cut
+        chaos.sim.state.add_faults(["stall:7"], job_id=job_id)
+        submitted = producer.submit(text, "critical", job_id=job_id)
+        assert submitted["ok"], submitted
+        ids.append(job_id)
+    wait_until(lambda: all(counter.requests(j) for j in ids), 20, "every job's call to be sent")
+    assert all(any(w.events_for(j) for w in workers) for j in ids)
+    chaos.redis.kill()
+    for worker in workers:
+        _wait_for_the_outage(worker)
+    chaos.redis.restart()
+
+    producer.wait_ended(ids, timeout=60)
+    after = _submit(chaos, producer, "critical", 8)
+    producer.wait_ended(after, timeout=30)
+    outcomes = producer.outcomes(ids + after)
+    row = chaos.record(
+        tally(
+            "4d Redis kill -9 + restart, 12 fast jobs in flight",
+            outcomes,
+            counter,
+            [
+                f"requests {[counter.requests(j) for j in ids]}",
+                f"workers consuming after: {sum(w.alive() for w in workers)}/{len(workers)}",
+            ],
+        )
+    )
+    for worker in workers:
+        assert worker.alive() and "Unrecoverable error" not in worker.text(), worker.text()[-3000:]
+    assert (row.completed, row.lost, row.duplicates) == (len(ids) + len(after), 0, 0), outcomes
+    assert all(counter.requests(j) == 1 for j in ids), "a held job was called again"

@@ -31,10 +31,10 @@ _default_lock = threading.Lock()
 def make_app(settings: Settings, tiers: TierTable) -> Celery:
     """A tierq Celery app for ``settings`` and ``tiers``.
 
-    With a ``redis://`` broker this points kombu's ``redis`` alias, for the whole process, at
-    :mod:`tierq.celery.transport` (kombu's Redis transport minus a client object per command).
+    With a ``redis://`` or ``rediss://`` broker this points kombu's ``redis`` and ``rediss`` aliases,
+    for the whole process, at :mod:`tierq.celery.transport` (leased deliveries, one client per pool).
     """
-    if settings.broker_url.startswith("redis://"):
+    if settings.broker_url.startswith(("redis://", "rediss://")):
         use_for_redis_urls()
     built = Celery("tierq", include=list(TASK_MODULES), set_as_current=False)
     built.config_from_object(celery_config(settings, tiers))

@@ -7,10 +7,11 @@ worker's CPU (py-spy, docs/latency.md). A ``redis.Redis`` object is a thread-saf
 channel's connection pool, so one per pool is enough; a new pool (after a reconnect or a fork)
 gets a new client.
 
-Used for ``redis://`` brokers: :func:`use_for_redis_urls` (called by :func:`tierq.celery.app.make_app`)
-points kombu's alias ``redis`` at it, so URLs, Celery and Flower still see the scheme ``redis``
-(a ``broker_transport`` class path would show in every URL, and Flower's broker page knows brokers
-by scheme). Everything else, including ``driver_type == "redis"`` that Celery checks, is kombu's.
+Used for ``redis://`` and ``rediss://`` brokers: :func:`use_for_redis_urls` (called by
+:func:`tierq.celery.app.make_app`) points kombu's aliases ``redis`` and ``rediss`` at it, so URLs,
+Celery and Flower still see their scheme (a ``broker_transport`` class path would show in every URL,
+and Flower's broker page knows brokers by scheme). Everything else, including
+``driver_type == "redis"`` that Celery checks, is kombu's.
 
 It also keeps one line on a queue from stopping the worker: kombu pops a message with ``BRPOP`` and
 parses it before anything can catch an error, so a list entry that is not a kombu envelope (not
@@ -40,6 +41,7 @@ from tierq.core.settings import DEFAULT_LEASE_S
 from tierq.observe.logging import get_logger
 from tierq.observe.metrics import observe_recovered
 from tierq.store.keys import Keys, in_flight_keys, unacked_keys
+from tierq.store.scripts import lua
 
 __all__ = ["TRANSPORT", "Channel", "LeasedQoS", "Poller", "Transport", "use_for_redis_urls"]
 
@@ -91,12 +93,27 @@ class LeasedQoS(kombu_redis.QoS):
     A worker that has just (re)connected does not restore anything for ``lease_s``: after a Redis
     outage every lease looks lapsed until the live workers have renewed theirs.
 
+    Leases are scored and compared with Redis's clock (``TIME``, in :file:`lease_stamp.lua`), never a
+    worker's: hosts whose clocks disagree by more than a lease still agree on which lapsed.
+
+    The QoS talks to Redis through a client of its own, on the pool its channel had when the QoS was
+    made, so it outlives the channel: when the broker connection breaks, Celery's consumer closes
+    the channel and starts another, while the jobs this QoS holds go on running. kombu would put
+    them back on their queue as the channel closes (another worker would pay for them again) and,
+    with the connection gone, failed doing so ("Unrecoverable error": the worker stopped consuming).
+    Here they stay leased: renewed by this QoS once Redis answers again and acknowledged when they
+    end, or, if this worker dies meanwhile, restored by another one once their lease lapsed.
+
     A consumer of one queue does not ``BRPOP``: Redis would drop the entry as it replies, and a worker
     killed while reading the reply (an OOM kill lands there: a large message is being allocated)
     loses it. It moves the entry (``BLMOVE``) into a list of its own (:func:`in_flight_keys`), leased like
     its deliveries, and removes it from there in the same round trip that records it unacknowledged;
     a dead consumer's list goes back to the queue.
     """
+
+    #: kombu puts a closing channel's unacknowledged deliveries back on their queue; here they stay
+    #: leased (see :meth:`restore_unacked`)
+    restore_at_shutdown = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
@@ -111,6 +128,24 @@ class LeasedQoS(kombu_redis.QoS):
         self.consumer = uuid.uuid4().hex[:16]
         #: queues this channel moves entries from (their in-flight lists are leased)
         self.moving: set[str] = set()
+        self._redis: Any = None
+
+    def client(self) -> Any:
+        """A client on the pool this channel had first (kombu's key prefix applied): it outlives the
+        channel, so held deliveries can be renewed and acknowledged after the connection broke."""
+        if self._redis is None:
+            self._redis = self.channel.Client(connection_pool=self.channel.pool)
+        return self._redis
+
+    def _stamp(self, pipe: Any, index_key: str, members: list[str], renew: bool = False) -> None:
+        """Score ``members`` of a lease index with Redis's clock (in ``pipe``, or at once)."""
+        key = self.channel.prefixed(index_key)
+        pipe.execute_command("EVAL", lua("lease_stamp"), 1, key, "XX" if renew else "-", *members)
+
+    def redis_now(self, client: Any) -> float:
+        """Redis's clock, in seconds: what leases are scored and compared with."""
+        seconds, micros = client.time()
+        return float(seconds) + float(micros) / 1_000_000
 
     @property
     def lease_s(self) -> float:
@@ -121,8 +156,8 @@ class LeasedQoS(kombu_redis.QoS):
         exchange, queue = delivery["exchange"], delivery["routing_key"]
         hash_key, index_key, _ = unacked_keys(queue)
         received = self.channel.take_in_flight()
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(index_key, {delivery_tag: time.time()})
+        with self.client().pipeline() as pipe:
+            self._stamp(pipe, index_key, [delivery_tag])
             pipe.hset(hash_key, delivery_tag, dumps([message._raw, exchange, queue]))  # type: ignore[no-untyped-call]
             if received is not None:  # recorded: out of the in-flight list in the same round trip
                 pipe.lrem(self.channel.prefixed(in_flight_keys(*received[:2])[0]), 1, received[2])
@@ -143,16 +178,20 @@ class LeasedQoS(kombu_redis.QoS):
             self._remove_from_indices(delivery_tag, queue=queue).execute()
         virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
-    def restore_unacked(self, client: Any = None) -> None:
-        with self.channel.conn_or_acquire(client) as client:
-            for tag in list(self._delivered):
-                self.restore_by_tag(tag, client=client, queue=self._leases.pop(tag, None))
-        self._delivered.clear()
+    def restore_unacked(self, client: Any = None) -> list[Any]:
+        """kombu calls this as the channel closes (a broken connection, a shutdown): the deliveries
+        stay leased instead. A job still running is acknowledged when it ends; one this worker no
+        longer runs is restored by a live worker once its lease lapsed (``lease_s`` after this
+        process stopped renewing it)."""
+        if self._delivered:
+            _log.info("delivery.kept_leased", held=len(self._delivered))
+        return []
 
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None, queue: str | None = None) -> Any:
         hash_key, index_key, _ = unacked_keys(queue)
-        with self.pipe_or_acquire(pipe) as pipe:
-            return pipe.zrem(index_key, delivery_tag).hdel(hash_key, delivery_tag)
+        if pipe is None:
+            pipe = self.client().pipeline()
+        return pipe.zrem(index_key, delivery_tag).hdel(hash_key, delivery_tag)
 
     def restore_by_tag(
         self, tag: str, client: Any = None, leftmost: bool = False, queue: str | None = None
@@ -167,8 +206,7 @@ class LeasedQoS(kombu_redis.QoS):
                 message, exchange, routing_key = loads(bytes_to_str(raw))  # type: ignore[no-untyped-call]
                 self.channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
 
-        with self.channel.conn_or_acquire(client) as client:
-            client.transaction(restore_transaction, hash_key)
+        (client or self.client()).transaction(restore_transaction, hash_key)
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         """Put back the deliveries of this channel's queues whose lease lapsed (their worker died).
@@ -180,14 +218,15 @@ class LeasedQoS(kombu_redis.QoS):
         if since is None or time.monotonic() - since < self.lease_s:
             return  # not sure yet that a lapsed lease means a dead worker
         queues: list[str | None] = sorted(self.channel.active_queues)
-        with self.channel.conn_or_acquire() as client:
-            for queue in queues:
-                self._restore_lapsed(client, queue, time.time() - self.lease_s, num)
-            for queue in sorted(self.moving):
-                self._return_in_flight(client, queue, time.time() - self.lease_s)
-            legacy_s = getattr(self.channel, "visibility_timeout", None)
-            if legacy_s:
-                self._restore_lapsed(client, None, time.time() - float(legacy_s), num)
+        client = self.client()
+        now = self.redis_now(client)
+        for queue in queues:
+            self._restore_lapsed(client, queue, now - self.lease_s, num)
+        for queue in sorted(self.moving):
+            self._return_in_flight(client, queue, now - self.lease_s, now)
+        legacy_s = getattr(self.channel, "visibility_timeout", None)
+        if legacy_s:  # kombu's own shared keys, scored with its workers' clocks
+            self._restore_lapsed(client, None, time.time() - float(legacy_s), num)
 
     def _restore_lapsed(self, client: Any, queue: str | None, ceil: float, num: int | None) -> None:
         _, index_key, mutex_key = unacked_keys(queue)
@@ -212,12 +251,12 @@ class LeasedQoS(kombu_redis.QoS):
         except kombu_redis.MutexHeld:
             pass
 
-    def _return_in_flight(self, client: Any, queue: str, ceil: float) -> None:
+    def _return_in_flight(self, client: Any, queue: str, ceil: float, now: float) -> None:
         """Return the in-flight lists of ``queue``'s dead consumers to it; move its priority
         sub-lists to its back (this consumer reads the queue's own list only)."""
         prefixed = self.channel.prefixed
         _, index_key = in_flight_keys(queue, self.consumer)
-        forget_before = time.time() - IN_FLIGHT_FORGET_S
+        forget_before = now - IN_FLIGHT_FORGET_S
         for raw, renewed in client.zrange(index_key, ceil, 0, desc=True, byscore=True, withscores=True) or []:
             consumer = bytes_to_str(raw)  # type: ignore[no-untyped-call]
             if consumer == self.consumer:
@@ -253,18 +292,16 @@ class LeasedQoS(kombu_redis.QoS):
     def renew(self) -> None:
         """Renew the lease of every delivery this channel holds (one round trip)."""
         held = list(self._leases.items())
-        now = time.time()
-        by_queue: dict[str, dict[str, float]] = {}
+        by_queue: dict[str, list[str]] = {}
         for tag, queue in held:
-            by_queue.setdefault(queue, {})[tag] = now
-        with self.channel.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-            pipe.ping()
-            for queue, tags in by_queue.items():
-                pipe.zadd(unacked_keys(queue)[1], tags, xx=True)
-            for queue in list(self.moving):
-                pipe.zadd(in_flight_keys(queue, self.consumer)[1], {self.consumer: now})
-            pipe.execute()
+            by_queue.setdefault(queue, []).append(tag)
+        pipe = self.client().pipeline(transaction=False)
+        pipe.ping()
+        for queue, tags in by_queue.items():
+            self._stamp(pipe, unacked_keys(queue)[1], tags, renew=True)
+        for queue in list(self.moving):
+            self._stamp(pipe, in_flight_keys(queue, self.consumer)[1], [self.consumer])
+        pipe.execute()
 
     def _renew_forever(self) -> None:
         while not (self.channel.closed and not self._leases):
@@ -336,8 +373,7 @@ class Channel(kombu_redis.Channel):
             return
         qos: LeasedQoS = self.qos
         if queue not in qos.moving:  # leased before the first entry can land in the list
-            with self.conn_or_acquire() as client:
-                client.zadd(in_flight_keys(queue, qos.consumer)[1], {qos.consumer: time.time()})
+            qos._stamp(qos.client(), in_flight_keys(queue, qos.consumer)[1], [qos.consumer])
             qos.moving.add(queue)
         in_flight = in_flight_keys(queue, qos.consumer)[0]
         self._in_poll = self.client.connection
@@ -466,9 +502,11 @@ class Transport(kombu_redis.Transport):
 
 
 def use_for_redis_urls() -> None:
-    """Make kombu resolve ``redis://`` URLs to :class:`Transport` in this process.
+    """Make kombu resolve ``redis://`` and ``rediss://`` (TLS) URLs to :class:`Transport` in this
+    process: both get leased deliveries (kombu's own ``rediss`` transport has none).
 
     Takes effect for connections made afterwards (kombu caches a resolved alias): call it before
     the first connection, as building tierq's Celery config does.
     """
     kombu.transport.TRANSPORT_ALIASES["redis"] = TRANSPORT
+    kombu.transport.TRANSPORT_ALIASES["rediss"] = TRANSPORT

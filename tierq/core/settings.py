@@ -10,12 +10,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tierq.contract.errors import ConfigError
 from tierq.contract.tiers import TierTable, load_tier_table
 
 __all__ = [
+    "BACKEND_SCHEMES",
+    "BROKER_SCHEMES",
     "DEFAULT_BROKER_URL",
     "DEFAULT_LEASE_S",
     "MAX_CRASHES",
@@ -30,6 +33,31 @@ DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_LEASE_S = 3.0
 #: starts beyond its tier's attempts that a job may crash its worker before it is given up (poison)
 MAX_CRASHES = 2
+#: the broker URL schemes tierq runs with: Redis (plain or TLS, with leased deliveries) and RabbitMQ
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+#: the result backend URL schemes: tierq keeps its own keys (run guard, limiter, streams) there
+BACKEND_SCHEMES = ("redis", "rediss")
+#: what to say of a scheme kombu or Celery would take but tierq cannot keep its promises with
+_INSTEAD = {
+    "sentinel": "Sentinel is not supported yet (its transport has no leases: a dead worker's jobs "
+    "would wait 40 minutes); point the URL at the master with redis:// or rediss://",
+    "sentinels": "as for sentinel://",
+    "redis+socket": "a Unix socket is not supported yet; use redis:// over TCP on loopback",
+    "unix": "a Unix socket is not supported yet; use redis:// over TCP on loopback",
+}
+
+
+def _check_scheme(name: str, url: str, allowed: tuple[str, ...]) -> str:
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "rediss" and "ssl_cert_reqs=" not in url.split("?", 1)[-1]:
+        raise ValueError(
+            f"{name}: a rediss:// URL needs ssl_cert_reqs in its query (?ssl_cert_reqs=required, "
+            "and &ssl_ca_certs=PATH for a private CA): kombu would not check the server's certificate"
+        )
+    if scheme in allowed:
+        return url
+    instead = _INSTEAD.get(scheme, f"use {', '.join(f'{s}://' for s in allowed)}")
+    raise ValueError(f"{name}: scheme {scheme or url[:20]!r} is not supported: {instead}")
 
 
 class Settings(BaseSettings):
@@ -111,6 +139,16 @@ class Settings(BaseSettings):
     #: put prompt and summary text in log lines (off: logs carry sizes and figures only)
     log_content: bool = False
 
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, value: str) -> str:
+        return _check_scheme("TIERQ_BROKER_URL", value, BROKER_SCHEMES)
+
+    @field_validator("result_backend")
+    @classmethod
+    def _backend_scheme(cls, value: str | None) -> str | None:
+        return None if value is None else _check_scheme("TIERQ_RESULT_BACKEND", value, BACKEND_SCHEMES)
+
     def api_key(self) -> SecretStr | None:
         """The API key: ANTHROPIC_API_KEY, else the first line of TIERQ_ANTHROPIC_API_KEY_FILE."""
         if self.anthropic_api_key is not None:
@@ -131,8 +169,17 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings, read once."""
-    return Settings()
+    """The process's settings, read once; :class:`ConfigError` naming each bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            str(err["msg"]).removeprefix("Value error, ")
+            if str(err["msg"]).startswith("Value error, TIERQ_")
+            else f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"settings: {problems}") from None
 
 
 @lru_cache(maxsize=1)
