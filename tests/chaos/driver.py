@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+import structlog
+
 from tierq import get_job, submit
 from tierq.contract.errors import (
     BrokerUnavailableError,
@@ -132,6 +134,9 @@ def _handle(request: dict[str, Any]) -> Any:
 
 
 def main() -> None:
+    # stdout carries the answers, one JSON line each: tierq's log lines (a refused submit logs one)
+    # go to stderr, the driver's log file
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     for line in sys.stdin:
         if not line.strip():
             continue

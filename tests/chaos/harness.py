@@ -320,7 +320,12 @@ class Producer:
             raise RuntimeError(f"the producer driver did not answer {op!r} within {timeout} s") from None
         if line is None:
             raise RuntimeError(f"the producer driver exited during {op!r} ({self.proc.poll()})")
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except json.JSONDecodeError:
+            raise RuntimeError(
+                f"the producer driver wrote something else than its answer: {line[:500]!r}"
+            ) from None
         if "driver_error" in reply:
             raise RuntimeError(f"driver {op!r} failed: {reply['driver_error']}")
         return reply["value"]
