@@ -44,11 +44,11 @@ typecheck: $(STAMP)
 
 # the quick tier: lint, types and the tests not marked slow (real Redis, real workers), under 2 minutes
 check: lint typecheck
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" -n 2 --dist loadgroup
 
 # everything: what CI runs (.ci/run)
 test: lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python -m bench all
@@ -63,7 +63,7 @@ test-latest: | $(UV)
 	$(UV) venv --quiet --python $(PYTHON) $(LATEST)
 	$(UV) pip install --quiet --python $(LATEST)/bin/python --upgrade -e '.[dev]'
 	$(LATEST)/bin/python -c "import anthropic, celery, kombu, redis; print('newest:', 'anthropic', anthropic.__version__, 'celery', celery.__version__, 'kombu', kombu.__version__, 'redis', redis.__version__)"
-	$(LATEST)/bin/pytest -p no:cacheprovider
+	$(LATEST)/bin/pytest -p no:cacheprovider -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) $(UV_HOME) $(LATEST) .pytest_cache .mypy_cache .ruff_cache

@@ -82,6 +82,45 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("TIERQ_RESULT_BACKEND", None)
 
 
+#: tests that run one after another in one pytest-xdist worker (``--dist loadgroup``), beside the
+#: rest: the chaos suite kills and starts processes against timing bounds and a memory cgroup, the
+#: benchmarks and the demo measure and load the machine, the RabbitMQ tests share the server's
+#: queue names. Two of them at once would judge each other's load
+_GROUPS = {
+    "heavy": (
+        "tests/chaos/",
+        "tests/test_rabbitmq.py",
+        "tests/test_bench.py",
+        "tests/test_demo.py",
+    ),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        where = item.nodeid
+        for group, prefixes in _GROUPS.items():
+            if where.startswith(prefixes):
+                item.add_marker(pytest.mark.xdist_group(group))
+
+
+#: the chaos tables the pytest-xdist workers sent back as they ended
+_CHAOS_TABLES: list[list[str]] = []
+
+
+def pytest_testnodedown(node: Any, error: object) -> None:
+    table = getattr(node, "workeroutput", {}).get("chaos_table")
+    if table:
+        _CHAOS_TABLES.append(list(table))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for table in _CHAOS_TABLES:
+        terminalreporter.write_sep("=", "chaos: jobs per scenario")
+        for line in table:
+            terminalreporter.write_line(line)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if "sim" in _started:
         _started.pop("sim").stop()

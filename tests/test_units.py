@@ -490,7 +490,12 @@ def test_api_key_from_a_secrets_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["redis://127.0.0.1:6379/0", "rediss://127.0.0.1:6379/0", "amqp://guest:guest@127.0.0.1:5672//"]
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "rediss://127.0.0.1:6379/0?ssl_cert_reqs=required",
+        "amqp://guest:guest@127.0.0.1:5672//",
+    ],
 )
 def test_celery_config_transport_and_task_events(url: str) -> None:
     from kombu import Connection
@@ -502,11 +507,12 @@ def test_celery_config_transport_and_task_events(url: str) -> None:
 
     config = celery_config(Settings(broker_url=url), load_tier_table(None))
     assert "broker_transport" not in config, "URLs keep their scheme (Flower knows brokers by it)"
-    if url.startswith("redis://"):
-        make_app(Settings(broker_url=url), load_tier_table(None))  # points kombu's alias at tierq's
+    if url.startswith(("redis://", "rediss://")):
+        make_app(Settings(broker_url=url), load_tier_table(None))  # points kombu's aliases at tierq's
         conn = Connection(url)
-        assert conn.transport_cls == "redis" and conn.as_uri().startswith("redis://")
-        assert isinstance(conn.transport, Transport), "kombu's alias 'redis' resolves to tierq's"
+        scheme = url.split("://", 1)[0]
+        assert conn.transport_cls == scheme and conn.as_uri().startswith(f"{scheme}://")
+        assert isinstance(conn.transport, Transport), f"kombu's alias {scheme!r} resolves to tierq's (leases)"
     assert config["worker_send_task_events"] is False, "off until Flower asks"
     assert config["task_send_sent_event"] is True, "producers tell Flower each job's queue"
     on = celery_config(Settings(broker_url=url, task_events=True), load_tier_table(None))

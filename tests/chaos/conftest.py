@@ -168,9 +168,8 @@ def pool(chaos: Chaos) -> Iterator[Pool]:
         workers.stop_all()
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not ROWS:
-        return
+def table_lines() -> list[str]:
+    """The per-scenario table of this process's scenarios, with each scenario's notes below it."""
     columns = (
         "scenario",
         "submitted",
@@ -184,15 +183,29 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         "rec_p99_s",
     )
     width = max(len(row.scenario) for row in ROWS)
-    terminalreporter.write_sep("=", "chaos: jobs per scenario")
-    header = f"{columns[0]:<{width}}" + "".join(f" {c:>10}" for c in columns[1:])
-    terminalreporter.write_line(header)
+    lines = [f"{columns[0]:<{width}}" + "".join(f" {c:>10}" for c in columns[1:])]
     for row in ROWS:
         figures = (row.submitted, row.completed, row.failed, row.expired, row.duplicates, row.lost)
         recovery = [row.recovery(q) for q in (0.5, 0.99)]
         times = ["-" if r is None else f"{r:.2f}" for r in recovery]
-        line = f"{row.scenario:<{width}}" + "".join(f" {n:>10}" for n in (*figures, row.llm_calls, *times))
+        lines.append(
+            f"{row.scenario:<{width}}" + "".join(f" {n:>10}" for n in (*figures, row.llm_calls, *times))
+        )
+    lines += [f"  {row.scenario}: {'; '.join(row.notes)}" for row in ROWS if row.notes]
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not ROWS:
+        return
+    terminalreporter.write_sep("=", "chaos: jobs per scenario")
+    for line in table_lines():
         terminalreporter.write_line(line)
-    for row in ROWS:
-        if row.notes:
-            terminalreporter.write_line(f"  {row.scenario}: {'; '.join(row.notes)}")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # under pytest-xdist the scenarios ran in a worker: its table goes to the controller, which
+    # prints it (tests/conftest.py)
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None and ROWS:
+        output["chaos_table"] = table_lines()
