@@ -89,6 +89,7 @@ def test_a_duplicate_delivery_waits_instead_of_running_beside_the_first(
     assert sim.state.request_count(job_id) == 1
 
 
+@pytest.mark.slow  # every attempt of its tier, then a replay
 def test_a_permanent_failure_is_dead_lettered_and_replayable(sim: SimServer) -> None:
     job_id = f"dead-{uuid.uuid4()}"
     sim.state.add_faults(["400"], job_id=job_id)

@@ -28,7 +28,8 @@ from tierq.core.settings import DEFAULT_LEASE_S, get_tier_table
 from tierq.sim import SimServer
 from tierq.store.keys import in_flight_keys, unacked_keys
 
-pytestmark = pytest.mark.usefixtures("workers")
+#: workers killed and leases left to lapse: in `make test`, not `make check`
+pytestmark = [pytest.mark.usefixtures("workers"), pytest.mark.slow]
 
 DOC = " ".join(f"Line {i}: a job its worker took to the grave comes back within seconds." for i in range(20))
 #: seconds within which a lapsed delivery runs again: the lease, a scan interval, and slack

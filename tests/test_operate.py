@@ -262,6 +262,7 @@ def _tiers_file(tmp_dir: Path, model: str) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # a worker process started per model
 @pytest.mark.parametrize(
     ("model", "word"),
     [

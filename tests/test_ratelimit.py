@@ -366,6 +366,7 @@ def _contend(
     return got
 
 
+@pytest.mark.slow  # seconds of contention, measured
 def test_producers_get_their_fair_share_of_a_contended_limit(redis_client: redis.Redis, model: str) -> None:
     """A producer with five threads asking and one with one thread asking, on a limit of ten
     requests a second: without fair shares the one-thread producer gets about a sixth, with them
