@@ -61,7 +61,7 @@ lock: | $(UV)
 test-latest: | $(UV)
 	rm -rf $(LATEST)
 	$(UV) venv --quiet --python $(PYTHON) $(LATEST)
-	$(UV) pip install --quiet --python $(LATEST)/bin/python --upgrade -e '.[dev]'
+	$(UV) pip install --quiet --refresh --python $(LATEST)/bin/python --upgrade -e '.[dev]'
 	$(LATEST)/bin/python -c "import anthropic, celery, kombu, redis; print('newest:', 'anthropic', anthropic.__version__, 'celery', celery.__version__, 'kombu', kombu.__version__, 'redis', redis.__version__)"
 	$(LATEST)/bin/pytest -p no:cacheprovider -n 2 --dist loadgroup
 
