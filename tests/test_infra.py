@@ -132,13 +132,16 @@ def tls_redis(tmp_path: Path) -> Iterator[str]:
         except redis.RedisError:
             return False
 
+    def exited() -> None:
+        if proc.poll() is not None:
+            said = proc.stdout.read(300).decode(errors="replace") if proc.stdout else ""
+            pytest.skip(f"this redis-server does not serve TLS: {said}")
+
     try:
-        deadline = time.monotonic() + 10
-        while not answers():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                said = proc.stdout.read(300).decode(errors="replace") if proc.stdout and proc.poll() else ""
-                pytest.skip(f"this redis-server does not serve TLS: {said}")
-            time.sleep(0.1)
+        try:
+            wait_until(answers, 10, "the TLS redis-server to answer", exited, interval=0.1)
+        except AssertionError:
+            pytest.skip("this redis-server did not answer over TLS within 10 s")
         yield url
     finally:
         client.close()

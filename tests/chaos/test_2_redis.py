@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -196,17 +197,28 @@ def test_redis_restart_with_fast_jobs_in_flight_keeps_every_worker_consuming(
     producer.wait_ended(ids, timeout=60)
     # new jobs run at once; a submit refused by admission (its reading of the outage's queue waits
     # lags: issue 24) is sent again a second later, as a producer honouring Retry-After would
-    after, refusals = [], 0
+    after: list[str] = []
+    refusals = 0
+    give_up = time.monotonic() + 60
+
+    def accepted(text: str) -> Callable[[], dict[str, Any] | None]:
+        def attempt() -> dict[str, Any] | None:
+            nonlocal refusals
+            submitted = producer.submit(text, "critical")
+            if submitted["ok"]:
+                return submitted
+            assert submitted["error_type"] == "DeadlineUnmeetableError", submitted
+            refusals += 1
+            return None
+
+        return attempt
+
     for _ in range(8):
         tag = new_tag()
         text = document(tag, 25)
         chaos.secrets += [tag, text[:200]]
-        submitted = producer.submit(text, "critical")
-        while not submitted["ok"] and submitted["error_type"] == "DeadlineUnmeetableError" and refusals < 60:
-            refusals += 1
-            time.sleep(1)
-            submitted = producer.submit(text, "critical")
-        assert submitted["ok"], submitted
+        left = max(0.0, give_up - time.monotonic())
+        submitted = wait_until(accepted(text), left, "admission to take fast jobs again", interval=1)
         after.append(str(submitted["job_id"]))
     producer.wait_ended(after, timeout=30)
     outcomes = producer.outcomes(ids + after)

@@ -9,6 +9,7 @@ from celery import Task, shared_task, signals
 from celery.exceptions import Ignore
 from celery.worker import state as worker_state
 
+from tierq.celery.config import is_amqp
 from tierq.celery.delivery import delivered_queue
 from tierq.celery.process import context
 from tierq.contract.errors import CancelRequestedError, IdempotencyConflictError, TierqError
@@ -66,7 +67,7 @@ def summarize(self: Task, job: dict[str, Any]) -> dict[str, Any]:
             raise
         raise self.retry(
             exc=exc,
-            countdown=_countdown(str(self.app.conf.broker_url), delay),
+            countdown=_countdown(is_amqp(str(self.app.conf.broker_url)), delay),
             headers=attempt.retry_headers(headers, exc, delay),
             # Celery would show the real arguments in the retry's events: keep them redacted
             argsrepr="()",
@@ -86,8 +87,8 @@ def _on_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
         report_expired(request.id, dict(request.headers or {}), queue, context(), kwargs.get("job"))
 
 
-def _countdown(broker_url: str, delay: float) -> float:
+def _countdown(amqp: bool, delay: float) -> float:
     """RabbitMQ's native delayed delivery (quorum queues) counts whole seconds, at least one."""
-    if broker_url.startswith(("amqp", "pyamqp")):
+    if amqp:
         return max(1, math.ceil(delay))
     return delay

@@ -137,7 +137,7 @@ class LeasedQoS(kombu_redis.QoS):
             self._redis = self.channel.Client(connection_pool=self.channel.pool)
         return self._redis
 
-    def _stamp(self, pipe: Any, index_key: str, members: list[str], renew: bool = False) -> None:
+    def stamp(self, pipe: Any, index_key: str, members: list[str], renew: bool = False) -> None:
         """Score ``members`` of a lease index with Redis's clock (in ``pipe``, or at once)."""
         key = self.channel.prefixed(index_key)
         pipe.execute_command("EVAL", lua("lease_stamp"), 1, key, "XX" if renew else "-", *members)
@@ -157,7 +157,7 @@ class LeasedQoS(kombu_redis.QoS):
         hash_key, index_key, _ = unacked_keys(queue)
         received = self.channel.take_in_flight()
         with self.client().pipeline() as pipe:
-            self._stamp(pipe, index_key, [delivery_tag])
+            self.stamp(pipe, index_key, [delivery_tag])
             pipe.hset(hash_key, delivery_tag, dumps([message._raw, exchange, queue]))  # type: ignore[no-untyped-call]
             if received is not None:  # recorded: out of the in-flight list in the same round trip
                 pipe.lrem(self.channel.prefixed(in_flight_keys(*received[:2])[0]), 1, received[2])
@@ -298,9 +298,9 @@ class LeasedQoS(kombu_redis.QoS):
         pipe = self.client().pipeline(transaction=False)
         pipe.ping()
         for queue, tags in by_queue.items():
-            self._stamp(pipe, unacked_keys(queue)[1], tags, renew=True)
+            self.stamp(pipe, unacked_keys(queue)[1], tags, renew=True)
         for queue in list(self.moving):
-            self._stamp(pipe, in_flight_keys(queue, self.consumer)[1], [self.consumer])
+            self.stamp(pipe, in_flight_keys(queue, self.consumer)[1], [self.consumer])
         pipe.execute()
 
     def _renew_forever(self) -> None:
@@ -373,7 +373,7 @@ class Channel(kombu_redis.Channel):
             return
         qos: LeasedQoS = self.qos
         if queue not in qos.moving:  # leased before the first entry can land in the list
-            qos._stamp(qos.client(), in_flight_keys(queue, qos.consumer)[1], [qos.consumer])
+            qos.stamp(qos.client(), in_flight_keys(queue, qos.consumer)[1], [qos.consumer])
             qos.moving.add(queue)
         in_flight = in_flight_keys(queue, qos.consumer)[0]
         self._in_poll = self.client.connection

@@ -315,17 +315,18 @@ def load_tier_table(path: Path | None = None) -> TierTable:
             first = exc.errors()[0]
             keys = [str(part) for part in first["loc"]]
             line = _line(text, f"tiers.{name}", *keys[:1]) or _line(text, f"tiers.{name}")
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'tier'}: {err['msg']}" for err in exc.errors()
-            )
-            raise ConfigError(f"{where}{line}: tiers.{name}: {problems}") from exc
+            raise ConfigError(f"{where}{line}: tiers.{name}: {_problems(exc, 'tier')}") from exc
         except TypeError as exc:
             raise ConfigError(f"{where}{_line(text, f'tiers.{name}')}: tiers.{name}: {exc}") from exc
     try:
         return TierTable(tiers=tiers, urgencies=urgencies)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{where}{_line(text, 'urgencies')}: {problems}") from exc
+        raise ConfigError(f"{where}{_line(text, 'urgencies')}: {_problems(exc, '')}") from exc
+
+
+def _problems(exc: ValidationError, whole: str) -> str:
+    """Each of a validation's errors as ``field: message`` (``whole`` names a rule across fields)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or whole}: {e['msg']}" for e in exc.errors())
 
 
 def _line(text: str, table: str, key: str | None = None) -> str:

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -189,7 +188,6 @@ class Board:
         for tracked in self.jobs:
             if tracked.status in ("done", "failed"):
                 continue
-            _stop_if_asked()
             status = tracked.job.status()
             if status in ("succeeded", "failed", "revoked"):
                 try:
@@ -260,7 +258,6 @@ def run_demo(
         # SIGTERM and SIGHUP unwind like Ctrl-C, so the children (in sessions of their own) are
         # stopped; SIGINT too, explicitly: a process started in the background of a script inherits
         # SIGINT ignored, and Python then leaves it so
-        _STOP.clear()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             previous = signal.signal(signum, _interrupt)
             stack.callback(signal.signal, signum, previous)
@@ -318,7 +315,6 @@ def _keep_running(children: list[Child], console: Console) -> None:
     console.print("\neverything stays up (Flower, metrics); Ctrl-C stops it all")
     try:
         while True:
-            _stop_if_asked()
             for child in children:
                 child.check()
             time.sleep(0.5)
@@ -326,19 +322,8 @@ def _keep_running(children: list[Child], console: Console) -> None:
         console.print("stopping")
 
 
-#: set by a stopping signal, and looked at between Redis round trips: a KeyboardInterrupt raised
-#: inside a library call that swallows it still ends the demo
-_STOP = threading.Event()
-
-
 def _interrupt(signum: int, _frame: object) -> None:
-    _STOP.set()
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _stop_if_asked() -> None:
-    if _STOP.is_set():
-        raise KeyboardInterrupt("stopping")
 
 
 def _wait_for_workers(producer: Producer, count: int, children: list[Child], timeout: float = 60.0) -> None:
@@ -366,7 +351,6 @@ def _run_jobs(
     task = progress.add_task("jobs", total=count)
     started = time.monotonic()
     for i, urgency in enumerate(plan_urgencies(count, weights)):
-        _stop_if_asked()
         tier = table.for_urgency(urgency).name
         try:
             job = submit(texts[i % len(texts)], urgency=urgency, metadata={"demo": i}, producer=producer)
